@@ -1,0 +1,201 @@
+"""One denoiser step: ditserve's native DiT against diffusers on the same random weights.
+
+    python benchmarks/dit_step.py --model flux-dev --device cuda --height 1024 --width 1024
+    python benchmarks/dit_step.py --model tiny --device cpu --height 256 --width 256
+
+Both models share one set of weight tensors (the native module is loaded from diffusers'
+state dict with assign=True), so peak memory is directly comparable. Rows: diffusers eager,
+diffusers compiled (compile_repeated_blocks), ditserve eager[, ditserve compiled]. Each row
+also reports its output's relative error against diffusers eager on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.denoiser.latents import PackedLatents2x2  # noqa: E402
+from services.denoiser.models.flux import FluxConfig, FluxTransformer  # noqa: E402
+
+MODELS = {
+    # black-forest-labs/FLUX.1-dev transformer/config.json
+    "flux-dev": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "flux-schnell": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "tiny": dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+}
+
+
+def step_flops(cfg: FluxConfig, n_img: int, n_txt: int, batch: int) -> float:
+    """Matmul FLOPs of one forward: every block does 24*N*d^2 (projections + MLP) + 4*N^2*d (attention)."""
+    n, d = n_img + n_txt, cfg.inner_dim
+    return batch * (cfg.num_layers + cfg.num_single_layers) * (24 * n * d * d + 4 * n * n * d)
+
+
+def build_models(cfg_dict: dict, device: torch.device, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    # Built on meta in the target dtype, then materialised once on the device: a 12B model
+    # would otherwise be initialised in fp32 on the host first.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            ref = FluxTransformer2DModel(**cfg_dict)
+    finally:
+        torch.set_default_dtype(default)
+    ref = ref.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("norm_q.weight") or "norm_k" in name or "norm_added" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    ref.eval().requires_grad_(False)
+    with torch.device("meta"):
+        native = FluxTransformer(FluxConfig.from_dict(cfg_dict))
+    native.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return ref, native.eval().requires_grad_(False)
+
+
+def make_inputs(cfg: FluxConfig, height: int, width: int, text_len: int, batch: int, device, dtype):
+    layout = PackedLatents2x2(cfg.in_channels // 4, vae_scale_factor=8)
+    h, w = layout.latent_hw(height, width)
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(batch, (h // 2) * (w // 2), cfg.in_channels, generator=g, device=device, dtype=dtype)
+    ctx = torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g, device=device, dtype=dtype)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g, device=device, dtype=dtype)
+    t = torch.full((batch,), 0.5, device=device, dtype=dtype)
+    guidance = torch.full((batch,), 3.5, device=device, dtype=torch.float32) if cfg.guidance_embeds else None
+    return dict(
+        x=x, ctx=ctx, pooled=pooled, t=t, guidance=guidance,
+        img_ids=layout.image_ids(h, w, device), txt_ids=layout.text_ids(text_len, device),
+    )
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, int, torch.Tensor]:
+    """Median ms per call, peak bytes allocated during the timed calls, and the last output."""
+    for _ in range(warmup):
+        out = fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), peak, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="flux-dev")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--text-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg_dict = MODELS[args.model]
+    cfg = FluxConfig.from_dict(cfg_dict)
+    t_build = time.perf_counter()
+    ref, native = build_models(cfg_dict, device, dtype)
+    build_s = time.perf_counter() - t_build
+    inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
+    n_img = inp["x"].shape[1]
+    flops = step_flops(cfg, n_img, args.text_len, args.batch)
+
+    def diffusers_step():
+        with torch.inference_mode():
+            return ref(
+                hidden_states=inp["x"], encoder_hidden_states=inp["ctx"], pooled_projections=inp["pooled"],
+                timestep=inp["t"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"],
+                return_dict=False,
+            )[0]
+
+    with torch.inference_mode():
+        rope = native.rope(inp["txt_ids"], inp["img_ids"])  # once per request in the runner
+
+    def ditserve_step():
+        with torch.inference_mode():
+            return native(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
+
+    rows = []
+    baseline = None
+
+    def run(name, fn, warmup):
+        nonlocal baseline
+        try:
+            t0 = time.perf_counter()
+            ms, peak, out = timed(fn, device, warmup, args.iters)
+            first_s = time.perf_counter() - t0
+        except Exception as exc:  # a row that cannot run (e.g. compile unsupported) is reported, not fatal
+            rows.append((name, None, str(exc).splitlines()[0][:60]))
+            return
+        out = out.float()
+        if baseline is None:
+            baseline = (ms, out)
+        err = ((out - baseline[1]).norm() / baseline[1].norm()).item()
+        rows.append((name, (ms, peak, err, first_s), None))
+
+    run("diffusers eager", diffusers_step, args.warmup)
+    run("ditserve eager", ditserve_step, args.warmup)
+    if not args.no_compile:
+        ref.compile_repeated_blocks(fullgraph=True)
+        run("diffusers compiled", diffusers_step, args.warmup)
+        for block in [*native.transformer_blocks, *native.single_transformer_blocks]:
+            block.compile(fullgraph=True)
+        run("ditserve compiled", ditserve_step, args.warmup)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"\n{args.model} {args.height}x{args.width} ({n_img} image + {args.text_len} text tokens), batch {args.batch}, "
+        f"{str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; {flops / 1e12:.1f} TFLOP/step; "
+        f"weights built in {build_s:.1f}s"
+    )
+    print(f"| {'config':<20} | {'ms/step':>8} | {'vs diffusers eager':>18} | {'TFLOP/s':>7} | {'peak GiB':>8} | "
+          f"{'rel err':>8} | {'warm-up+timed s':>15} |")
+    print(f"|{'-' * 22}|{'-' * 9}:|{'-' * 19}:|{'-' * 8}:|{'-' * 9}:|{'-' * 9}:|{'-' * 16}:|")
+    for row_name, res, failure in rows:
+        if res is None:
+            print(f"| {row_name:<20} | failed: {failure}")
+            continue
+        ms, peak, err, first_s = res
+        print(
+            f"| {row_name:<20} | {ms:8.2f} | {baseline[0] / ms:17.2f}x | {flops / ms / 1e9:7.0f} | "
+            f"{peak / 2**30:8.2f} | {err:8.1e} | {first_s:15.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

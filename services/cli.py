@@ -1,0 +1,160 @@
+"""`ditserve` command line: wires stages, router and output together.
+
+    ditserve generate [--model-path DIR] --prompt P [options] --output out.png
+
+Bad input (missing model, bad size, unwritable output, ...) prints one line and exits 2;
+`--verbose` adds library logs and tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from services import __version__
+from services.runtime.errors import DitserveError, InvalidRequestError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images in this process (all stages in-process)")
+    p.add_argument("--model-path", help="diffusers-format model directory (default: the embedded tiny model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", help="used for true CFG when --true-cfg-scale > 1")
+    p.add_argument("--true-cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed of the first image (image i uses seed + i); random if omitted")
+    p.add_argument("--num-inference-steps", type=int, help="default: the model's (28 for Flux.1-dev)")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")
+    p.add_argument("--width", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, help="distilled guidance (default: the model's, 3.5 for dev)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
+    p.add_argument("--output", "-o", default="out.png", help="output file (.png, .jpg, .webp)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_generate)
+
+
+def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
+    from services.gateway.images import format_for_path
+
+    path = Path(output)
+    fmt = format_for_path(path.suffix)
+    if fmt is None:
+        raise InvalidRequestError(f"unsupported output extension '{path.suffix}' (use .png, .jpg or .webp)", "output")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidRequestError(f"output directory does not exist: {parent}", "output")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidRequestError(f"output path is not writable: {path}", "output")
+    if n == 1:
+        return [path], fmt
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)], fmt
+
+
+def _generate(args) -> int:
+    # Check everything we can before loading weights, so bad input fails in milliseconds.
+    from services.runtime.config import GenerateRequest, StageConfig
+
+    paths, fmt = _output_paths(args.output, args.num_images)
+    request = GenerateRequest.parse(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg_scale,
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        height=args.height,
+        width=args.width,
+        guidance_scale=args.guidance_scale,
+        max_sequence_length=args.max_sequence_length,
+        n=args.num_images,
+        output_format=fmt,
+    )
+    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype)
+
+    from services.denoiser.stage import DenoiserStage
+    from services.encoder.stage import EncoderStage
+    from services.gateway.images import encode_image
+    from services.router.pipeline import Router, resolve_request
+    from services.runtime.registry import resolve
+    from services.vae.stage import VaeStage
+
+    model, spec = resolve(config.model_path)
+    resolve_request(request, model, spec)  # size / length errors before the slow loads
+    router = Router(model, spec, EncoderStage(config), DenoiserStage(config), VaeStage(config))
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, desc="denoising", unit="step", file=sys.stderr, leave=False)
+
+    def on_step(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(1)
+
+    try:
+        result = router.generate(request, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    for path, image in zip(paths, result.images):
+        try:
+            path.write_bytes(encode_image(image.pixels, fmt))
+        except OSError as exc:
+            raise InvalidRequestError(f"cannot write {path}: {exc.strerror}", "output") from None
+        print(f"{path}  seed={image.seed}  {result.request.width}x{result.request.height}")
+    stages = "  ".join(
+        f"{name} {m.seconds:.2f}s peak {m.peak_memory_bytes / 2**20:.0f} MiB" for name, m in result.stages.items()
+    )
+    print(f"{result.request.num_inference_steps} steps, total {result.total_seconds:.2f}s  ({stages})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditserve", description="Serve and run diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="library logs and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except DitserveError as exc:
+        if args.verbose:
+            raise
+        print(f"ditserve: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("ditserve: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: say so in one line, traceback with --verbose
+        if args.verbose:
+            raise
+        print(f"ditserve: internal error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Native Flux.1 transformer (dev and schnell), loading diffusers' `transformer/` weights unchanged.
+
+Parameter names are diffusers' FluxTransformer2DModel names, so a checkpoint's safetensors load
+with a strict key match. The arithmetic follows diffusers op for op (same norms, same order of
+residual adds, RoPE in fp32) so that fp32 outputs agree to rounding; what differs is structure:
+RoPE tables and the timestep/guidance embedding are inputs computed once per request by the
+runner, not recomputed by every forward.
+
+Order (same in every family file): helpers -> attention -> blocks -> top-level model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from services.denoiser.attention import attention
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """The fields of diffusers' transformer/config.json that define the architecture."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "FluxConfig":
+        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
+        if "axes_dims_rope" in fields:
+            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
+        return cls(**fields)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first (diffusers' Timesteps(flip_sin_to_cos=True, shift=0))."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    emb = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)
+
+
+def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0):
+    """cos/sin tables [S, head_dim] for position ids [S, n_axes], each axis its own frequencies.
+
+    Computed in float64 where the device has it (as diffusers does) and returned as fp32; the
+    runner calls this once per request, since ids do not change between steps."""
+    freqs_dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    pos = ids.float()
+    cos_out, sin_out = [], []
+    for i, dim in enumerate(axes_dim):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=ids.device) / dim))
+        angles = torch.outer(pos[:, i], freqs)
+        cos_out.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin_out.append(angles.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (real, imag) pairs of x [B, S, H, D] by tables [S, D], in fp32."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    # Every LayerNorm in Flux is affine-free with eps 1e-6; the modulation supplies scale/shift.
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbedding(nn.Module):
+    """temb = MLP(t) [+ MLP(guidance)] + MLP(pooled text); the conditioning of every block."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.guidance_embedder = MLPEmbedder(256, dim) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor):
+        emb = self.timestep_embedder(timestep_embedding(timestep).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this Flux checkpoint is guidance-distilled and needs a guidance value")
+            emb = emb + self.guidance_embedder(timestep_embedding(guidance).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU(temb) -> Linear -> `n` chunks of shift/scale/gate vectors [B, dim] (AdaLN-zero)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(temb)).chunk(self.n, dim=1)
+
+
+class FeedForward(nn.Module):
+    """GELU(tanh) MLP with diffusers' `net.0.proj` / `net.2` parameter names."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.ModuleList([_GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+class FluxAttention(nn.Module):
+    """QK-RMSNorm multi-head attention over [text; image] tokens with RoPE.
+
+    Double-stream blocks project text with their own `add_*` weights (context_dim set);
+    single-stream blocks see one joint sequence and have no output projection here
+    (their proj_out also consumes the MLP branch)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, context: bool, eps: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        if context:
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        q = norm_q(to_q(x).unflatten(-1, (-1, self.head_dim)))
+        k = norm_k(to_k(x).unflatten(-1, (-1, self.head_dim)))
+        v = to_v(x).unflatten(-1, (-1, self.head_dim))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        if context is not None:
+            cq, ck, cv = self._qkv(
+                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
+            )
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v).flatten(2, 3).to(q.dtype)
+        if context is None:
+            return out
+        ctx_out, img_out = out.split_with_sizes([context.shape[1], x.shape[1]], dim=1)
+        return self.to_out[0](img_out.contiguous()), self.to_add_out(ctx_out.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+class FluxDoubleBlock(nn.Module):
+    """MMDiT block: text and image streams with separate weights, joint attention."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaLNModulation(dim, 6)
+        self.norm1_context = AdaLNModulation(dim, 6)
+        self.attn = FluxAttention(dim, heads, head_dim, context=True, eps=1e-6)
+        self.ff = FeedForward(dim, 4 * dim)
+        self.ff_context = FeedForward(dim, 4 * dim)
+
+    def forward(self, img, txt, temb, rope):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+
+        img_attn, txt_attn = self.attn(
+            modulate(img, shift_msa, scale_msa), rope, context=modulate(txt, c_shift_msa, c_scale_msa)
+        )
+
+        img = img + gate_msa.unsqueeze(1) * img_attn
+        img = img + gate_mlp.unsqueeze(1) * self.ff(modulate(img, shift_mlp, scale_mlp))
+
+        txt = txt + c_gate_msa.unsqueeze(1) * txt_attn
+        txt = txt + c_gate_mlp.unsqueeze(1) * self.ff_context(modulate(txt, c_shift_mlp, c_scale_mlp))
+        if txt.dtype == torch.float16:
+            txt = txt.clip(-65504, 65504)
+        return img, txt
+
+
+class FluxSingleBlock(nn.Module):
+    """One joint stream: attention and MLP in parallel from one modulated input, one proj_out."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm = AdaLNModulation(dim, 3)
+        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
+        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
+        self.attn = FluxAttention(dim, heads, head_dim, context=False, eps=1e-6)
+
+    def forward(self, x, temb, rope):
+        shift, scale, gate = self.norm(temb)
+        h = modulate(x, shift, scale)
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))
+        x = x + gate.unsqueeze(1) * out
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class FluxTransformer(nn.Module):
+    """Flux.1 DiT. forward() takes packed image tokens and returns the velocity prediction."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
+        if sum(config.axes_dims_rope) != head_dim:
+            raise ValueError(f"axes_dims_rope {config.axes_dims_rope} must sum to attention_head_dim {head_dim}")
+        out_channels = config.out_channels or config.in_channels
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [FluxDoubleBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [FluxSingleBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
+        )
+        self.norm_out = AdaLNModulation(dim, 2)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
+
+    def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for the joint [text; image] sequence (once per request)."""
+        return rope_tables(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [B, N, C_in] packed latents; encoder_hidden_states [B, S, joint_dim];
+        pooled_projections [B, P]; timestep and guidance [B] in the pipeline's 0..1 scale."""
+        img = self.x_embedder(hidden_states)
+        timestep = timestep.to(img.dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(img.dtype) * 1000
+        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        txt = self.context_embedder(encoder_hidden_states)
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, rope)
+
+        text_len = txt.shape[1]
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, temb, rope)
+        img = x[:, text_len:]
+
+        # norm_out's chunks are (scale, shift), the reverse of the blocks' (shift, scale).
+        scale, shift = self.norm_out(temb)
+        return self.proj_out(modulate(img, shift, scale))

@@ -1,0 +1,1 @@
+"""Encoder stage: prompts -> embeddings, with the text encoders a pipeline spec names."""

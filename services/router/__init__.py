@@ -1,0 +1,1 @@
+"""Router: validates requests against the model's spec and drives the stages in order."""

@@ -1,0 +1,68 @@
+"""Typed, validated configuration: the public generation request and the stage config.
+
+Validation that needs the model (size multiples, defaults) happens in the router once the
+spec is known; what is checked here is what is wrong for every model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.runtime.errors import InvalidRequestError
+
+MAX_IMAGES_PER_REQUEST = 16
+MAX_SIDE_PX = 4096
+
+
+class GenerateRequest(BaseModel):
+    """One text-to-image request. `None` fields take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = Field(None, gt=0, le=MAX_SIDE_PX)
+    width: int | None = Field(None, gt=0, le=MAX_SIDE_PX)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0.0)
+    # Real classifier-free guidance against negative_prompt; applies only when > 1 and a
+    # negative prompt is given (diffusers' FluxPipeline rule).
+    true_cfg_scale: float = Field(1.0, ge=0.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    max_sequence_length: int | None = Field(None, ge=1)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @classmethod
+    def parse(cls, **fields) -> "GenerateRequest":
+        """Validate, turning pydantic's multi-line report into one InvalidRequestError."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise invalid_request_from(exc) from None
+
+
+class StageConfig(BaseModel):
+    """Where and how a stage runs its components."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: Path | None = None  # None: the embedded default model
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: per device
+
+
+def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err.get("loc", ())) or None
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return InvalidRequestError(f"invalid {param}: {msg}" if param else msg, param)

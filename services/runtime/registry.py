@@ -1,0 +1,78 @@
+"""Model registry: a diffusers-format directory -> its pipeline spec.
+
+`model_index.json`'s `_class_name` picks the spec; component configs are read lazily and
+cached. Every failure here is a one-line DitserveError naming the path or class."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.runtime.errors import ModelNotFoundError, UnsupportedModelError
+from services.runtime.pipelines import ALL_SPECS
+from services.runtime.spec import PipelineSpec
+
+_SPECS_BY_CLASS = {cls: spec for spec in ALL_SPECS for cls in spec.pipeline_classes}
+
+# Shipped inside the package so a fresh install can generate with no download.
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux"
+
+_CONFIG_FILES = ("config.json", "scheduler_config.json")
+
+
+class ModelDir:
+    """A diffusers pipeline directory: model_index.json plus one folder per component."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise ModelNotFoundError(f"model path does not exist: {self.path}")
+        if not self.path.is_dir():
+            raise ModelNotFoundError(f"model path is not a directory: {self.path}")
+        index = self.path / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(f"no model_index.json in {self.path} (not a diffusers pipeline directory)")
+        try:
+            self.index: dict = json.loads(index.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelNotFoundError(f"unreadable model_index.json in {self.path}: {exc}") from None
+        self.pipeline_class: str = str(self.index.get("_class_name", ""))
+        self._configs: dict[str, dict] = {}
+
+    def component_class(self, name: str) -> tuple[str, str]:
+        entry = self.index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or not all(entry):
+            raise ModelNotFoundError(f"{self.path}: model_index.json names no component '{name}'")
+        return entry[0], entry[1]
+
+    def component_config(self, name: str) -> dict:
+        if name not in self._configs:
+            self._configs[name] = self._read_config(name)
+        return self._configs[name]
+
+    def _read_config(self, name: str) -> dict:
+        for fname in _CONFIG_FILES:
+            f = self.path / name / fname
+            if f.is_file():
+                try:
+                    return json.loads(f.read_text())
+                except (OSError, json.JSONDecodeError) as exc:
+                    raise ModelNotFoundError(f"unreadable {f}: {exc}") from None
+        raise ModelNotFoundError(f"{self.path}: component '{name}' has no config.json")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        # Same rule as diffusers' pipelines: one 2x downsample between consecutive VAE blocks.
+        return 2 ** (len(self.component_config("vae")["block_out_channels"]) - 1)
+
+
+def resolve(path: str | Path | None) -> tuple[ModelDir, PipelineSpec]:
+    """Open a model directory (the embedded default when `path` is None) and find its spec."""
+    model = ModelDir(DEFAULT_MODEL_PATH if path is None else path)
+    spec = _SPECS_BY_CLASS.get(model.pipeline_class)
+    if spec is None:
+        known = ", ".join(sorted(_SPECS_BY_CLASS))
+        raise UnsupportedModelError(
+            f"unsupported pipeline class '{model.pipeline_class}' in {model.path} (supported: {known})"
+        )
+    return model, spec

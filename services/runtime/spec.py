@@ -1,0 +1,44 @@
+"""Pipeline specs: the declarative description of one model family's serving layout.
+
+A spec says which checkpoint components each stage loads, which prompt encoder and native DiT
+serve the family, how latents are laid out, and the family's generation defaults. The router,
+the stages and the CLI read specs; nothing else switches on a model name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from services.runtime.registry import ModelDir
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    max_sequence_length: int
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    family: str
+    # `_class_name` values in model_index.json that this spec serves.
+    pipeline_classes: tuple[str, ...]
+    # Prompt-encoder kind; the encoder stage maps it to an implementation.
+    prompt_encoder: str
+    encoder_components: tuple[str, ...]
+    # Native DiT family; the denoiser stage maps it to a model file and latent layout.
+    denoiser: str
+    denoiser_components: tuple[str, ...]
+    vae_components: tuple[str, ...]
+    # Latents are patchified p x p before the DiT, so pixel sizes must be multiples of
+    # vae_scale_factor * latent_patch.
+    latent_patch: int
+    max_sequence_length_limit: int
+    defaults: Callable[["ModelDir"], GenerationDefaults]
+
+    def size_multiple(self, model: "ModelDir") -> int:
+        return model.vae_scale_factor * self.latent_patch

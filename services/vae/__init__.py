@@ -1,0 +1,1 @@
+"""VAE stage: latents -> pixels (decode); pixels -> latents (encode) arrives with image editing."""

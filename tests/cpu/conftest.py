@@ -1,0 +1,15 @@
+import pytest
+
+from tests.tiny_checkpoints import build_tiny_flux
+
+
+@pytest.fixture(scope="session")
+def flux_dev_dir(tmp_path_factory):
+    """A tiny Flux.1-dev layout (guidance embedding) written by diffusers' save_pretrained."""
+    return build_tiny_flux(tmp_path_factory.mktemp("flux-dev") / "model", guidance_embeds=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_schnell_dir(tmp_path_factory):
+    """A tiny Flux.1-schnell layout (no guidance embedding)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("flux-schnell") / "model", guidance_embeds=False, seed=1)
