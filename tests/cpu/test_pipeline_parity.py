@@ -32,6 +32,10 @@ def _diffusers_pixels(pipe, seeds, **kwargs) -> np.ndarray:
 
 def _assert_same_pixels(result, expected: np.ndarray):
     got = np.stack([img.pixels for img in result.images])
+    _assert_equal_up_to_rounding(got, expected)
+
+
+def _assert_equal_up_to_rounding(got: np.ndarray, expected: np.ndarray):
     assert got.shape == expected.shape
     assert expected.std() > 5, "image is flat; the comparison would prove nothing"
     diff = np.abs(got.astype(int) - expected.astype(int))
@@ -87,7 +91,9 @@ def test_same_seed_same_image_alone_or_in_a_batch(dev):
     base = dict(prompt="a cat", height=32, width=32, num_inference_steps=2)
     batch = router.generate(GenerateRequest(seed=100, n=3, **base))
     alone = router.generate(GenerateRequest(seed=101, **base))
-    np.testing.assert_array_equal(batch.images[1].pixels, alone.images[0].pixels)
+    # Different batch sizes may take different CPU matmul kernels, so equality is up to the
+    # same 8-bit rounding as against diffusers, not bitwise.
+    _assert_equal_up_to_rounding(batch.images[1].pixels, alone.images[0].pixels)
 
 
 def test_defaults_come_from_the_model(dev, flux_schnell_dir):
