@@ -8,6 +8,7 @@ Bad input (missing model, bad size, unwritable output, ...) prints one line and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -77,16 +78,13 @@ def _generate(args) -> int:
     )
     config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype)
 
-    from services.denoiser.stage import DenoiserStage
-    from services.encoder.stage import EncoderStage
     from services.gateway.images import encode_image
-    from services.router.pipeline import Router, resolve_request
+    from services.router.requests import resolve_request
     from services.runtime.registry import resolve
-    from services.vae.stage import VaeStage
 
     model, spec = resolve(config.model_path)
     resolve_request(request, model, spec)  # size / length errors before the slow loads
-    router = Router(model, spec, EncoderStage(config), DenoiserStage(config), VaeStage(config))
+    router = build_in_process_router(config)
 
     bar = None
     if not args.no_progress:
@@ -100,7 +98,7 @@ def _generate(args) -> int:
             bar.update(1)
 
     try:
-        result = router.generate(request, on_step=on_step)
+        result = asyncio.run(router.generate(request, on_step=on_step))
     finally:
         if bar is not None:
             bar.close()
@@ -117,12 +115,174 @@ def _generate(args) -> int:
     return 0
 
 
+# role -> (stage class, gRPC servicer class, gRPC service name), each in services/<role>/.
+_ROLES = {
+    "encoder": ("EncoderStage", "EncoderService", "Encoder"),
+    "denoiser": ("DenoiserStage", "DenoiserService", "Denoiser"),
+    "vae": ("VaeStage", "VaeService", "Vae"),
+}
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="serve one stage (encoder | denoiser | vae) over gRPC")
+    p.add_argument("--role", required=True, choices=["encoder", "denoiser", "vae"])
+    p.add_argument("--model-path", help="diffusers-format model directory (default: the embedded tiny model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port (printed when ready)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_worker)
+
+
+def _worker(args) -> int:
+    import signal
+    import threading
+
+    from services.runtime.config import StageConfig
+    from services.runtime.grpc_server import start_server
+
+    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype)
+    import importlib
+
+    stage_cls, service_cls, grpc_name = _ROLES[args.role]
+    stage = getattr(importlib.import_module(f"services.{args.role}.stage"), stage_cls)(config)
+    service = getattr(importlib.import_module(f"services.{args.role}.service"), service_cls)(stage)
+    server, port = start_server([service.add_to], [f"ditserve.v1.{grpc_name}"], args.host, args.grpc_port)
+    print(f"ditserve worker {args.role} ready on {args.host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-style REST API and the gRPC API")
+    p.add_argument("--config", help="YAML file with the ServeConfig schema (flags override it)")
+    p.add_argument("--model-path")
+    p.add_argument("--served-model-name")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    for stage in ("encoder", "denoiser", "vae"):
+        p.add_argument(f"--{stage}-address", help=f"host:port of a `ditserve worker --role {stage}` (default: in-process)")
+    p.set_defaults(func=_serve)
+
+
+def serve_config_from_args(args):
+    import yaml
+
+    from services.runtime.config import ServeConfig, invalid_request_from
+
+    data: dict = {}
+    if args.config:
+        try:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidRequestError(f"cannot read config {args.config}: {exc}", "config") from None
+    for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    for stage in ("encoder", "denoiser", "vae"):
+        address = getattr(args, f"{stage}_address")
+        if address:
+            data.setdefault(stage, {})["address"] = address
+    try:
+        return ServeConfig(**data)
+    except Exception as exc:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            raise invalid_request_from(exc) from None
+        raise
+
+
+def build_router(config):
+    """The router with each stage in-process or behind its gRPC worker, as `config` says."""
+    import importlib
+
+    from services.router.router import Router
+    from services.runtime import grpc_client, stage_client
+    from services.runtime.registry import resolve
+
+    model, spec = resolve(config.model_path)
+    clients = {}
+    for role, (stage_cls, _, grpc_name) in _ROLES.items():
+        endpoint = getattr(config, role)
+        if endpoint.address:
+            clients[role] = getattr(grpc_client, f"Grpc{grpc_name}Client")(endpoint.address)
+        else:
+            stage = getattr(importlib.import_module(f"services.{role}.stage"), stage_cls)(config.stage_config())
+            clients[role] = getattr(stage_client, f"InProcess{grpc_name}")(stage)
+    return Router(model, spec, clients["encoder"], clients["denoiser"], clients["vae"], config.router)
+
+
+def _serve(args) -> int:
+    config = serve_config_from_args(args)
+    return asyncio.run(run_server(config))
+
+
+async def run_server(config, ready: "asyncio.Event | None" = None) -> int:
+    """REST (uvicorn) and public gRPC in one event loop until SIGTERM/SIGINT."""
+    import signal
+    import time
+
+    import uvicorn
+
+    from services.gateway.grpc_api import start_public_grpc
+    from services.gateway.rest import ModelCard, create_app
+
+    router = build_router(config)
+    card = ModelCard(
+        id=config.served_model_name or router.model.path.name,
+        family=router.spec.family,
+        pipeline_class=router.model.pipeline_class,
+        created=int(time.time()),
+    )
+    grpc_server, grpc_port = await start_public_grpc(router, card, config.host, config.grpc_port)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(router, card), host=config.host, port=config.port, log_level="warning")
+    )
+    server.install_signal_handlers = lambda: None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    serve_task = asyncio.ensure_future(server.serve())
+    while not server.started and not serve_task.done():
+        await asyncio.sleep(0.05)
+    if serve_task.done():  # bind failure etc.
+        await grpc_server.stop(0)
+        serve_task.result()
+        raise OSError(f"REST server failed to start on {config.host}:{config.port}")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    print(f"ditserve serving '{card.id}' on http://{config.host}:{port} (REST) and {config.host}:{grpc_port} (gRPC)",
+          flush=True)
+    await serve_task
+    await grpc_server.stop(grace=5)
+    return 0
+
+
+def build_in_process_router(config, router_config=None):
+    """All three stages in this process behind the router (`generate`, tests)."""
+    from services.runtime.config import RouterConfig, ServeConfig
+
+    return build_router(
+        ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype,
+                    router=router_config or RouterConfig())
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditserve", description="Serve and run diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"ditserve {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="library logs and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_worker(sub)
+    _add_serve(sub)
     return parser
 
 

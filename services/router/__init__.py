@@ -1,1 +1,1 @@
-"""Router: validates requests against the model's spec and drives the stages in order."""
+"""Router: validates requests against the model's spec, batches them, drives the stages in order."""

@@ -66,3 +66,42 @@ def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
     param = ".".join(str(p) for p in err.get("loc", ())) or None
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     return InvalidRequestError(f"invalid {param}: {msg}" if param else msg, param)
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # How long a request waits for batch companions. Small next to a step (~100 ms on a GPU).
+    batch_window_ms: float = Field(10.0, ge=0)
+    max_batch_size: int = Field(4, ge=1, description="images per denoiser batch")
+    max_queue: int = Field(64, ge=1, description="requests waiting for a batch before 429")
+    request_timeout_s: float = Field(600.0, gt=0, description="default per-request deadline")
+
+
+class StageEndpoint(BaseModel):
+    """Where the router finds one stage: in this process (no address) or a gRPC worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None  # host:port of a `ditserve worker`
+
+
+class ServeConfig(BaseModel):
+    """`ditserve serve`: one schema for CLI flags and the --config YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: Path | None = None
+    served_model_name: str | None = None  # default: the model directory's name
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, lt=65536)
+    grpc_port: int = Field(9000, ge=0, lt=65536)
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    encoder: StageEndpoint = Field(default_factory=StageEndpoint)
+    denoiser: StageEndpoint = Field(default_factory=StageEndpoint)
+    vae: StageEndpoint = Field(default_factory=StageEndpoint)
+
+    def stage_config(self) -> StageConfig:
+        return StageConfig(model_path=self.model_path, device=self.device, dtype=self.dtype)

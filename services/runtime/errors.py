@@ -38,3 +38,57 @@ class ModelLoadError(DitserveError):
     """A component of a recognised checkpoint failed to load (missing/mismatched weights)."""
 
     code = "model_load_error"
+
+
+class QueueFullError(DitserveError):
+    """The router's queue is at its limit; the client should retry later."""
+
+    code = "queue_full"
+
+
+class StageUnavailableError(DitserveError):
+    """A stage worker could not be reached or died while serving the request."""
+
+    code = "stage_unavailable"
+
+
+class DeadlineExceededError(DitserveError):
+    """The request did not finish within its deadline."""
+
+    code = "deadline_exceeded"
+
+
+class RequestCancelledError(DitserveError):
+    """The client went away; the work was abandoned."""
+
+    code = "cancelled"
+
+
+# How each error surfaces over REST (status, OpenAI error `type`) and gRPC (status name).
+# Anything not listed is an internal error: 500 / INTERNAL.
+HTTP_STATUS = {
+    InvalidRequestError: (400, "invalid_request_error"),
+    ModelNotFoundError: (404, "invalid_request_error"),
+    UnsupportedModelError: (400, "invalid_request_error"),
+    ModelLoadError: (500, "server_error"),
+    QueueFullError: (429, "rate_limit_error"),
+    StageUnavailableError: (503, "server_error"),
+    DeadlineExceededError: (504, "server_error"),
+    RequestCancelledError: (499, "server_error"),
+}
+GRPC_STATUS = {
+    InvalidRequestError: "INVALID_ARGUMENT",
+    ModelNotFoundError: "NOT_FOUND",
+    UnsupportedModelError: "INVALID_ARGUMENT",
+    ModelLoadError: "INTERNAL",
+    QueueFullError: "RESOURCE_EXHAUSTED",
+    StageUnavailableError: "UNAVAILABLE",
+    DeadlineExceededError: "DEADLINE_EXCEEDED",
+    RequestCancelledError: "CANCELLED",
+}
+_BY_CODE = {cls.code: cls for cls in HTTP_STATUS}
+
+
+def from_code(code: str, message: str) -> DitserveError:
+    """Rebuild the typed error a remote stage reported (its `code` travels in gRPC metadata)."""
+    return _BY_CODE.get(code, DitserveError)(message)

@@ -1,22 +1,26 @@
 """End to end: ditserve's stages (in-process) give diffusers' FluxPipeline pixels."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
 
-from services.denoiser.stage import DenoiserStage
-from services.encoder.stage import EncoderStage
-from services.router.pipeline import Router
+from services.cli import build_in_process_router
 from services.runtime.config import GenerateRequest, StageConfig
-from services.runtime.registry import resolve
-from services.vae.stage import VaeStage
 
 
-def _router(path) -> Router:
-    config = StageConfig(model_path=path, device="cpu", dtype="float32")
-    model, spec = resolve(path)
-    return Router(model, spec, EncoderStage(config), DenoiserStage(config), VaeStage(config))
+class _SyncRouter:
+    def __init__(self, router):
+        self.router = router
+
+    def generate(self, request):
+        return asyncio.run(self.router.generate(request))
+
+
+def _router(path) -> _SyncRouter:
+    return _SyncRouter(build_in_process_router(StageConfig(model_path=path, device="cpu", dtype="float32")))
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
-"""Request resolution and stage orchestration: encode -> denoise -> decode.
+"""Request resolution (defaults from the model, checks against its spec) and result types.
 
-The router is the only place that knows the order of stages. It sees the model only through
-its ModelDir / PipelineSpec (sizes, defaults) and the stages only through stage clients."""
+CPU bookkeeping only: nothing here touches a device or a stage."""
 
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,10 +12,8 @@ import numpy as np
 from services.runtime.config import GenerateRequest
 from services.runtime.device import StageMeasurement
 from services.runtime.errors import InvalidRequestError
-from services.runtime.messages import Conditioning, DecodeRequest, DenoiseRequest, EncodeRequest
 from services.runtime.registry import ModelDir
 from services.runtime.spec import PipelineSpec
-from services.runtime.stage_client import DenoiserClient, EncoderClient, StepCallback, VaeClient
 
 
 @dataclass(frozen=True)
@@ -40,6 +36,18 @@ class ResolvedRequest:
         # diffusers' FluxPipeline rule: real CFG only with a negative prompt and a scale > 1.
         return self.negative_prompt is not None and self.true_cfg_scale > 1
 
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one denoiser batch."""
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.true_cfg_scale if self.true_cfg else None,
+            self.max_sequence_length,
+        )
+
 
 @dataclass
 class GeneratedImage:
@@ -53,6 +61,7 @@ class GenerateResult:
     images: list[GeneratedImage]
     stages: dict[str, StageMeasurement] = field(default_factory=dict)
     total_seconds: float = 0.0
+    batch_size: int = 1  # images in the denoiser batch this request rode in
 
 
 def resolve_request(req: GenerateRequest, model: ModelDir, spec: PipelineSpec) -> ResolvedRequest:
@@ -83,47 +92,3 @@ def resolve_request(req: GenerateRequest, model: ModelDir, spec: PipelineSpec) -
         seeds=tuple(seed + i for i in range(req.n)),
         output_format=req.output_format,
     )
-
-
-class Router:
-    def __init__(
-        self, model: ModelDir, spec: PipelineSpec, encoder: EncoderClient, denoiser: DenoiserClient, vae: VaeClient
-    ):
-        self.model, self.spec = model, spec
-        self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
-
-    def generate(self, req: GenerateRequest, on_step: StepCallback | None = None) -> GenerateResult:
-        t0 = time.perf_counter()
-        r = resolve_request(req, self.model, self.spec)
-        n = len(r.seeds)
-
-        prompts = [r.prompt] + ([r.negative_prompt] if r.true_cfg else [])
-        enc = self.encoder.encode(EncodeRequest(prompts=prompts, max_sequence_length=r.max_sequence_length))
-
-        def branch(row: int) -> Conditioning:
-            return Conditioning(
-                prompt_embeds=enc.prompt_embeds[row : row + 1].repeat(n, 1, 1),
-                pooled_prompt_embeds=enc.pooled_prompt_embeds[row : row + 1].repeat(n, 1),
-            )
-
-        den = self.denoiser.denoise(
-            DenoiseRequest(
-                positive=branch(0),
-                negative=branch(1) if r.true_cfg else None,
-                height=r.height,
-                width=r.width,
-                num_inference_steps=r.num_inference_steps,
-                guidance_scale=r.guidance_scale,
-                true_cfg_scale=r.true_cfg_scale,
-                seeds=list(r.seeds),
-            ),
-            on_step=on_step,
-        )
-        dec = self.vae.decode(DecodeRequest(latents=den.latents))
-        images = [GeneratedImage(pixels=dec.images[i].numpy(), seed=s) for i, s in enumerate(r.seeds)]
-        return GenerateResult(
-            request=r,
-            images=images,
-            stages={"encoder": enc.metrics, "denoiser": den.metrics, "vae": dec.metrics},
-            total_seconds=time.perf_counter() - t0,
-        )

@@ -1,0 +1,57 @@
+"""The OpenAI-style REST request and response bodies (pydantic), and their mapping to GenerateRequest."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.runtime.config import MAX_IMAGES_PER_REQUEST, GenerateRequest
+from services.runtime.errors import InvalidRequestError
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+class ImageGenerationBody(BaseModel):
+    """POST /v1/images/generations: OpenAI's fields plus ditserve's extensions at the top level."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # OpenAI fields
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    size: str | None = Field(None, description='"WxH" or "auto" (the model default)')
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    user: str | None = None
+    # ditserve extensions
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0
+    max_sequence_length: int | None = None
+    timeout_s: float | None = Field(None, gt=0, description="per-request deadline")
+
+    def to_generate_request(self) -> GenerateRequest:
+        width = height = None
+        if self.size not in (None, "auto"):
+            m = _SIZE.match(self.size)
+            if not m:
+                raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' or 'auto', got '{self.size}'", "size")
+            width, height = int(m.group(1)), int(m.group(2))
+        return GenerateRequest.parse(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
+            seed=self.seed,
+            n=self.n,
+            max_sequence_length=self.max_sequence_length,
+            output_format=self.output_format,
+        )

@@ -1,0 +1,150 @@
+"""OpenAI-style REST API (FastAPI). Talks to the router, never to a model.
+
+Every error is the OpenAI error object {"error": {"message", "type", "param", "code"}} with the
+status of its kind (400 bad field, 404 unknown model, 429 queue full, 503 stage unavailable,
+504 deadline), including FastAPI's own validation and routing errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway.api_types import ImageGenerationBody
+from services.gateway.images import MIME_TYPES, encode_image
+from services.gateway.store import ImageStore
+from services.runtime import metrics
+from services.runtime.errors import HTTP_STATUS, DitserveError, ModelNotFoundError, RequestCancelledError
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    id: str
+    family: str
+    pipeline_class: str
+    created: int
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_response(exc: Exception) -> JSONResponse:
+    if isinstance(exc, DitserveError):
+        for cls in type(exc).__mro__:
+            if cls in HTTP_STATUS:
+                status, type_ = HTTP_STATUS[cls]
+                break
+        else:
+            status, type_ = 500, "server_error"
+        return JSONResponse(error_body(str(exc), type_, exc.code, getattr(exc, "param", None)), status_code=status)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error", "internal_error"), 500)
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run `coro`, cancelling it if the HTTP client disconnects first (frees its batch slot)."""
+    task = asyncio.ensure_future(coro)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise RequestCancelledError("client disconnected")
+
+
+def create_app(router, card: ModelCard, store: ImageStore | None = None) -> FastAPI:
+    app = FastAPI(title="ditserve", version="v1")
+    store = store or ImageStore()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+        return JSONResponse(error_body(f"invalid {param}: {msg}" if param else msg, "invalid_request_error",
+                                       "invalid_request", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), type_, None), status_code=exc.status_code)
+
+    @app.exception_handler(DitserveError)
+    async def _ditserve(_, exc: DitserveError):
+        return _error_response(exc)
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageGenerationBody, request: Request):
+        t0 = time.perf_counter()
+        status = "error"
+        try:
+            if body.model not in (None, "", card.id):
+                raise ModelNotFoundError(f"model '{body.model}' is not served here (serving '{card.id}')")
+            req = body.to_generate_request()
+            result = await _until_disconnect(request, router.generate(req, timeout_s=body.timeout_s))
+            metrics.observe_result(result)
+            data = []
+            for image in result.images:
+                blob = encode_image(image.pixels, req.output_format)
+                item = {"seed": image.seed, "revised_prompt": None}
+                if body.response_format == "url":
+                    key = store.put(blob, MIME_TYPES[req.output_format])
+                    item["url"] = str(request.url_for("image_content", image_id=key))
+                else:
+                    item["b64_json"] = base64.b64encode(blob).decode()
+                data.append(item)
+            status = "ok"
+            r = result.request
+            return {
+                "created": int(time.time()),
+                "data": data,
+                "output_format": req.output_format,
+                "size": f"{r.width}x{r.height}",
+                "model": card.id,
+                "timings": {**{k: m.seconds for k, m in result.stages.items()}, "total": result.total_seconds},
+                "peak_memory_bytes": {k: m.peak_memory_bytes for k, m in result.stages.items()},
+                "num_inference_steps": r.num_inference_steps,
+                "batch_size": result.batch_size,
+            }
+        except Exception as exc:
+            status = getattr(exc, "code", "internal_error")
+            return _error_response(exc)
+        finally:
+            metrics.REQUESTS.labels("images.generations", card.id, status).inc()
+            metrics.REQUEST_SECONDS.labels("images.generations", card.id, status).observe(time.perf_counter() - t0)
+
+    @app.get("/v1/images/{image_id}/content", name="image_content")
+    async def image_content(image_id: str):
+        item = store.get(image_id)
+        if item is None:
+            return JSONResponse(error_body(f"no image '{image_id}' (expired or never made)", "invalid_request_error",
+                                           "image_not_found", "image_id"), status_code=404)
+        data, mime = item
+        return Response(content=data, media_type=mime)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": card.id, "object": "model", "created": card.created,
+                                            "owned_by": "ditserve", "family": card.family}]}
+
+    @app.get("/health")
+    async def health():
+        stages = await router.ready()
+        ok = all(stages.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "stages": stages}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        metrics.QUEUE_DEPTH.set(router.queue_depth)
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app

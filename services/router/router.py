@@ -1,0 +1,127 @@
+"""The router: resolves requests, batches compatible ones, and drives encode -> denoise -> decode.
+
+It is the only place that knows the order of stages, and it reaches them only through stage
+clients (in-process, gRPC or Ray: the same async methods)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+
+from services.router.batcher import Batcher
+from services.router.requests import GeneratedImage, GenerateResult, ResolvedRequest, resolve_request
+from services.runtime.config import GenerateRequest, RouterConfig
+from services.runtime.errors import DeadlineExceededError
+from services.runtime.messages import Conditioning, DecodeRequest, DenoiseRequest, EncodeRequest
+from services.runtime.registry import ModelDir
+from services.runtime.spec import PipelineSpec
+from services.runtime.stage_client import DenoiserClient, EncoderClient, StepCallback, VaeClient
+
+
+@dataclass
+class _Job:
+    request: ResolvedRequest
+    on_step: StepCallback | None
+    deadline: float  # time.monotonic()
+
+
+class Router:
+    def __init__(
+        self,
+        model: ModelDir,
+        spec: PipelineSpec,
+        encoder: EncoderClient,
+        denoiser: DenoiserClient,
+        vae: VaeClient,
+        config: RouterConfig | None = None,
+    ):
+        self.model, self.spec = model, spec
+        self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
+        self.config = config or RouterConfig()
+        self.batcher = Batcher(
+            self._run_batch,
+            window_s=self.config.batch_window_ms / 1000,
+            max_batch_images=self.config.max_batch_size,
+            max_queue=self.config.max_queue,
+        )
+
+    def resolve(self, req: GenerateRequest) -> ResolvedRequest:
+        return resolve_request(req, self.model, self.spec)
+
+    async def generate(
+        self, req: GenerateRequest, on_step: StepCallback | None = None, timeout_s: float | None = None
+    ) -> GenerateResult:
+        t0 = time.perf_counter()
+        resolved = self.resolve(req)
+        timeout_s = timeout_s or self.config.request_timeout_s
+        job = _Job(resolved, on_step, time.monotonic() + timeout_s)
+        try:
+            result = await asyncio.wait_for(
+                self.batcher.submit(resolved.batch_key, job, len(resolved.seeds)), timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError(f"request did not finish within {timeout_s:g}s") from None
+        result.total_seconds = time.perf_counter() - t0
+        return result
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.queued
+
+    async def ready(self) -> dict[str, bool]:
+        checks = await asyncio.gather(self.encoder.ready(), self.denoiser.ready(), self.vae.ready())
+        return dict(zip(("encoder", "denoiser", "vae"), checks))
+
+    async def _run_batch(self, jobs: list[_Job]) -> list[GenerateResult]:
+        """One encoder call for every prompt of the batch, one denoiser call for every image,
+        one VAE call; results are split back per request."""
+        first = jobs[0].request
+        true_cfg = first.true_cfg
+        timeout = max(j.deadline for j in jobs) - time.monotonic()
+        prompts = [j.request.prompt for j in jobs]
+        if true_cfg:
+            prompts += [j.request.negative_prompt for j in jobs]
+        enc = await self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length), timeout_s=timeout)
+
+        counts = [len(j.request.seeds) for j in jobs]
+        rows = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(counts))
+
+        def conditioning(offset: int) -> Conditioning:
+            return Conditioning(
+                prompt_embeds=enc.prompt_embeds[rows + offset],
+                pooled_prompt_embeds=enc.pooled_prompt_embeds[rows + offset],
+            )
+
+        def on_step(done: int, total: int) -> None:
+            for j in jobs:
+                if j.on_step is not None:
+                    j.on_step(done, total)
+
+        den = await self.denoiser.denoise(
+            DenoiseRequest(
+                positive=conditioning(0),
+                negative=conditioning(len(jobs)) if true_cfg else None,
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                true_cfg_scale=first.true_cfg_scale,
+                seeds=[s for j in jobs for s in j.request.seeds],
+            ),
+            on_step=on_step,
+            timeout_s=max(j.deadline for j in jobs) - time.monotonic(),
+        )
+        dec = await self.vae.decode(
+            DecodeRequest(latents=den.latents), timeout_s=max(j.deadline for j in jobs) - time.monotonic()
+        )
+        stages = {"encoder": enc.metrics, "denoiser": den.metrics, "vae": dec.metrics}
+        results, start = [], 0
+        for job, n in zip(jobs, counts):
+            pixels = dec.images[start : start + n].numpy()
+            images = [GeneratedImage(pixels=pixels[i], seed=s) for i, s in enumerate(job.request.seeds)]
+            results.append(GenerateResult(job.request, images, stages, batch_size=sum(counts)))
+            start += n
+        return results

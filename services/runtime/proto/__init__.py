@@ -1,0 +1,1 @@
+"""Generated from protos/ditserve/v1 by protos/generate.py; do not edit."""

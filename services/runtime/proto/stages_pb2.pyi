@@ -1,0 +1,86 @@
+from services.runtime.proto import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("prompts", "max_sequence_length")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    max_sequence_length: int
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "metrics")
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    prompt_embeds: _common_pb2.Tensor
+    pooled_prompt_embeds: _common_pb2.Tensor
+    metrics: _common_pb2.StageMetrics
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
+
+class Conditioning(_message.Message):
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds")
+    PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    prompt_embeds: _common_pb2.Tensor
+    pooled_prompt_embeds: _common_pb2.Tensor
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class DenoiseRequest(_message.Message):
+    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds")
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    positive: Conditioning
+    negative: Conditioning
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DenoiseEvent(_message.Message):
+    __slots__ = ("progress", "latents", "metrics")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    progress: _common_pb2.Progress
+    latents: _common_pb2.TensorChunk
+    metrics: _common_pb2.StageMetrics
+    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("latents",)
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    latents: _common_pb2.Tensor
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class DecodeEvent(_message.Message):
+    __slots__ = ("images", "metrics")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    images: _common_pb2.TensorChunk
+    metrics: _common_pb2.StageMetrics
+    def __init__(self, images: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
+
+class EncodeLatentsResponse(_message.Message):
+    __slots__ = ("latents", "metrics")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    latents: _common_pb2.Tensor
+    metrics: _common_pb2.StageMetrics
+    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
