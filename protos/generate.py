@@ -44,6 +44,9 @@ def generate(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for f in sorted(Path(tmp, "ditserve", "v1").iterdir()):
             text = re.sub(r"^from ditserve\.v1 import", f"from {PACKAGE} import", f.read_text(), flags=re.M)
+            # The message classes' __module__ (pickling, e.g. through Ray's gRPC proxy) must be
+            # the real module path too.
+            text = re.sub(r"'ditserve\.v1\.(\w+_pb2)'", rf"'{PACKAGE}.\1'", text)
             (out_dir / f.name).write_text(text)
     (out_dir / "__init__.py").write_text(
         '"""Generated from protos/ditserve/v1 by protos/generate.py; do not edit."""\n'

@@ -167,8 +167,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    p.add_argument("--no-ray", action="store_true", help="no Ray: router in this process, stages in-process or --*-address")
     for stage in ("encoder", "denoiser", "vae"):
-        p.add_argument(f"--{stage}-address", help=f"host:port of a `ditserve worker --role {stage}` (default: in-process)")
+        p.add_argument(f"--{stage}-address", help=f"with --no-ray: host:port of a `ditserve worker --role {stage}`")
     p.set_defaults(func=_serve)
 
 
@@ -183,7 +185,11 @@ def serve_config_from_args(args):
             data = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise InvalidRequestError(f"cannot read config {args.config}: {exc}", "config") from None
-    for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype"):
+    if isinstance(data, dict) and "applications" in data:
+        data = _from_ray_serve_config(data)
+    if args.no_ray:
+        data["ray"] = False
+    for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype", "ray_address"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     for stage in ("encoder", "denoiser", "vae"):
@@ -198,6 +204,20 @@ def serve_config_from_args(args):
         if isinstance(exc, ValidationError):
             raise invalid_request_from(exc) from None
         raise
+
+
+def _from_ray_serve_config(raw: dict) -> dict:
+    """A Ray Serve config file (deploy/serve.yaml): ditserve's settings are the application's
+    `args`; host and ports come from its http_options / grpc_options."""
+    apps = raw.get("applications") or []
+    if len(apps) != 1:
+        raise InvalidRequestError("a Ray Serve config for ditserve must hold exactly one application", "config")
+    data = dict(apps[0].get("args") or {})
+    http, grpc_opts = raw.get("http_options") or {}, raw.get("grpc_options") or {}
+    for key, value in (("host", http.get("host")), ("port", http.get("port")), ("grpc_port", grpc_opts.get("port"))):
+        if value is not None:
+            data.setdefault(key, value)
+    return data
 
 
 def build_router(config):
@@ -222,7 +242,45 @@ def build_router(config):
 
 def _serve(args) -> int:
     config = serve_config_from_args(args)
+    if config.ray:
+        return run_ray_server(config)
     return asyncio.run(run_server(config))
+
+
+def run_ray_server(config) -> int:
+    """Deploy the Ray Serve application (services/ray_app.py) and wait for SIGTERM/SIGINT."""
+    import signal
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from services.ray_app import GRPC_SERVICER_FUNCTIONS, app_builder
+    from services.runtime.registry import resolve
+
+    model, _ = resolve(config.model_path)  # fail fast on a bad path, before starting Ray
+    t0 = time.perf_counter()
+    ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING",
+             configure_logging=True, namespace="ditserve")
+    serve.start(
+        http_options={"host": config.host, "port": config.port},
+        grpc_options={"port": config.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+    )
+    serve.run(app_builder(config.model_dump(mode="json")), name="ditserve", route_prefix="/")
+    name = config.served_model_name or model.path.name
+    print(f"ditserve serving '{name}' on http://{config.host}:{config.port} (REST) and {config.host}:{config.grpc_port} "
+          f"(gRPC) with Ray Serve, up in {time.perf_counter() - t0:.1f}s", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    if config.ray_address is None:
+        ray.shutdown()  # our own local cluster: stopping it stops every replica with it
+    else:
+        serve.delete("ditserve")  # a shared cluster: remove our application, leave the rest
+        ray.shutdown()
+    return 0
 
 
 async def run_server(config, ready: "asyncio.Event | None" = None) -> int:

@@ -21,6 +21,7 @@ from services.runtime.config import GenerateRequest
 from services.runtime.errors import DitserveError, InvalidRequestError, ModelNotFoundError
 from services.runtime.grpc_server import ERROR_CODE_KEY, status_for
 from services.runtime.proto import common_pb2, generation_pb2, generation_pb2_grpc
+from services.runtime.streams import with_progress
 
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -104,35 +105,20 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             metrics.REQUEST_SECONDS.labels("grpc.Generate", self.card.id, status).observe(time.perf_counter() - t0)
 
     async def GenerateStream(self, request, context):
-        events: asyncio.Queue = asyncio.Queue()
-
-        def on_step(done: int, total: int) -> None:
-            events.put_nowait(generation_pb2.GenerateEvent(progress=common_pb2.Progress(step=done, total=total)))
-
-        task = None
         try:
             self._check_model(request)
             req = request_from_proto(request)
-            task = asyncio.ensure_future(
-                self.router.generate(req, on_step=on_step, timeout_s=context.time_remaining())
-            )
-            while not task.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
+            timeout = context.time_remaining()
+            async for item in with_progress(lambda on_step: self.router.generate(req, on_step, timeout)):
+                if isinstance(item, tuple):
+                    yield generation_pb2.GenerateEvent(progress=common_pb2.Progress(step=item[0], total=item[1]))
                 else:
-                    getter.cancel()
-            result = task.result()
-            metrics.observe_result(result)
-            yield generation_pb2.GenerateEvent(result=response_to_proto(result, self.card.id))
-        except asyncio.CancelledError:
+                    metrics.observe_result(item)
+                    yield generation_pb2.GenerateEvent(result=response_to_proto(item, self.card.id))
+        except asyncio.CancelledError:  # client went away; with_progress cancelled the request
             raise
         except Exception as exc:
             await self._abort(context, exc)
-        finally:
-            if task is not None and not task.done():  # client went away: free the batch slot
-                task.cancel()
 
     async def ListModels(self, request, context):
         return generation_pb2.ListModelsResponse(

@@ -144,7 +144,6 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        metrics.QUEUE_DEPTH.set(router.queue_depth)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app

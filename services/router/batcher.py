@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable
 
+from services.runtime import metrics
 from services.runtime.errors import QueueFullError, RequestCancelledError
 
 
@@ -47,6 +48,7 @@ class Batcher:
         pending = Pending(item=item, images=images, future=loop.create_future())
         queue = self._queues.setdefault(key, [])
         queue.append(pending)
+        metrics.QUEUE_DEPTH.inc()
         if sum(p.images for p in queue) >= self.max_batch_images:
             self._flush(key)
         elif key not in self._timers:
@@ -62,6 +64,7 @@ class Batcher:
         queue = self._queues.get(key, [])
         if pending in queue:
             queue.remove(pending)
+            metrics.QUEUE_DEPTH.dec()
         elif pending.task is not None and all(p.abandoned for p in pending.batch):
             pending.task.cancel()
 
@@ -73,6 +76,7 @@ class Batcher:
         batch, images = [], 0
         while queue and (not batch or images + queue[0].images <= self.max_batch_images):
             p = queue.pop(0)
+            metrics.QUEUE_DEPTH.dec()
             batch.append(p)
             images += p.images
         if not queue:

@@ -67,10 +67,6 @@ class Router:
         result.total_seconds = time.perf_counter() - t0
         return result
 
-    @property
-    def queue_depth(self) -> int:
-        return self.batcher.queued
-
     async def ready(self) -> dict[str, bool]:
         checks = await asyncio.gather(self.encoder.ready(), self.denoiser.ready(), self.vae.ready())
         return dict(zip(("encoder", "denoiser", "vae"), checks))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.runtime.errors import InvalidRequestError
 
@@ -68,8 +68,39 @@ def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"invalid {param}: {msg}" if param else msg, param)
 
 
-class RouterConfig(BaseModel):
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling for one pool (replaces num_replicas when set)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+
+class Deployment(BaseModel):
+    """How a pool runs under Ray Serve: replicas and the resources each one holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    # Logical CPUs per replica; 0 lets several pools share a small head node (the work is on
+    # the GPU, or on the CPU threads torch starts regardless of this number).
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    def ray_options(self) -> dict:
+        opts: dict = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class RouterConfig(Deployment):
+    """The router: batching window and limits, deadlines (and, under Ray, its pool)."""
 
     # How long a request waits for batch companions. Small next to a step (~100 ms on a GPU).
     batch_window_ms: float = Field(10.0, ge=0)
@@ -78,12 +109,10 @@ class RouterConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description="default per-request deadline")
 
 
-class StageEndpoint(BaseModel):
-    """Where the router finds one stage: in this process (no address) or a gRPC worker."""
+class StageEndpoint(Deployment):
+    """One stage pool: Ray Serve replicas, or (without Ray) in this process or a gRPC worker."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    address: str | None = None  # host:port of a `ditserve worker`
+    address: str | None = None  # host:port of a `ditserve worker` (no-Ray mode only)
 
 
 class ServeConfig(BaseModel):
@@ -98,10 +127,22 @@ class ServeConfig(BaseModel):
     grpc_port: int = Field(9000, ge=0, lt=65536)
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # Ray Serve (the default) deploys every pool on a Ray cluster: a new local one when
+    # ray_address is None. ray=False runs the router in this process, each stage in-process or
+    # at its gRPC `address`.
+    ray: bool = True
+    ray_address: str | None = None
+    gateway: Deployment = Field(default_factory=Deployment)
     router: RouterConfig = Field(default_factory=RouterConfig)
     encoder: StageEndpoint = Field(default_factory=StageEndpoint)
     denoiser: StageEndpoint = Field(default_factory=StageEndpoint)
     vae: StageEndpoint = Field(default_factory=StageEndpoint)
+
+    @model_validator(mode="after")
+    def _addresses_need_no_ray(self) -> "ServeConfig":
+        if self.ray and any(getattr(self, r).address for r in ("encoder", "denoiser", "vae")):
+            raise ValueError("stage addresses are for ray: false (standalone workers); Ray places the pools itself")
+        return self
 
     def stage_config(self) -> StageConfig:
         return StageConfig(model_path=self.model_path, device=self.device, dtype=self.dtype)

@@ -18,7 +18,7 @@ from PIL import Image
 from services.cli import build_in_process_router
 from services.runtime.config import GenerateRequest, StageConfig
 from services.runtime.proto import generation_pb2, generation_pb2_grpc
-from tests.cpu.servers import free_port, start_serve, start_worker
+from tests.servers import free_port, start_serve, start_worker
 
 STEPS = 3
 

@@ -1,4 +1,4 @@
-"""Start real `ditserve worker` / `ditserve serve` processes for tests and wait until they are ready."""
+"""Start real `ditserve worker` / `ditserve serve` processes (tests, benchmarks) and wait until ready."""
 
 from __future__ import annotations
 
@@ -43,22 +43,34 @@ class Process:
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        """SIGTERM (graceful: a Ray server shuts its local cluster down), SIGKILL if that hangs."""
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
 
-def start_worker(role: str, model_path, port: int = 0, extra=()) -> tuple[Process, int]:
+def start_worker(role: str, model_path, port: int = 0, extra=(), device: str = "cpu",
+                 timeout_s: float = 120) -> tuple[Process, int]:
     p = Process(
-        ["worker", "--role", role, "--model-path", str(model_path), "--grpc-port", str(port), "--device", "cpu", *extra],
+        ["worker", "--role", role, "--model-path", str(model_path), "--grpc-port", str(port), "--device", device,
+         *extra],
         ready=rf"worker {role} ready on [\d.]+:(\d+)",
+        timeout_s=timeout_s,
     )
     return p, int(p.match.group(1))
 
 
-def start_serve(model_path, *extra) -> tuple[Process, int, int]:
+def start_serve(model_path, *extra, ray: bool = False, timeout_s: float = 120,
+                device: str = "cpu") -> tuple[Process, int, int]:
     http, grpc_port = free_port(), free_port()
     p = Process(
         ["serve", "--model-path", str(model_path), "--port", str(http), "--grpc-port", str(grpc_port),
-         "--device", "cpu", *extra],
-        ready=r"ditserve serving",
+         *([] if ray else ["--no-ray"]), "--device", device, *extra],
+        ready=r"ditserve serving.*",
+        timeout_s=timeout_s,
     )
     return p, http, grpc_port

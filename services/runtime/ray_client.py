@@ -1,0 +1,128 @@
+"""Stage and router clients over Ray Serve deployment handles (the third transport).
+
+Same async methods as the in-process and gRPC clients. A replica that dies mid-call surfaces
+as StageUnavailableError; errors the replica raised come back with their own type (Ray
+re-raises the user exception class); a deadline cancels the call on the replica."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.runtime.errors import DeadlineExceededError, DitserveError, StageUnavailableError
+from services.runtime.stage_client import StepCallback
+
+
+def _map(stage: str, exc: BaseException) -> BaseException:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    # Check the wrapper first: Ray's RayTaskError also subclasses the user's exception type,
+    # but its message is the remote traceback; the original exception is its `cause`.
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, DitserveError):
+        return exc.cause
+    if isinstance(exc, DitserveError):
+        return exc
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
+        return StageUnavailableError(f"{stage} replica died: {str(exc).splitlines()[0]}")
+    return StageUnavailableError(f"{stage} call failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+
+async def _call(stage: str, response, timeout_s: float | None):
+    try:
+        return await asyncio.wait_for(response, timeout_s) if timeout_s else await response
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise DeadlineExceededError(f"{stage} call exceeded its deadline") from None
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+    except Exception as exc:
+        raise _map(stage, exc) from None
+
+
+async def _stream(stage: str, gen, on_item, timeout_s: float | None):
+    """Consume a streaming handle call, cancelling it on deadline or when our caller gives up."""
+
+    async def consume():
+        async for item in gen:
+            on_item(item)
+
+    try:
+        if timeout_s:
+            await asyncio.wait_for(consume(), timeout_s)
+        else:
+            await consume()
+    except asyncio.TimeoutError:
+        gen.cancel()
+        raise DeadlineExceededError(f"{stage} call exceeded its deadline") from None
+    except asyncio.CancelledError:
+        gen.cancel()
+        raise
+    except Exception as exc:
+        raise _map(stage, exc) from None
+
+
+class RayStageClient:
+    def __init__(self, stage: str, handle):
+        self.stage, self.handle = stage, handle
+
+    async def ready(self, timeout_s: float = 5.0) -> bool:
+        try:
+            return bool(await _call(self.stage, self.handle.ready.remote(), timeout_s))
+        except DitserveError:
+            return False
+
+    async def close(self) -> None:
+        return None
+
+    async def encode(self, request, timeout_s: float | None = None):
+        return await _call(self.stage, self.handle.encode.remote(request), timeout_s)
+
+    async def decode(self, request, timeout_s: float | None = None):
+        return await _call(self.stage, self.handle.decode.remote(request), timeout_s)
+
+    async def denoise(self, request, on_step: StepCallback | None = None, timeout_s: float | None = None):
+        result = []
+
+        def on_item(item):
+            if isinstance(item, tuple):
+                if on_step is not None:
+                    on_step(*item)
+            else:
+                result.append(item)
+
+        gen = self.handle.options(stream=True).denoise_stream.remote(request)
+        await _stream(self.stage, gen, on_item, timeout_s)
+        if not result:
+            raise StageUnavailableError(f"{self.stage} stream ended without a result")
+        return result[0]
+
+
+class RayRouterClient:
+    """The gateway's view of a router deployment (same methods as an in-process Router)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def generate(self, request, on_step: StepCallback | None = None, timeout_s: float | None = None):
+        result = []
+
+        def on_item(item):
+            if isinstance(item, tuple):
+                if on_step is not None:
+                    on_step(*item)
+            else:
+                result.append(item)
+
+        gen = self.handle.options(stream=True).generate_stream.remote(request, timeout_s)
+        # The router enforces the deadline itself (and answers 504); a small grace here only
+        # guards against a router replica that stops answering.
+        await _stream("router", gen, on_item, timeout_s + 5 if timeout_s else None)
+        if not result:
+            raise StageUnavailableError("router stream ended without a result")
+        return result[0]
+
+    async def ready(self) -> dict[str, bool]:
+        try:
+            return await _call("router", self.handle.ready.remote(), 10)
+        except DitserveError:
+            return {"router": False}

@@ -1,0 +1,104 @@
+"""`ditserve serve` on Ray Serve (the default mode): a local Ray, one pool per stage, the router and
+the gateway as deployments; REST and gRPC through Ray's proxies."""
+
+import asyncio
+import base64
+import io
+import re
+import subprocess
+import threading
+import time
+
+import grpc
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from services.cli import build_in_process_router
+from services.runtime.config import GenerateRequest, StageConfig
+from services.runtime.proto import generation_pb2, generation_pb2_grpc
+from tests.servers import start_serve
+
+
+@pytest.fixture(scope="module")
+def ray_deployment(flux_dev_dir):
+    t0 = time.monotonic()
+    serve, http_port, grpc_port = start_serve(flux_dev_dir, "--served-model-name", "tiny-dev", ray=True, timeout_s=180)
+    startup_s = time.monotonic() - t0
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "startup_s": startup_s,
+           "line": serve.match.group(0)}
+    serve.stop()
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_local_deployment_comes_up_within_a_minute(ray_deployment):
+    assert "with Ray Serve" in ray_deployment["line"]
+    assert ray_deployment["startup_s"] < 60, ray_deployment
+    assert httpx.get(ray_deployment["http"] + "/health").json()["stages"] == {
+        "encoder": True, "denoiser": True, "vae": True}
+
+
+def test_rest_and_grpc_give_in_process_pixels(ray_deployment, flux_dev_dir):
+    router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"))
+    expected = asyncio.run(router.generate(GenerateRequest(prompt="a red circle", width=48, height=32, seed=12,
+                                                           num_inference_steps=3))).images[0].pixels
+    client = openai.OpenAI(base_url=ray_deployment["http"] + "/v1", api_key="unused")
+    resp = client.images.generate(model="tiny-dev", prompt="a red circle", size="48x32",
+                                  extra_body={"seed": 12, "num_inference_steps": 3})
+    got = _pixels(resp.data[0].b64_json)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+    with grpc.insecure_channel(ray_deployment["grpc"]) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        reply = stub.Generate(generation_pb2.GenerateRequest(prompt="a red circle", width=48, height=32, seed=12,
+                                                             num_inference_steps=3), timeout=120)
+        grpc_pixels = np.asarray(Image.open(io.BytesIO(reply.images[0].data)).convert("RGB"))
+        assert np.array_equal(grpc_pixels, got)
+        events = list(stub.GenerateStream(generation_pb2.GenerateRequest(prompt="x", width=32, height=32,
+                                                                         num_inference_steps=2), timeout=120))
+        assert [e.WhichOneof("event") for e in events] == ["progress", "progress", "result"]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(generation_pb2.GenerateRequest(prompt="x", width=40), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "multiple of 16" in info.value.details()
+
+
+def test_rest_error_is_an_openai_error_object(ray_deployment):
+    r = httpx.post(ray_deployment["http"] + "/v1/images/generations", json={"prompt": "x", "size": "48x40"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "height 40 is not a multiple of 16"
+
+
+def test_killed_replica_fails_its_request_and_is_replaced(ray_deployment):
+    url = ray_deployment["http"]
+    box = {}
+
+    def slow():
+        box["r"] = httpx.post(url + "/v1/images/generations", timeout=120,
+                              json={"prompt": "x", "size": "256x256", "num_inference_steps": 400, "timeout_s": 90})
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(3.0)
+    pids = subprocess.run(["pgrep", "-f", "ServeReplica:ditserve:denoiser"], capture_output=True, text=True).stdout
+    assert pids.strip(), "no denoiser replica process found"
+    subprocess.run(["kill", "-9", *pids.split()])
+    t.join(timeout=60)
+    assert not t.is_alive(), "request hung after its replica died"
+    assert box["r"].status_code == 503, box["r"].text
+    assert box["r"].json()["error"]["code"] == "stage_unavailable"
+    assert re.search("denoiser", box["r"].json()["error"]["message"])
+
+    deadline = time.monotonic() + 60
+    while True:  # Ray Serve's controller starts a replacement replica
+        r = httpx.post(url + "/v1/images/generations", timeout=60,
+                       json={"prompt": "x", "size": "32x32", "num_inference_steps": 2})
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(1)
