@@ -70,6 +70,7 @@ def in_process_latencies(model_path: str, device: str, size: str, steps: int, n:
     import torch
 
     from services.cli import build_in_process_router
+    from services.gateway.images import encode_image
     from services.runtime.config import GenerateRequest, StageConfig
 
     w, h = map(int, size.split("x"))
@@ -77,8 +78,9 @@ def in_process_latencies(model_path: str, device: str, size: str, steps: int, n:
     out = []
     for i in range(n + 1):  # the first request warms up kernels and allocator
         t0 = time.perf_counter()
-        asyncio.run(router.generate(GenerateRequest(prompt=f"benchmark prompt {i}", width=w, height=h,
-                                                    num_inference_steps=steps, seed=i)))
+        result = asyncio.run(router.generate(GenerateRequest(prompt=f"benchmark prompt {i}", width=w, height=h,
+                                                             num_inference_steps=steps, seed=i)))
+        encode_image(result.images[0].pixels, "png")  # as `ditserve generate` writes its file
         if i:
             out.append(time.perf_counter() - t0)
     del router
@@ -124,8 +126,9 @@ def compare(args) -> None:
                 if max_batch == 1:
                     one = asyncio.run(run_load(url, 1, args.sequential, args.size, args.steps))
                     rows.append(("disaggregated (3 workers, gRPC), one at a time", one))
-                load = asyncio.run(run_load(url, args.concurrency, args.requests, args.size, args.steps))
-                rows.append((f"disaggregated, concurrency {args.concurrency}, {label}", load))
+                for size in args.load_sizes.split(","):
+                    load = asyncio.run(run_load(url, args.concurrency, args.requests, size, args.steps))
+                    rows.append((f"disaggregated, {size}, concurrency {args.concurrency}, {label}", load))
             finally:
                 serve.stop()
     finally:
@@ -133,9 +136,11 @@ def compare(args) -> None:
             proc.stop()
     print_table(rows, header)
     added = (rows[1][1]["p50"] / base["p50"] - 1) * 100
-    gain = rows[3][1]["img_per_s"] / rows[2][1]["img_per_s"]
-    print(f"\ndisaggregated path adds {added:+.1f}% to the median single-request latency; "
-          f"batching at concurrency {args.concurrency}: {gain:.2f}x the throughput of no batching")
+    print(f"\ndisaggregated path adds {added:+.1f}% to the median single-request latency")
+    n = len(args.load_sizes.split(","))
+    for size, plain, batched in zip(args.load_sizes.split(","), rows[2 : 2 + n], rows[2 + n :]):
+        print(f"{size}, concurrency {args.concurrency}: batching gives {batched[1]['img_per_s'] / plain[1]['img_per_s']:.2f}x "
+              f"the throughput of no batching")
 
 
 def main() -> None:
@@ -148,6 +153,7 @@ def main() -> None:
     cmp_.add_argument("--device", default="cuda")
     cmp_.add_argument("--sequential", type=int, default=3, help="requests for the one-at-a-time rows")
     cmp_.add_argument("--window-ms", type=float, default=10.0)
+    cmp_.add_argument("--load-sizes", default="1024x1024", help="comma-separated sizes for the concurrency rows")
     for p in (load, cmp_):
         p.add_argument("--concurrency", type=int, default=8)
         p.add_argument("--requests", type=int, default=16)

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.gateway.images import MIME_TYPES, encode_image
+from services.gateway.images import MIME_TYPES, encode_images
 from services.runtime import metrics
 from services.runtime.codec import GRPC_OPTIONS
 from services.runtime.config import GenerateRequest
@@ -47,8 +47,9 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
     )
 
 
-def response_to_proto(result, model_id: str) -> generation_pb2.GenerateResponse:
+async def response_to_proto(result, model_id: str) -> generation_pb2.GenerateResponse:
     r = result.request
+    blobs = await encode_images([img.pixels for img in result.images], r.output_format)
     return generation_pb2.GenerateResponse(
         id=uuid.uuid4().hex,
         model=model_id,
@@ -56,13 +57,9 @@ def response_to_proto(result, model_id: str) -> generation_pb2.GenerateResponse:
         total_seconds=result.total_seconds,
         images=[
             generation_pb2.Image(
-                data=encode_image(img.pixels, r.output_format),
-                mime_type=MIME_TYPES[r.output_format],
-                width=r.width,
-                height=r.height,
-                seed=img.seed,
+                data=blob, mime_type=MIME_TYPES[r.output_format], width=r.width, height=r.height, seed=img.seed
             )
-            for img in result.images
+            for img, blob in zip(result.images, blobs)
         ],
         stages=[
             generation_pb2.StageReport(stage=k, seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes)
@@ -93,7 +90,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             result = await self.router.generate(request_from_proto(request), timeout_s=timeout)
             metrics.observe_result(result)
             status = "ok"
-            return response_to_proto(result, self.card.id)
+            return await response_to_proto(result, self.card.id)
         except asyncio.CancelledError:
             status = "cancelled"
             raise
@@ -114,7 +111,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     yield generation_pb2.GenerateEvent(progress=common_pb2.Progress(step=item[0], total=item[1]))
                 else:
                     metrics.observe_result(item)
-                    yield generation_pb2.GenerateEvent(result=response_to_proto(item, self.card.id))
+                    yield generation_pb2.GenerateEvent(result=await response_to_proto(item, self.card.id))
         except asyncio.CancelledError:  # client went away; with_progress cancelled the request
             raise
         except Exception as exc:

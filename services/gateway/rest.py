@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.api_types import ImageGenerationBody
-from services.gateway.images import MIME_TYPES, encode_image
+from services.gateway.images import MIME_TYPES, encode_images
 from services.gateway.store import ImageStore
 from services.runtime import metrics
 from services.runtime.errors import HTTP_STATUS, DitserveError, ModelNotFoundError, RequestCancelledError
@@ -93,8 +93,8 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
             result = await _until_disconnect(request, router.generate(req, timeout_s=body.timeout_s))
             metrics.observe_result(result)
             data = []
-            for image in result.images:
-                blob = encode_image(image.pixels, req.output_format)
+            blobs = await encode_images([image.pixels for image in result.images], req.output_format)
+            for image, blob in zip(result.images, blobs):
                 item = {"seed": image.seed, "revised_prompt": None}
                 if body.response_format == "url":
                     key = store.put(blob, MIME_TYPES[req.output_format])
