@@ -19,8 +19,8 @@ def free_port() -> int:
 
 
 class Process:
-    def __init__(self, args: list[str], ready: str, timeout_s: float = 120):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, args: list[str], ready: str, timeout_s: float = 120, env: dict | None = None):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -65,12 +65,13 @@ def start_worker(role: str, model_path, port: int = 0, extra=(), device: str = "
 
 
 def start_serve(model_path, *extra, ray: bool = False, timeout_s: float = 120,
-                device: str = "cpu") -> tuple[Process, int, int]:
+                device: str = "cpu", env: dict | None = None) -> tuple[Process, int, int]:
     http, grpc_port = free_port(), free_port()
     p = Process(
         ["serve", "--model-path", str(model_path), "--port", str(http), "--grpc-port", str(grpc_port),
          *([] if ray else ["--no-ray"]), "--device", device, *extra],
         ready=r"ditserve serving.*",
         timeout_s=timeout_s,
+        env=env,
     )
     return p, http, grpc_port

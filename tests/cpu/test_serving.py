@@ -243,3 +243,38 @@ def test_killed_worker_fails_its_request_cleanly_and_is_replaced(flux_dev_dir):
         serve.kill()
         for proc, _ in workers.values():
             proc.kill()
+
+
+def test_cancelled_grpc_stream_frees_its_slot(deployment):
+    with grpc.insecure_channel(deployment["grpc"]) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        stream = stub.GenerateStream(generation_pb2.GenerateRequest(prompt="long", width=256, height=256,
+                                                                    num_inference_steps=1000), timeout=300)
+        first = next(stream)
+        assert first.WhichOneof("event") == "progress"
+        stream.cancel()  # the client goes away mid-denoise
+        t0 = time.monotonic()
+        reply = stub.Generate(generation_pb2.GenerateRequest(prompt="short", width=32, height=32,
+                                                             num_inference_steps=1), timeout=60)
+        assert len(reply.images) == 1
+        # Not queued behind ~1000 abandoned steps: the worker stopped at its next step.
+        assert time.monotonic() - t0 < 10
+
+
+def test_full_queue_is_429(flux_dev_dir, tmp_path):
+    config = tmp_path / "small-queue.yaml"
+    config.write_text("router:\n  max_queue: 1\n  batch_window_ms: 3000\n")
+    serve, http_port, _ = start_serve(flux_dev_dir, "--config", str(config))  # stages in-process
+    url = f"http://127.0.0.1:{http_port}/v1/images/generations"
+    try:
+        box = {}
+        waiting = threading.Thread(target=lambda: box.setdefault("first", httpx.post(
+            url, json={"prompt": "a", "size": "32x32", "num_inference_steps": 1}, timeout=60)))
+        waiting.start()
+        time.sleep(1.0)  # the first request sits in its 3 s batch window
+        r = httpx.post(url, json={"prompt": "b", "size": "32x32", "num_inference_steps": 1}, timeout=60)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        waiting.join()
+        assert box["first"].status_code == 200
+    finally:
+        serve.stop()
