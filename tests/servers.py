@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 
 def free_port() -> int:
@@ -19,6 +18,9 @@ def free_port() -> int:
 
 
 class Process:
+    """A `ditserve` subprocess whose output a thread keeps draining (a full pipe would block the
+    child's logging) while the constructor waits for the line matching `ready`."""
+
     def __init__(self, args: list[str], ready: str, timeout_s: float = 120, env: dict | None = None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
@@ -26,19 +28,24 @@ class Process:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         self.output: list[str] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited {self.proc.returncode}: {''.join(self.output)}{self.proc.stdout.read()}")
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r:
-                line = self.proc.stdout.readline()
+        self.match = None
+        ready_event = threading.Event()
+
+        def drain():
+            for line in self.proc.stdout:
                 self.output.append(line)
-                if (m := re.search(ready, line)):
+                if self.match is None and (m := re.search(ready, line)):
                     self.match = m
-                    return
-        self.kill()
-        raise TimeoutError(f"{args[0]} not ready after {timeout_s}s: {''.join(self.output)}")
+                    ready_event.set()
+            ready_event.set()  # EOF: the process ended
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready_event.wait(timeout_s):
+            self.kill()
+            raise TimeoutError(f"{args[0]} not ready after {timeout_s}s: {''.join(self.output[-40:])}")
+        if self.match is None:
+            self.proc.wait(timeout=30)
+            raise RuntimeError(f"{args[0]} exited {self.proc.returncode}: {''.join(self.output[-40:])}")
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.proc.poll() is None:
