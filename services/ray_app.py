@@ -137,8 +137,20 @@ class GatewayDeployment:
     async def ListModels(self, request, grpc_context):
         return await self.grpc.ListModels(request, _RayGrpcContext(grpc_context))
 
+    async def Check(self, request, grpc_context):
+        """grpc.health.v1.Health/Check through Ray's proxy: SERVING only when every stage answers."""
+        from grpc_health.v1 import health_pb2
 
-GRPC_SERVICER_FUNCTIONS = ["services.runtime.proto.generation_pb2_grpc.add_GenerationServicer_to_server"]
+        ready = await self.router.ready()
+        ok = all(ready.values())
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+
+GRPC_SERVICER_FUNCTIONS = [
+    "services.runtime.proto.generation_pb2_grpc.add_GenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
 
 
 def app_builder(args: dict):

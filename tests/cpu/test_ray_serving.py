@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from services.cli import build_in_process_router
@@ -62,6 +63,8 @@ def test_rest_and_grpc_give_in_process_pixels(ray_deployment, flux_dev_dir):
         events = list(stub.GenerateStream(generation_pb2.GenerateRequest(prompt="x", width=32, height=32,
                                                                          num_inference_steps=2), timeout=120))
         assert [e.WhichOneof("event") for e in events] == ["progress", "progress", "result"]
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(generation_pb2.GenerateRequest(prompt="x", width=40), timeout=60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
