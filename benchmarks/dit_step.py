@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.random_checkpoint import materialise  # noqa: E402
 from services.denoiser.latents import PackedLatents2x2  # noqa: E402
 from services.denoiser.models.flux import FluxConfig, FluxTransformer  # noqa: E402
 
@@ -53,24 +54,7 @@ def step_flops(cfg: FluxConfig, n_img: int, n_txt: int, batch: int) -> float:
 def build_models(cfg_dict: dict, device: torch.device, dtype: torch.dtype):
     from diffusers import FluxTransformer2DModel
 
-    # Built on meta in the target dtype, then materialised once on the device: a 12B model
-    # would otherwise be initialised in fp32 on the host first.
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            ref = FluxTransformer2DModel(**cfg_dict)
-    finally:
-        torch.set_default_dtype(default)
-    ref = ref.to_empty(device=device)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("norm_q.weight") or "norm_k" in name or "norm_added" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    ref.eval().requires_grad_(False)
+    ref = materialise(lambda: FluxTransformer2DModel(**cfg_dict), device, dtype).eval().requires_grad_(False)
     with torch.device("meta"):
         native = FluxTransformer(FluxConfig.from_dict(cfg_dict))
     native.load_state_dict(ref.state_dict(), strict=True, assign=True)

@@ -33,7 +33,9 @@ FLUX_DEV = dict(
 )
 
 
-def _materialise(make, device, dtype=torch.bfloat16, std=0.02):
+def materialise(make, device, dtype=torch.bfloat16, std=0.02):
+    """Build `make()` on meta in `dtype`, allocate it once on `device`, fill it with N(0, std)
+    (norm weights 1, biases 0)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -70,12 +72,12 @@ def build(out_dir: str | Path, device: str = "cuda") -> Path:
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                   base_image_seq_len=256, max_image_seq_len=4096),
-        vae=_materialise(lambda: AutoencoderKL(**cfg["vae"]), device),
-        text_encoder=_materialise(lambda: CLIPTextModel(clip_cfg), device),
+        vae=materialise(lambda: AutoencoderKL(**cfg["vae"]), device),
+        text_encoder=materialise(lambda: CLIPTextModel(clip_cfg), device),
         tokenizer=clip_tok,
-        text_encoder_2=_materialise(lambda: T5EncoderModel(t5_cfg), device),
+        text_encoder_2=materialise(lambda: T5EncoderModel(t5_cfg), device),
         tokenizer_2=t5_tok,
-        transformer=_materialise(lambda: FluxTransformer2DModel(**cfg["transformer"]), device),
+        transformer=materialise(lambda: FluxTransformer2DModel(**cfg["transformer"]), device),
     )
     pipe.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
     return out

@@ -1,6 +1,8 @@
 """`ditserve` command line: wires stages, router and output together.
 
     ditserve generate [--model-path DIR] --prompt P [options] --output out.png
+    ditserve serve [--model-path DIR] [--config FILE] [--ray-address ADDR | --no-ray ...]
+    ditserve worker --role encoder|denoiser|vae [--model-path DIR] --grpc-port P
 
 Bad input (missing model, bad size, unwritable output, ...) prints one line and exits 2;
 `--verbose` adds library logs and tracebacks."""

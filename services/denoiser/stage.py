@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from services.denoiser.latents import PackedLatents2x2, initial_noise
 from services.denoiser.loop import sample
@@ -42,7 +41,3 @@ class DenoiserStage:
             latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step)
             out = self.layout.unpack(latents, h, w)
         return DenoiseResponse(latents=out, metrics=metrics)
-
-    @property
-    def latent_dtype(self) -> torch.dtype:
-        return self.dtype

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from services.encoder.clip_t5 import ClipT5PromptEncoder
 from services.runtime.config import StageConfig
@@ -29,7 +28,3 @@ class EncoderStage:
         with measure(self.device) as metrics:
             embeds, pooled = self.encoder.encode(request.prompts, request.max_sequence_length)
         return EncodeResponse(prompt_embeds=embeds, pooled_prompt_embeds=pooled, metrics=metrics)
-
-    @property
-    def output_dtype(self) -> torch.dtype:
-        return self.dtype

@@ -61,6 +61,23 @@ async def _stream(stage: str, gen, on_item, timeout_s: float | None):
         raise _map(stage, exc) from None
 
 
+async def _progress_then_result(stage: str, gen, on_step: StepCallback | None, timeout_s: float | None):
+    """Consume a stream of (step, total) tuples ending in one result (streams.with_progress)."""
+    result = []
+
+    def on_item(item):
+        if isinstance(item, tuple):
+            if on_step is not None:
+                on_step(*item)
+        else:
+            result.append(item)
+
+    await _stream(stage, gen, on_item, timeout_s)
+    if not result:
+        raise StageUnavailableError(f"{stage} stream ended without a result")
+    return result[0]
+
+
 class RayStageClient:
     def __init__(self, stage: str, handle):
         self.stage, self.handle = stage, handle
@@ -81,20 +98,8 @@ class RayStageClient:
         return await _call(self.stage, self.handle.decode.remote(request), timeout_s)
 
     async def denoise(self, request, on_step: StepCallback | None = None, timeout_s: float | None = None):
-        result = []
-
-        def on_item(item):
-            if isinstance(item, tuple):
-                if on_step is not None:
-                    on_step(*item)
-            else:
-                result.append(item)
-
         gen = self.handle.options(stream=True).denoise_stream.remote(request)
-        await _stream(self.stage, gen, on_item, timeout_s)
-        if not result:
-            raise StageUnavailableError(f"{self.stage} stream ended without a result")
-        return result[0]
+        return await _progress_then_result(self.stage, gen, on_step, timeout_s)
 
 
 class RayRouterClient:
@@ -104,22 +109,10 @@ class RayRouterClient:
         self.handle = handle
 
     async def generate(self, request, on_step: StepCallback | None = None, timeout_s: float | None = None):
-        result = []
-
-        def on_item(item):
-            if isinstance(item, tuple):
-                if on_step is not None:
-                    on_step(*item)
-            else:
-                result.append(item)
-
         gen = self.handle.options(stream=True).generate_stream.remote(request, timeout_s)
         # The router enforces the deadline itself (and answers 504); a small grace here only
         # guards against a router replica that stops answering.
-        await _stream("router", gen, on_item, timeout_s + 5 if timeout_s else None)
-        if not result:
-            raise StageUnavailableError("router stream ended without a result")
-        return result[0]
+        return await _progress_then_result("router", gen, on_step, timeout_s + 5 if timeout_s else None)
 
     async def ready(self) -> dict[str, bool]:
         try:
