@@ -3,8 +3,13 @@ import torch
 
 from tests.tiny_checkpoints import build_tiny_flux
 
-if not torch.cuda.is_available():
-    pytest.skip("GPU tests need CUDA", allow_module_level=True)
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="GPU tests need CUDA")
+        for item in items:
+            if "tests/gpu" in str(item.fspath):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

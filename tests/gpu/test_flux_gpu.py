@@ -1,17 +1,16 @@
 """On a GPU: the native Flux DiT and the whole pipeline against diffusers (run on the GPU machines)."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from services.denoiser.stage import DenoiserStage
+from services.cli import build_in_process_router
 from services.denoiser.weights import load_native_transformer
-from services.encoder.stage import EncoderStage
-from services.router.pipeline import Router
 from services.runtime.config import GenerateRequest, StageConfig
-from services.runtime.registry import ModelDir, resolve
-from services.vae.stage import VaeStage
+from services.runtime.registry import ModelDir
 
 CUDA = torch.device("cuda")
 
@@ -36,12 +35,10 @@ def test_module_matches_diffusers_on_gpu(flux_dev_dir, dtype, tol):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pipeline_pixels_match_diffusers_on_gpu(flux_dev_dir, dtype):
-    config = StageConfig(model_path=flux_dev_dir, device="cuda", dtype=dtype)
-    model, spec = resolve(flux_dev_dir)
-    router = Router(model, spec, EncoderStage(config), DenoiserStage(config), VaeStage(config))
+    router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cuda", dtype=dtype))
     pipe = FluxPipeline.from_pretrained(flux_dev_dir, torch_dtype=getattr(torch, dtype)).to(CUDA)
     kwargs = dict(prompt="a red circle", height=64, width=96, num_inference_steps=4, guidance_scale=3.5)
-    got = router.generate(GenerateRequest(seed=3, **kwargs)).images[0].pixels.astype(int)
+    got = asyncio.run(router.generate(GenerateRequest(seed=3, **kwargs))).images[0].pixels.astype(int)
     expected = pipe(generator=[torch.Generator("cpu").manual_seed(3)], output_type="np", **kwargs).images[0]
     expected = (expected * 255).round().astype(int)
     diff = np.abs(got - expected)
