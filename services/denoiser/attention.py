@@ -1,8 +1,12 @@
 """The single attention entry point of every native model.
 
-Inputs are [B, S, H, D] (sequence-major, as the projections produce them). Today this is torch
-SDPA; optional kernels (flash-attn, flashinfer, sageattention) and the sequence-parallel
-wrappers plug in here so model files never change.
+Inputs are [B, S, H, D] (sequence-major, as the projections produce them). `text_len` says how
+many leading tokens are the text prompt: under sequence parallelism those are replicated on
+every rank while the image tokens are sharded, so the parallel attention must treat them
+apart. Outside a parallel forward this is torch SDPA; inside one (see
+services/denoiser/parallel/context.py) the active SequenceParallel runs Ulysses / ring
+attention around the same local kernels below. Optional kernels (flash-attn, flashinfer,
+sageattention) plug in here so model files never change.
 
 Backend choice: on Hopper the cuDNN kernel runs Flux's attention (24 heads x 4608 tokens x 128,
 bf16) in 0.40 ms against 0.79 ms for flash, and torch 2.11 already picks cuDNN by default there
@@ -11,11 +15,36 @@ call in that measurement, so we leave the pick to torch."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 
+# The SequenceParallel of the forward in progress on this thread, if any.
+active_parallel: ContextVar[object | None] = ContextVar("active_parallel", default=None)
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_len: int = 0) -> torch.Tensor:
     """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors; returns [B, S, H, D]."""
+    parallel = active_parallel.get()
+    if parallel is not None:
+        return parallel.attention(query, key, value, text_len)
+    return local_attention(query, key, value)
+
+
+def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """Attention plus its log-sum-exp, for merging partial results (ring attention).
+    Returns out [B, S, H, D] and lse [B, H, S] in fp32."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    elif q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    return out.transpose(1, 2), lse.float()

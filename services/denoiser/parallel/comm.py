@@ -1,0 +1,42 @@
+"""The collectives of the parallel layers. Uneven pieces are the normal case (token and head
+counts rarely divide the degree), so everything goes through all_to_all_single with explicit
+split sizes (alltoallv), which both NCCL and gloo implement."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def all_to_all(chunks: list[torch.Tensor], out_shapes: list[tuple[int, ...]], group) -> list[torch.Tensor]:
+    """Send chunks[j] to rank j of `group`; return what rank i sent us, shaped out_shapes[i]."""
+    send = torch.cat([c.contiguous().reshape(-1) for c in chunks])
+    in_splits = [c.numel() for c in chunks]
+    out_splits = [math.prod(s) for s in out_shapes]
+    recv = send.new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    return [r.view(s) for r, s in zip(recv.split(out_splits), out_shapes)]
+
+
+class RingExchange:
+    """Pass a tuple of tensors one step around `group` (to rank+1, from rank-1) asynchronously."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+
+    def start(self, tensors: tuple[torch.Tensor, ...], recv_shapes: list[tuple[int, ...]]):
+        recv = [t.new_empty(s) for t, s in zip(tensors, recv_shapes)]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
+        return recv, dist.batch_isend_irecv(ops)
+
+    @staticmethod
+    def wait(handles) -> None:
+        for h in handles:
+            h.wait()
