@@ -38,9 +38,21 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
+    _add_parallel_flags(p)
     p.add_argument("--output", "-o", default="out.png", help="output file (.png, .jpg, .webp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
+
+
+def _add_parallel_flags(p) -> None:
+    g = p.add_argument_group("denoiser parallelism (ranks = cfg x ring x ulysses; CPU processes without CUDA)")
+    g.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence parallelism (all-to-all)")
+    g.add_argument("--ring-degree", type=int, default=1, help="ring attention sequence parallelism")
+    g.add_argument("--cfg-parallel", action="store_true", help="true-CFG branches on different ranks (x2 ranks)")
+
+
+def _denoiser_parallel(args) -> dict:
+    return dict(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, cfg_parallel=args.cfg_parallel)
 
 
 def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
@@ -86,7 +98,7 @@ def _generate(args) -> int:
 
     model, spec = resolve(config.model_path)
     resolve_request(request, model, spec)  # size / length errors before the slow loads
-    router = build_in_process_router(config)
+    router = build_in_process_router(config, denoiser_parallel=_denoiser_parallel(args))
 
     bar = None
     if not args.no_progress:
@@ -133,19 +145,26 @@ def _add_worker(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port (printed when ready)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    _add_parallel_flags(p)
     p.set_defaults(func=_worker)
 
 
 def _worker(args) -> int:
+    import importlib
     import signal
     import threading
 
-    from services.runtime.config import StageConfig
+    from services.runtime.config import DenoiserConfig, StageConfig
     from services.runtime.grpc_server import start_server
 
-    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype)
-    import importlib
-
+    base = dict(model_path=args.model_path, device=args.device, dtype=args.dtype)
+    parallel = _denoiser_parallel(args)
+    if args.role == "denoiser":
+        config = DenoiserConfig(**base, **parallel)
+    elif any(v not in (1, False) for v in parallel.values()):
+        raise InvalidRequestError("--ulysses-degree / --ring-degree / --cfg-parallel are denoiser options")
+    else:
+        config = StageConfig(**base)
     stage_cls, service_cls, grpc_name = _ROLES[args.role]
     stage = getattr(importlib.import_module(f"services.{args.role}.stage"), stage_cls)(config)
     service = getattr(importlib.import_module(f"services.{args.role}.service"), service_cls)(stage)
@@ -237,7 +256,7 @@ def build_router(config):
         if endpoint.address:
             clients[role] = getattr(grpc_client, f"Grpc{grpc_name}Client")(endpoint.address)
         else:
-            stage = getattr(importlib.import_module(f"services.{role}.stage"), stage_cls)(config.stage_config())
+            stage = getattr(importlib.import_module(f"services.{role}.stage"), stage_cls)(config.stage_config(role))
             clients[role] = getattr(stage_client, f"InProcess{grpc_name}")(stage)
     return Router(model, spec, clients["encoder"], clients["denoiser"], clients["vae"], config.router)
 
@@ -325,13 +344,14 @@ async def run_server(config, ready: "asyncio.Event | None" = None) -> int:
     return 0
 
 
-def build_in_process_router(config, router_config=None):
-    """All three stages in this process behind the router (`generate`, tests)."""
+def build_in_process_router(config, router_config=None, denoiser_parallel: dict | None = None):
+    """All three stages in this process behind the router (`generate`, tests); a parallel
+    denoiser's extra ranks are processes of its own."""
     from services.runtime.config import RouterConfig, ServeConfig
 
     return build_router(
         ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype,
-                    router=router_config or RouterConfig())
+                    router=router_config or RouterConfig(), denoiser=denoiser_parallel or {})
     )
 
 

@@ -8,6 +8,7 @@ import torch
 
 from services.denoiser.runner import DenoiserRunner, StepInputs
 from services.denoiser.schedule import SigmaSchedule
+from services.runtime.errors import RequestCancelledError
 
 
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor):
@@ -24,16 +25,26 @@ def sample(
     true_cfg_scale: float,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Run every step of `schedule` from packed noise `latents`; returns packed latents."""
+    """Run every step of `schedule` from packed noise `latents`; returns packed latents.
+
+    `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
+    at the same step (rank 0 decides), so no rank is left waiting in a collective."""
     steps = len(schedule.timesteps)
     for i, t in enumerate(schedule.timesteps):
         # The pipeline's timestep arithmetic, kept as is: cast to the latent dtype, then / 1000.
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        velocity = runner.predict(latents, timestep, inputs.positive, inputs.guidance)
-        if inputs.negative is not None:
-            uncond = runner.predict(latents, timestep, inputs.negative, inputs.guidance)
-            velocity = uncond + true_cfg_scale * (velocity - uncond)
+        velocities = runner.predict(latents, timestep, inputs)
+        velocity = velocities[0]
+        if len(velocities) == 2:
+            cond, uncond = velocities
+            velocity = uncond + true_cfg_scale * (cond - uncond)
         latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
+        stop = False
         if on_step is not None:
-            on_step(i + 1, steps)
+            try:
+                on_step(i + 1, steps)
+            except RequestCancelledError:
+                stop = True
+        if runner.agree_to_stop(stop):
+            raise RequestCancelledError(f"request cancelled after step {i + 1} of {steps}")
     return latents

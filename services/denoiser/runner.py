@@ -1,7 +1,9 @@
 """The only code that runs the DiT on the device.
 
 `prepare` moves a request's conditioning to the device once and builds what stays fixed across
-steps (RoPE tables, guidance vector); `predict` is one model forward per conditioning branch."""
+steps (RoPE tables, guidance vector); `predict` returns the velocity of each conditioning branch.
+With a parallel mesh, each forward runs sequence-parallel (image tokens sharded over the ring x
+ulysses ranks) and, with cfg parallelism, the two branches run on the two halves of the mesh."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from services.denoiser.latents import PackedLatents2x2
+from services.denoiser.parallel.comm import all_to_all, broadcast_flag
+from services.denoiser.parallel.context import SequenceParallel
+from services.denoiser.parallel.mesh import ParallelMesh
 from services.runtime.messages import Conditioning
 
 
@@ -25,11 +30,19 @@ class StepInputs:
     positive: BranchInputs
     negative: BranchInputs | None
     guidance: torch.Tensor | None
+    sp: SequenceParallel | None = None
 
 
 class DenoiserRunner:
-    def __init__(self, model: torch.nn.Module, layout: PackedLatents2x2, device: torch.device, dtype: torch.dtype):
-        self.model, self.layout, self.device, self.dtype = model, layout, device, dtype
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layout: PackedLatents2x2,
+        device: torch.device,
+        dtype: torch.dtype,
+        mesh: ParallelMesh | None = None,
+    ):
+        self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
 
     def prepare(
         self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int, h: int, w: int
@@ -38,10 +51,14 @@ class DenoiserRunner:
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
+        sp = None
+        if self.mesh is not None and self.mesh.sp_size > 1:
+            sp = SequenceParallel(self.mesh, img_ids.shape[0])
         return StepInputs(
             positive=self._branch(positive, img_ids),
             negative=self._branch(negative, img_ids) if negative is not None else None,
             guidance=guidance,
+            sp=sp,
         )
 
     def _branch(self, cond: Conditioning, img_ids: torch.Tensor) -> BranchInputs:
@@ -54,7 +71,31 @@ class DenoiserRunner:
         )
 
     @torch.inference_mode()
-    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, branch: BranchInputs, guidance) -> torch.Tensor:
-        return self.model(
-            latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, guidance
-        )
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: StepInputs) -> list[torch.Tensor]:
+        """Velocity of each branch: [positive] or [positive, negative]."""
+        branches = [inputs.positive] + ([inputs.negative] if inputs.negative is not None else [])
+        if self.mesh is not None and self.mesh.degrees.cfg == 2 and len(branches) == 2:
+            mine = self._forward(latents, timestep, branches[self.mesh.rank("cfg")], inputs)
+            shapes = [tuple(mine.shape)] * 2
+            return all_to_all([mine, mine], shapes, self.mesh.group("cfg"))
+        return [self._forward(latents, timestep, b, inputs) for b in branches]
+
+    def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+        sp = inputs.sp
+        if sp is None:
+            return self.model(
+                latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance
+            )
+        text_len = branch.prompt_embeds.shape[1]
+        with sp.active():
+            local = self.model(
+                sp.shard(latents), branch.prompt_embeds, branch.pooled_prompt_embeds, timestep,
+                sp.shard_rope(branch.rope, text_len), inputs.guidance,
+            )
+        return sp.gather(local)
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Rank 0's decision (e.g. its client went away), the same on every rank of the replica."""
+        if self.mesh is None:
+            return stop
+        return broadcast_flag(stop, self.device)

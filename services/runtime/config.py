@@ -61,6 +61,20 @@ class StageConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: per device
 
 
+class DenoiserConfig(StageConfig):
+    """The denoiser stage: where it runs and how one replica spreads over ranks.
+    Ranks = (2 if cfg_parallel else 1) x ring_degree x ulysses_degree."""
+
+    ulysses_degree: int = Field(1, ge=1)
+    ring_degree: int = Field(1, ge=1)
+    # Conditional and unconditional branches (true CFG) on different ranks.
+    cfg_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return (2 if self.cfg_parallel else 1) * self.ring_degree * self.ulysses_degree
+
+
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
     err = exc.errors()[0]
     param = ".".join(str(p) for p in err.get("loc", ())) or None
@@ -115,6 +129,14 @@ class StageEndpoint(Deployment):
     address: str | None = None  # host:port of a `ditserve worker` (no-Ray mode only)
 
 
+class DenoiserEndpoint(StageEndpoint):
+    """The denoiser pool; each replica may span several ranks (see DenoiserConfig)."""
+
+    ulysses_degree: int = Field(1, ge=1)
+    ring_degree: int = Field(1, ge=1)
+    cfg_parallel: bool = False
+
+
 class ServeConfig(BaseModel):
     """`ditserve serve`: one schema for CLI flags and the --config YAML file."""
 
@@ -135,7 +157,7 @@ class ServeConfig(BaseModel):
     gateway: Deployment = Field(default_factory=Deployment)
     router: RouterConfig = Field(default_factory=RouterConfig)
     encoder: StageEndpoint = Field(default_factory=StageEndpoint)
-    denoiser: StageEndpoint = Field(default_factory=StageEndpoint)
+    denoiser: DenoiserEndpoint = Field(default_factory=DenoiserEndpoint)
     vae: StageEndpoint = Field(default_factory=StageEndpoint)
 
     @model_validator(mode="after")
@@ -144,5 +166,10 @@ class ServeConfig(BaseModel):
             raise ValueError("stage addresses are for ray: false (standalone workers); Ray places the pools itself")
         return self
 
-    def stage_config(self) -> StageConfig:
-        return StageConfig(model_path=self.model_path, device=self.device, dtype=self.dtype)
+    def stage_config(self, role: str = "encoder") -> StageConfig:
+        base = dict(model_path=self.model_path, device=self.device, dtype=self.dtype)
+        if role == "denoiser":
+            d = self.denoiser
+            return DenoiserConfig(**base, ulysses_degree=d.ulysses_degree, ring_degree=d.ring_degree,
+                                  cfg_parallel=d.cfg_parallel)
+        return StageConfig(**base)

@@ -40,3 +40,10 @@ class RingExchange:
     def wait(handles) -> None:
         for h in handles:
             h.wait()
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's boolean, on every rank of the default group."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

@@ -1,0 +1,129 @@
+"""One denoiser replica spread over several ranks (SPMD).
+
+Rank 0 lives in the caller's process and is what the router talks to; ranks 1..N-1 are spawned
+processes that load the same weights and run the same loop on every request rank 0 broadcasts.
+torch.distributed: NCCL with one GPU per rank on CUDA, gloo on CPU (the same code).
+
+Failure: before each request rank 0 checks that every follower is alive; a dead follower fails
+the request with StageUnavailableError and the group is rebuilt (new processes, new process
+group) on the next request. A rank that dies mid-request makes the others' collectives fail
+within `collective_timeout_s` instead of hanging."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
+from services.runtime.config import DenoiserConfig
+from services.runtime.errors import RequestCancelledError, StageUnavailableError
+from services.runtime.messages import DenoiseRequest, DenoiseResponse
+
+log = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT_S = 120
+
+
+def _degrees(config: DenoiserConfig) -> ParallelDegrees:
+    return ParallelDegrees(cfg=2 if config.cfg_parallel else 1, ring=config.ring_degree, ulysses=config.ulysses_degree)
+
+
+def _rank_config(config: DenoiserConfig, rank: int) -> DenoiserConfig:
+    """Rank r of a CUDA replica uses GPU r (of the GPUs this process sees)."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        device = f"cuda:{rank}"
+    return config.model_copy(update={"device": device})
+
+
+def _init(rank: int, world: int, port: int, device: str) -> None:
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+
+
+def _follower_main(rank: int, world: int, port: int, config: DenoiserConfig) -> None:
+    from services.denoiser.stage import DenoiserStage
+
+    config = _rank_config(config, rank)
+    _init(rank, world, port, config.device)
+    stage = DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:  # shutdown
+            break
+        try:
+            stage.denoise(box[0])
+        except RequestCancelledError:
+            pass  # rank 0 stopped the loop; every rank stopped at the same step
+        except Exception:  # rank 0 reports the request's failure; followers wait for the next one
+            log.exception("rank %d: request failed", rank)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DenoiserGroup:
+    def __init__(self, config: DenoiserConfig):
+        self.config = config
+        self.world = config.world_size
+        self._start()
+
+    def _start(self) -> None:
+        from services.denoiser.stage import DenoiserStage
+
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=_follower_main, args=(r, self.world, port, self.config), daemon=True)
+            for r in range(1, self.world)
+        ]
+        for p in self.procs:
+            p.start()
+        config = _rank_config(self.config, 0)
+        _init(0, self.world, port, config.device)
+        self.stage = DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
+        self.device = self.stage.device
+        self.healthy = True
+
+    def _stop(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def denoise(self, request: DenoiseRequest, on_step: Callable[[int, int], None] | None = None) -> DenoiseResponse:
+        dead = [i + 1 for i, p in enumerate(self.procs) if not p.is_alive()]
+        if dead or not self.healthy:
+            self._stop()
+            self._start()  # the next request gets a fresh replica
+            raise StageUnavailableError(f"denoiser rank(s) {dead or '?'} died; the replica was restarted")
+        try:
+            dist.broadcast_object_list([request], src=0)
+            return self.stage.denoise(request, on_step)
+        except (RuntimeError, dist.DistBackendError) as exc:  # a collective failed: a rank is gone
+            self.healthy = False
+            raise StageUnavailableError(f"denoiser replica lost a rank mid-request: {str(exc).splitlines()[0]}") from exc
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.broadcast_object_list([None], src=0)
+        self._stop()
+
