@@ -7,6 +7,11 @@ Both models share one set of weight tensors (the native module is loaded from di
 state dict with assign=True), so peak memory is directly comparable. Rows: diffusers eager,
 diffusers compiled (compile_repeated_blocks), ditserve eager[, ditserve compiled]. Each row
 also reports its output's relative error against diffusers eager on the same inputs.
+
+    python benchmarks/dit_step.py --model flux-dev --ulysses-degree 2 [--ring-degree R]
+
+runs one process per GPU: ditserve on 1 GPU and sequence-parallel over all of them, eager and
+compiled, against diffusers' own context parallelism (ContextParallelConfig) in the same run.
 """
 
 from __future__ import annotations
@@ -94,6 +99,99 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, int
     return statistics.median(times), peak, out
 
 
+def sp_step(native, inp, rope, mesh):
+    """One ditserve forward with the image tokens sharded over the ring x ulysses ranks."""
+    from services.denoiser.parallel.context import SequenceParallel
+
+    sp = SequenceParallel(mesh, inp["x"].shape[1])
+    text_len = inp["ctx"].shape[1]
+    with torch.inference_mode(), sp.active():
+        local = native(sp.shard(inp["x"]), inp["ctx"], inp["pooled"], inp["t"], sp.shard_rope(rope, text_len),
+                       inp["guidance"])
+        return sp.gather(local)
+
+
+def _parallel_rank(rank: int, args, port: int) -> None:
+    """One rank of a multi-GPU run; rank 0 prints the table."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
+
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    cuda = args.device.startswith("cuda")
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    degrees = ParallelDegrees(ring=args.ring_degree, ulysses=args.ulysses_degree)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=degrees.world_size, timeout=datetime.timedelta(seconds=600),
+                            device_id=device if cuda else None)
+    mesh = ParallelMesh(degrees, device.type)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg_dict = MODELS[args.model]
+    cfg = FluxConfig.from_dict(cfg_dict)
+    ref, native = build_models(cfg_dict, device, dtype)
+    inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
+    with torch.inference_mode():
+        rope = native.rope(inp["txt_ids"], inp["img_ids"])
+    flops = step_flops(cfg, inp["x"].shape[1], args.text_len, args.batch)
+
+    def timed_all(fn):
+        dist.barrier()
+        ms, peak, out = timed(fn, device, args.warmup, args.iters)
+        dist.barrier()
+        return ms, peak, out.float()
+
+    def single():
+        with torch.inference_mode():
+            return native(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
+
+    def diffusers_step():
+        with torch.inference_mode():
+            return ref(hidden_states=inp["x"], encoder_hidden_states=inp["ctx"], pooled_projections=inp["pooled"],
+                       timestep=inp["t"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"],
+                       return_dict=False)[0]
+
+    n = degrees.world_size
+    label = "x".join(f"{k}{v}" for k, v in (("ring", args.ring_degree), ("ulysses", args.ulysses_degree)) if v > 1)
+    rows = []
+    base_ms, _, base_out = timed_all(single)
+    rows.append(("ditserve 1 GPU eager", base_ms, base_out))
+    rows.append((f"ditserve {label} eager", *timed_all(lambda: sp_step(native, inp, rope, mesh))[::2]))
+    for block in [*native.transformer_blocks, *native.single_transformer_blocks]:
+        block.compile()
+    one_ms, _, one_out = timed_all(single)
+    rows.append(("ditserve 1 GPU compiled", one_ms, one_out))
+    rows.append((f"ditserve {label} compiled", *timed_all(lambda: sp_step(native, inp, rope, mesh))[::2]))
+    try:
+        from diffusers import ContextParallelConfig
+
+        ref.enable_parallelism(config=ContextParallelConfig(ulysses_degree=args.ulysses_degree,
+                                                            ring_degree=args.ring_degree))
+        rows.append((f"diffusers CP {label} eager", *timed_all(diffusers_step)[::2]))
+        ref.compile_repeated_blocks(fullgraph=True)
+        rows.append((f"diffusers CP {label} compiled", *timed_all(diffusers_step)[::2]))
+    except Exception as exc:  # reported, not fatal: the ditserve rows stand on their own
+        if rank == 0:
+            print(f"diffusers context parallelism failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    if rank == 0:
+        card = torch.cuda.get_device_name(device) if cuda else "cpu"
+        print(f"\n{args.model} {args.height}x{args.width}, {str(dtype).removeprefix('torch.')}, {n}x {card}, "
+              f"torch {torch.__version__}; {flops / 1e12:.1f} TFLOP/step")
+        print("| config | ms/step | vs ditserve 1 GPU compiled | scaling efficiency | TFLOP/s per GPU | rel err |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, ms, out in rows:
+            gpus = 1 if "1 GPU" in name else n
+            speedup = one_ms / ms
+            err = ((out - base_out).norm() / base_out.norm()).item()
+            print(f"| {name} | {ms:.2f} | {speedup:.2f}x | {speedup / gpus * 100:.0f}% | "
+                  f"{flops / ms / 1e9 / gpus:.0f} | {err:.1e} |")
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="flux-dev")
@@ -106,7 +204,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    ap.add_argument("--ulysses-degree", type=int, default=1, help="> 1: a multi-GPU run (one process per GPU)")
+    ap.add_argument("--ring-degree", type=int, default=1)
     args = ap.parse_args()
+    if args.ulysses_degree * args.ring_degree > 1:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_parallel_rank, args=(args, port), nprocs=args.ulysses_degree * args.ring_degree)
+        return
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
