@@ -103,12 +103,11 @@ def sp_step(native, inp, rope, mesh):
     """One ditserve forward with the image tokens sharded over the ring x ulysses ranks."""
     from services.denoiser.parallel.context import SequenceParallel
 
-    sp = SequenceParallel(mesh, inp["x"].shape[1])
-    text_len = inp["ctx"].shape[1]
+    sp = SequenceParallel(mesh, inp["ctx"].shape[1], inp["x"].shape[1])
+    text, image = sp.shard(inp["ctx"], inp["x"])
     with torch.inference_mode(), sp.active():
-        local = native(sp.shard(inp["x"]), inp["ctx"], inp["pooled"], inp["t"], sp.shard_rope(rope, text_len),
-                       inp["guidance"])
-        return sp.gather(local)
+        local = native(image, text, inp["pooled"], inp["t"], sp.shard_rope(rope), inp["guidance"])
+        return sp.gather_image(local)
 
 
 def _parallel_rank(rank: int, args, port: int) -> None:

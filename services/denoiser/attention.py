@@ -1,11 +1,9 @@
 """The single attention entry point of every native model.
 
-Inputs are [B, S, H, D] (sequence-major, as the projections produce them). `text_len` says how
-many leading tokens are the text prompt: under sequence parallelism those are replicated on
-every rank while the image tokens are sharded, so the parallel attention must treat them
-apart. Outside a parallel forward this is torch SDPA; inside one (see
-services/denoiser/parallel/context.py) the active SequenceParallel runs Ulysses / ring
-attention around the same local kernels below. Optional kernels (flash-attn, flashinfer,
+Inputs are [B, S, H, D] (sequence-major, as the projections produce them). Outside a parallel
+forward this is torch SDPA; inside one (services/denoiser/parallel/context.py) the active
+SequenceParallel runs Ulysses / ring attention around the same local kernels below, on the
+rank's shard of the sequence. Optional kernels (flash-attn, flashinfer,
 sageattention) plug in here so model files never change.
 
 Backend choice: on Hopper the cuDNN kernel runs Flux's attention (24 heads x 4608 tokens x 128,
@@ -24,11 +22,11 @@ import torch.nn.functional as F
 active_parallel: ContextVar[object | None] = ContextVar("active_parallel", default=None)
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_len: int = 0) -> torch.Tensor:
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors; returns [B, S, H, D]."""
     parallel = active_parallel.get()
     if parallel is not None:
-        return parallel.attention(query, key, value, text_len)
+        return parallel.attention(query, key, value)
     return local_attention(query, key, value)
 
 

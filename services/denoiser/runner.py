@@ -53,7 +53,7 @@ class DenoiserRunner:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
         sp = None
         if self.mesh is not None and self.mesh.sp_size > 1:
-            sp = SequenceParallel(self.mesh, img_ids.shape[0])
+            sp = SequenceParallel(self.mesh, positive.prompt_embeds.shape[1], img_ids.shape[0])
         return StepInputs(
             positive=self._branch(positive, img_ids),
             negative=self._branch(negative, img_ids) if negative is not None else None,
@@ -86,13 +86,12 @@ class DenoiserRunner:
             return self.model(
                 latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance
             )
-        text_len = branch.prompt_embeds.shape[1]
+        text, image = sp.shard(branch.prompt_embeds, latents)
         with sp.active():
             local = self.model(
-                sp.shard(latents), branch.prompt_embeds, branch.pooled_prompt_embeds, timestep,
-                sp.shard_rope(branch.rope, text_len), inputs.guidance,
+                image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance
             )
-        return sp.gather(local)
+        return sp.gather_image(local)
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Rank 0's decision (e.g. its client went away), the same on every rank of the replica."""

@@ -1,6 +1,6 @@
 """Sequence parallelism on CPU ranks (gloo): Ulysses, ring and both (USP) give the single-rank
 output of the native Flux transformer to fp32 relative error <= 1e-5, also when neither the
-image tokens nor the heads divide the degree."""
+text tokens, the image tokens nor the heads divide the degree."""
 
 import os
 
@@ -44,10 +44,11 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: in
         model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(h, w)
         with torch.no_grad():
             expected = model(x, ctx, pooled, t, rope, guidance)
-            sp = SequenceParallel(ParallelMesh(degrees, "cpu"), x.shape[1])
+            sp = SequenceParallel(ParallelMesh(degrees, "cpu"), ctx.shape[1], x.shape[1])
+            text, image = sp.shard(ctx, x)
             with sp.active():
-                local = model(sp.shard(x), ctx, pooled, t, sp.shard_rope(rope, ctx.shape[1]), guidance)
-            got = sp.gather(local)
+                local = model(image, text, pooled, t, sp.shard_rope(rope), guidance)
+            got = sp.gather_image(local)
         err = ((got - expected).norm() / expected.norm()).item()
         assert got.shape == expected.shape, (got.shape, expected.shape)
         assert err <= 1e-5, f"rank {rank} {degrees}: relative error {err:.2e}"

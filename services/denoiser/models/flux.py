@@ -190,25 +190,16 @@ class FluxAttention(nn.Module):
         v = to_v(x).unflatten(-1, (-1, self.head_dim))
         return q, k, v
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        context: torch.Tensor | None = None,
-        text_len: int = 0,
-    ):
-        """Double-stream: x = image tokens, context = text tokens. Single-stream: x = [text; image]
-        with `text_len` text tokens first (the attention dispatch needs to know where they end)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if context is not None:
             cq, ck, cv = self._qkv(
                 context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
             )
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-            text_len = context.shape[1]
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, text_len).flatten(2, 3).to(q.dtype)
+        out = attention(q, k, v).flatten(2, 3).to(q.dtype)
         if context is None:
             return out
         ctx_out, img_out = out.split_with_sizes([context.shape[1], x.shape[1]], dim=1)
@@ -258,11 +249,11 @@ class FluxSingleBlock(nn.Module):
         self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
         self.attn = FluxAttention(dim, heads, head_dim, context=False, eps=1e-6)
 
-    def forward(self, x, temb, rope, text_len: int):
+    def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        out = self.proj_out(torch.cat([self.attn(h, rope, text_len=text_len), mlp], dim=2))
+        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
@@ -323,7 +314,7 @@ class FluxTransformer(nn.Module):
         text_len = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         for block in self.single_transformer_blocks:
-            x = block(x, temb, rope, text_len)
+            x = block(x, temb, rope)
         img = x[:, text_len:]
 
         # norm_out's chunks are (scale, shift), the reverse of the blocks' (shift, scale).

@@ -1,8 +1,10 @@
-"""Sequence parallelism for one forward: shard the image tokens, run the model, gather them back.
+"""Sequence parallelism for one forward: shard the tokens, run the model, gather the image back.
 
-While `SequenceParallel.active()` is entered, the attention dispatch routes every attention call
-here: Ulysses within the ulysses group, ring attention across the ring group (both: USP). Image
-tokens are laid out ring-major: ring chunk c holds sp shards c*U .. c*U+U-1, contiguous."""
+Both the text and the image tokens are split over the ring x ulysses ranks (shards may differ by
+one token), so no rank repeats another's work on the prompt. While `active()` is entered the
+attention dispatch routes every attention call here: Ulysses within the ulysses group, ring
+attention across the ring group (both: USP). Shards are laid out ring-major: ring chunk c holds
+sp shards c*U .. c*U+U-1."""
 
 from __future__ import annotations
 
@@ -18,55 +20,61 @@ from services.denoiser.parallel.ring import ring_attention
 from services.denoiser.parallel.ulysses import ulysses_attention
 
 
-class SequenceParallel:
-    def __init__(self, mesh: ParallelMesh, image_tokens: int):
-        self.mesh = mesh
-        self.u, self.r = mesh.degrees.ulysses, mesh.degrees.ring
-        self.sizes = even_split(image_tokens, mesh.sp_size)  # per sp rank
-        self.offsets = offsets(self.sizes)
-        ring_rank = mesh.rank("ring")
-        # Image tokens of each ring chunk, and of each ulysses shard inside ours.
-        self.chunk_sizes = [sum(self.sizes[c * self.u : (c + 1) * self.u]) for c in range(self.r)]
-        self.ulysses_sizes = self.sizes[ring_rank * self.u : (ring_rank + 1) * self.u]
+class _Split:
+    """How n tokens divide over the sp ranks."""
 
-    @property
-    def local_slice(self) -> slice:
-        i = self.mesh.sp_rank
+    def __init__(self, n: int, parts: int):
+        self.sizes = even_split(n, parts)
+        self.offsets = offsets(self.sizes)
+
+    def piece(self, i: int) -> slice:
         return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
 
-    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N_img, C] -> this rank's [B, N_local, C]."""
-        return tokens[:, self.local_slice]
 
-    def shard_rope(self, rope: tuple[torch.Tensor, torch.Tensor], text_len: int):
-        """Tables for [text; all image] -> tables for [text; this rank's image shard]."""
-        s = self.local_slice
-        return tuple(torch.cat([t[:text_len], t[text_len + s.start : text_len + s.stop]]) for t in rope)
+class SequenceParallel:
+    def __init__(self, mesh: ParallelMesh, text_tokens: int, image_tokens: int):
+        self.mesh = mesh
+        self.u, self.r = mesh.degrees.ulysses, mesh.degrees.ring
+        self.text = _Split(text_tokens, mesh.sp_size)
+        self.image = _Split(image_tokens, mesh.sp_size)
+        seq = [t + i for t, i in zip(self.text.sizes, self.image.sizes)]  # per sp rank
+        ring_rank = mesh.rank("ring")
+        self.ring_chunks = [sum(seq[c * self.u : (c + 1) * self.u]) for c in range(self.r)]
+        self.ulysses_seq = seq[ring_rank * self.u : (ring_rank + 1) * self.u]
 
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Every rank's [B, N_local, C] -> the whole [B, N_img, C] on every rank."""
+    def shard(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, C], [B, N, C] -> this rank's shards of each."""
+        i = self.mesh.sp_rank
+        return text[:, self.text.piece(i)], image[:, self.image.piece(i)]
+
+    def shard_rope(self, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Tables for [all text; all image] -> tables for [text shard; image shard]."""
+        i, t = self.mesh.sp_rank, sum(self.text.sizes)
+        ts, im = self.text.piece(i), self.image.piece(i)
+        return tuple(torch.cat([tab[ts], tab[t + im.start : t + im.stop]]) for tab in rope)
+
+    def gather_image(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's [B, N_local, C] image tokens -> the whole [B, N, C] on every rank."""
         b, _, c = local.shape
+        ring_rank = self.mesh.rank("ring")
         if self.u > 1:
-            shapes = [(b, n, c) for n in self.ulysses_sizes]
-            local = torch.cat(all_to_all([local] * self.u, shapes, self.mesh.group("ulysses")), dim=1)
+            sizes = self.image.sizes[ring_rank * self.u : (ring_rank + 1) * self.u]
+            parts = all_to_all([local] * self.u, [(b, n, c) for n in sizes], self.mesh.group("ulysses"))
+            local = torch.cat(parts, dim=1)
         if self.r > 1:
-            shapes = [(b, n, c) for n in self.chunk_sizes]
-            local = torch.cat(all_to_all([local] * self.r, shapes, self.mesh.group("ring")), dim=1)
+            sizes = [sum(self.image.sizes[k * self.u : (k + 1) * self.u]) for k in range(self.r)]
+            local = torch.cat(all_to_all([local] * self.r, [(b, n, c) for n in sizes], self.mesh.group("ring")), dim=1)
         return local
 
-    def attention(self, q, k, v, text_len: int) -> torch.Tensor:
+    def attention(self, q, k, v) -> torch.Tensor:
         if self.r > 1:
-            inner = partial(self._ring, group=self.mesh.group("ring"), rank=self.mesh.rank("ring"))
+            inner = partial(ring_attention, chunk_sizes=self.ring_chunks, group=self.mesh.group("ring"),
+                            rank=self.mesh.rank("ring"))
         else:
-            inner = lambda q, k, v, text_len: local_attention(q, k, v)  # noqa: E731
+            inner = local_attention
         if self.u == 1:
-            return inner(q, k, v, text_len)
-        return ulysses_attention(
-            q, k, v, text_len, self.ulysses_sizes, self.mesh.group("ulysses"), self.mesh.rank("ulysses"), inner
-        )
-
-    def _ring(self, q, k, v, text_len, group, rank):
-        return ring_attention(q, k, v, text_len, self.chunk_sizes, group, rank)
+            return inner(q, k, v)
+        return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"), inner)
 
     @contextmanager
     def active(self):

@@ -1,6 +1,6 @@
-"""Ring attention: each rank keeps its queries; image K/V blocks travel around the ring and the
-partial results are merged with their log-sum-exp (online softmax), so no rank ever holds the
-whole sequence's K/V. Text K/V are replicated and attended once, with the local block."""
+"""Ring attention: each rank keeps its queries; K/V blocks travel around the ring and the partial
+results are merged with their log-sum-exp (online softmax), so no rank ever holds the whole
+sequence's K/V. The exchange of the next block overlaps the attention on the current one."""
 
 from __future__ import annotations
 
@@ -18,19 +18,12 @@ def _merge(out, lse, block_out, block_lse):
     return out * w_old + block_out.float() * w_new, new_lse
 
 
-def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, chunk_sizes: list[int], group, rank: int
-) -> torch.Tensor:
-    """q/k/v [B, text_len + chunk_sizes[rank], H, D]; attends to the text and to every rank's
-    image chunk. The exchange of the next block overlaps the attention on the current one."""
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_sizes: list[int], group, rank: int):
+    """q/k/v [B, chunk_sizes[rank], H, D]: attend to every rank's K/V chunk."""
     ring = RingExchange(group)
     n = len(chunk_sizes)
     b, _, h, d = k.shape
-    block = (k[:, text_len:], v[:, text_len:])
-    pending = None
-    if n > 1:
-        src = (rank - 1) % n
-        pending = ring.start(block, [(b, chunk_sizes[src], h, d)] * 2)
+    pending = ring.start((k, v), [(b, chunk_sizes[(rank - 1) % n], h, d)] * 2) if n > 1 else None
     out, lse = attention_with_lse(q, k, v)
     out = out.float()
     for step in range(1, n):
@@ -38,8 +31,7 @@ def ring_attention(
         ring.wait(handles)
         block = tuple(recv)
         if step < n - 1:
-            src = (rank - step - 1) % n
-            pending = ring.start(block, [(b, chunk_sizes[src], h, d)] * 2)
+            pending = ring.start(block, [(b, chunk_sizes[(rank - step - 1) % n], h, d)] * 2)
         block_out, block_lse = attention_with_lse(q, *block)
         out, lse = _merge(out, lse, block_out, block_lse)
     return out.to(q.dtype)

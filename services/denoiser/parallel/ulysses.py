@@ -1,10 +1,10 @@
 """Ulysses sequence parallelism: all-to-all around attention.
 
-Each rank holds a shard of the image tokens (sizes may differ by one) and the whole text. Before
-attention an all-to-all trades sequence for heads (every rank gets every image token for its
-share of the heads, which may also differ by one); after, the reverse. Text tokens are
-replicated, so a rank just takes its heads of them, and the text output is re-assembled from
-every rank's heads."""
+Each rank holds a shard of the joint [text; image] sequence (shard sizes may differ by one).
+Before attention an all-to-all trades sequence for heads, so every rank sees the whole sequence
+for its share of the heads (which may also differ by one); after attention, the reverse.
+Attention does not care about the order of the gathered tokens, so each rank's shard travels as
+one piece, text and image together."""
 
 from __future__ import annotations
 
@@ -20,38 +20,28 @@ def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    text_len: int,
     seq_sizes: list[int],
     group,
     rank: int,
-    inner: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+    inner: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """q/k/v [B, text_len + seq_sizes[rank], H, D] -> same shape; `inner` attends over
-    [B, text_len + sum(seq_sizes), H_rank, D] (plain attention, or ring attention for USP)."""
+    """q/k/v [B, seq_sizes[rank], H, D] -> same shape; `inner` attends over
+    [B, sum(seq_sizes), H_rank, D] (plain attention, or ring attention for USP)."""
     n = len(seq_sizes)
     b, _, heads, d = q.shape
-    head_sizes, head_offs = even_split(heads, n), offsets(even_split(heads, n))
-    my_heads = slice(head_offs[rank], head_offs[rank] + head_sizes[rank])
+    head_sizes = even_split(heads, n)
+    head_offs = offsets(head_sizes)
 
     # One collective for q, k and v: scatter heads, gather sequence.
-    qkv = torch.stack([q[:, text_len:], k[:, text_len:], v[:, text_len:]])
+    qkv = torch.stack([q, k, v])
     chunks = [qkv[:, :, :, head_offs[j] : head_offs[j] + head_sizes[j]] for j in range(n)]
     shapes = [(3, b, seq_sizes[i], head_sizes[rank], d) for i in range(n)]
-    img_q, img_k, img_v = torch.cat(all_to_all(chunks, shapes, group), dim=2)
+    q_all, k_all, v_all = torch.cat(all_to_all(chunks, shapes, group), dim=2)
 
-    out = inner(
-        torch.cat([q[:, :text_len, my_heads], img_q], dim=1),
-        torch.cat([k[:, :text_len, my_heads], img_k], dim=1),
-        torch.cat([v[:, :text_len, my_heads], img_v], dim=1),
-        text_len,
-    )
-    txt_out, img_out = out[:, :text_len], out[:, text_len:]
+    out = inner(q_all, k_all, v_all)
 
-    # Image back: scatter sequence, gather heads. Text: every rank's heads to every rank.
+    # Back: scatter sequence, gather heads.
     seq_offs = offsets(seq_sizes)
-    chunks = [img_out[:, seq_offs[j] : seq_offs[j] + seq_sizes[j]] for j in range(n)]
+    chunks = [out[:, seq_offs[j] : seq_offs[j] + seq_sizes[j]] for j in range(n)]
     shapes = [(b, seq_sizes[rank], head_sizes[i], d) for i in range(n)]
-    img_out = torch.cat(all_to_all(chunks, shapes, group), dim=2)
-    shapes = [(b, text_len, head_sizes[i], d) for i in range(n)]
-    txt_out = torch.cat(all_to_all([txt_out] * n, shapes, group), dim=2)
-    return torch.cat([txt_out, img_out], dim=1)
+    return torch.cat(all_to_all(chunks, shapes, group), dim=2)
