@@ -124,7 +124,7 @@ def _parallel_rank(rank: int, args, port: int) -> None:
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    degrees = ParallelDegrees(ring=args.ring_degree, ulysses=args.ulysses_degree)
+    degrees = ParallelDegrees(ring=args.ring_degree, ulysses=args.ulysses_degree, tp=args.tp_size)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=degrees.world_size, timeout=datetime.timedelta(seconds=600),
                             device_id=device if cuda else None)
@@ -133,6 +133,14 @@ def _parallel_rank(rank: int, args, port: int) -> None:
     cfg_dict = MODELS[args.model]
     cfg = FluxConfig.from_dict(cfg_dict)
     ref, native = build_models(cfg_dict, device, dtype)
+    one_gpu = native
+    if args.tp_size > 1:  # this rank's shard of the same weights
+        from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
+
+        with torch.device("meta"):
+            native = FluxTransformer(cfg, tp=TensorParallel(mesh.group("tp")))
+        native.load_state_dict(shard_state_dict(native, ref.state_dict()), assign=True)
+        native.eval().requires_grad_(False)
     inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])
@@ -146,7 +154,7 @@ def _parallel_rank(rank: int, args, port: int) -> None:
 
     def single():
         with torch.inference_mode():
-            return native(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
+            return one_gpu(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
 
     def diffusers_step():
         with torch.inference_mode():
@@ -155,19 +163,23 @@ def _parallel_rank(rank: int, args, port: int) -> None:
                        return_dict=False)[0]
 
     n = degrees.world_size
-    label = "x".join(f"{k}{v}" for k, v in (("ring", args.ring_degree), ("ulysses", args.ulysses_degree)) if v > 1)
+    label = "x".join(f"{k}{v}" for k, v in (("ring", args.ring_degree), ("ulysses", args.ulysses_degree),
+                                            ("tp", args.tp_size)) if v > 1)
     rows = []
     base_ms, _, base_out = timed_all(single)
     rows.append(("ditserve 1 GPU eager", base_ms, base_out))
     rows.append((f"ditserve {label} eager", *timed_all(lambda: sp_step(native, inp, rope, mesh))[::2]))
-    for block in [*native.transformer_blocks, *native.single_transformer_blocks]:
-        block.compile()
+    for model in {id(one_gpu): one_gpu, id(native): native}.values():
+        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+            block.compile()
     one_ms, _, one_out = timed_all(single)
     rows.append(("ditserve 1 GPU compiled", one_ms, one_out))
     rows.append((f"ditserve {label} compiled", *timed_all(lambda: sp_step(native, inp, rope, mesh))[::2]))
     try:
         from diffusers import ContextParallelConfig
 
+        if args.tp_size > 1:
+            raise RuntimeError("no diffusers row for tensor parallelism")
         ref.enable_parallelism(config=ContextParallelConfig(ulysses_degree=args.ulysses_degree,
                                                             ring_degree=args.ring_degree))
         rows.append((f"diffusers CP {label} eager", *timed_all(diffusers_step)[::2]))
@@ -205,8 +217,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     ap.add_argument("--ulysses-degree", type=int, default=1, help="> 1: a multi-GPU run (one process per GPU)")
     ap.add_argument("--ring-degree", type=int, default=1)
+    ap.add_argument("--tp-size", type=int, default=1)
     args = ap.parse_args()
-    if args.ulysses_degree * args.ring_degree > 1:
+    world = args.ulysses_degree * args.ring_degree * args.tp_size
+    if world > 1:
         import socket
 
         import torch.multiprocessing as mp
@@ -214,7 +228,7 @@ def main() -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        mp.spawn(_parallel_rank, args=(args, port), nprocs=args.ulysses_degree * args.ring_degree)
+        mp.spawn(_parallel_rank, args=(args, port), nprocs=world)
         return
 
     device = torch.device(args.device)

@@ -45,14 +45,16 @@ def _add_generate(sub) -> None:
 
 
 def _add_parallel_flags(p) -> None:
-    g = p.add_argument_group("denoiser parallelism (ranks = cfg x ring x ulysses; CPU processes without CUDA)")
+    g = p.add_argument_group("denoiser parallelism (ranks = cfg x ring x ulysses x tp; CPU processes without CUDA)")
     g.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence parallelism (all-to-all)")
     g.add_argument("--ring-degree", type=int, default=1, help="ring attention sequence parallelism")
+    g.add_argument("--tp-size", type=int, default=1, help="tensor parallelism (must divide the head count)")
     g.add_argument("--cfg-parallel", action="store_true", help="true-CFG branches on different ranks (x2 ranks)")
 
 
 def _denoiser_parallel(args) -> dict:
-    return dict(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, cfg_parallel=args.cfg_parallel)
+    return dict(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, tp_size=args.tp_size,
+                cfg_parallel=args.cfg_parallel)
 
 
 def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
@@ -162,7 +164,7 @@ def _worker(args) -> int:
     if args.role == "denoiser":
         config = DenoiserConfig(**base, **parallel)
     elif any(v not in (1, False) for v in parallel.values()):
-        raise InvalidRequestError("--ulysses-degree / --ring-degree / --cfg-parallel are denoiser options")
+        raise InvalidRequestError("--ulysses-degree / --ring-degree / --tp-size / --cfg-parallel are denoiser options")
     else:
         config = StageConfig(**base)
     stage_cls, service_cls, grpc_name = _ROLES[args.role]

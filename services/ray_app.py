@@ -15,7 +15,7 @@ import time
 
 from ray import serve
 
-from services.runtime.config import ServeConfig, StageConfig
+from services.runtime.config import DenoiserConfig, ServeConfig, StageConfig
 from services.runtime.streams import with_progress
 
 # role -> (module, stage class, in-process client class)
@@ -33,7 +33,10 @@ class StageDeployment:
         from services.runtime import stage_client
 
         module, stage_cls, client_cls = _STAGES[role]
-        stage = getattr(importlib.import_module(module), stage_cls)(StageConfig(**stage_config))
+        config = DenoiserConfig(**stage_config) if role == "denoiser" else StageConfig(**stage_config)
+        # A multi-rank denoiser replica starts its other ranks as processes of this actor, one
+        # per GPU the actor was given (set the pool's num_gpus to the replica's rank count).
+        stage = getattr(importlib.import_module(module), stage_cls)(config)
         self.client = getattr(stage_client, client_cls)(stage)
 
     async def ready(self) -> bool:
@@ -157,9 +160,10 @@ def app_builder(args: dict):
     """Ray Serve application builder: `import_path: services.ray_app:app_builder`, args = ServeConfig."""
     cfg = ServeConfig(**(args or {}))
     config = cfg.model_dump(mode="json")
-    stage_config = cfg.stage_config().model_dump(mode="json")
     stages = {
-        role: serve.deployment(StageDeployment, name=role, **getattr(cfg, role).ray_options()).bind(role, stage_config)
+        role: serve.deployment(StageDeployment, name=role, **getattr(cfg, role).ray_options()).bind(
+            role, cfg.stage_config(role).model_dump(mode="json")
+        )
         for role in _STAGES
     }
     router = serve.deployment(RouterDeployment, name="router", **cfg.router.ray_options()).bind(

@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
 from services.runtime.config import DenoiserConfig
-from services.runtime.errors import RequestCancelledError, StageUnavailableError
+from services.runtime.errors import InvalidRequestError, RequestCancelledError, StageUnavailableError
+from services.runtime.registry import resolve
 from services.runtime.messages import DenoiseRequest, DenoiseResponse
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ COLLECTIVE_TIMEOUT_S = 120
 
 
 def _degrees(config: DenoiserConfig) -> ParallelDegrees:
-    return ParallelDegrees(cfg=2 if config.cfg_parallel else 1, ring=config.ring_degree, ulysses=config.ulysses_degree)
+    return ParallelDegrees(cfg=2 if config.cfg_parallel else 1, ring=config.ring_degree, ulysses=config.ulysses_degree,
+                           tp=config.tp_size)
 
 
 def _rank_config(config: DenoiserConfig, rank: int) -> DenoiserConfig:
@@ -78,8 +80,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_degrees(config: DenoiserConfig) -> None:
+    """Refuse, before any process starts, a layout the model cannot be split into."""
+    model, _ = resolve(config.model_path)
+    heads = model.component_config("transformer").get("num_attention_heads", 1)
+    if heads % config.tp_size:
+        raise InvalidRequestError(f"--tp-size {config.tp_size} does not divide the model's {heads} attention heads",
+                                  "tp_size")
+
+
 class DenoiserGroup:
     def __init__(self, config: DenoiserConfig):
+        check_degrees(config)
         self.config = config
         self.world = config.world_size
         self._start()

@@ -10,6 +10,7 @@ from typing import Callable
 from services.denoiser.latents import PackedLatents2x2, initial_noise
 from services.denoiser.loop import sample
 from services.denoiser.parallel.mesh import ParallelMesh
+from services.denoiser.parallel.tp import TensorParallel
 from services.denoiser.runner import DenoiserRunner
 from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
@@ -31,7 +32,10 @@ class DenoiserStage:
         self.model, self.spec = resolve(config.model_path)
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
-        transformer = load_native_transformer(self.model, self.spec.denoiser, dtype=self.dtype, device=self.device)
+        tp = TensorParallel(mesh.group("tp")) if mesh is not None and mesh.degrees.tp > 1 else None
+        transformer = load_native_transformer(
+            self.model, self.spec.denoiser, dtype=self.dtype, device=self.device, tp=tp
+        )
         self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"))
         # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
         self.layout = PackedLatents2x2(transformer.config.in_channels // 4, self.model.vae_scale_factor)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.denoiser.models import FAMILIES
+from services.denoiser.parallel.tp import shard_state_dict
 from services.runtime.errors import ModelLoadError, UnsupportedModelError
 from services.runtime.registry import ModelDir
 
@@ -18,7 +19,8 @@ _SINGLE = "diffusion_pytorch_model.safetensors"
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
-def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype, device: torch.device):
+def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype, device: torch.device, tp=None):
+    """`tp` (a parallel.tp.TensorParallel): build this rank's shard and load only its pieces."""
     fam = FAMILIES.get(family)
     if fam is None:
         raise UnsupportedModelError(f"no native denoiser for family '{family}'")
@@ -29,8 +31,9 @@ def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype,
         )
     config = fam.config_cls.from_dict(model.component_config("transformer"))
     with torch.device("meta"):
-        module = fam.model_cls(config)
+        module = fam.model_cls(config, tp=tp)
     state = {k: v.to(dtype) for k, v in read_safetensors(model, "transformer", device).items()}
+    state = shard_state_dict(module, state)
     missing, unexpected = _key_diff(module, state)
     if missing or unexpected:
         raise ModelLoadError(

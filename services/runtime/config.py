@@ -63,16 +63,17 @@ class StageConfig(BaseModel):
 
 class DenoiserConfig(StageConfig):
     """The denoiser stage: where it runs and how one replica spreads over ranks.
-    Ranks = (2 if cfg_parallel else 1) x ring_degree x ulysses_degree."""
+    Ranks = (2 if cfg_parallel else 1) x ring_degree x ulysses_degree x tp_size."""
 
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
+    tp_size: int = Field(1, ge=1)
     # Conditional and unconditional branches (true CFG) on different ranks.
     cfg_parallel: bool = False
 
     @property
     def world_size(self) -> int:
-        return (2 if self.cfg_parallel else 1) * self.ring_degree * self.ulysses_degree
+        return (2 if self.cfg_parallel else 1) * self.ring_degree * self.ulysses_degree * self.tp_size
 
 
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
@@ -134,6 +135,7 @@ class DenoiserEndpoint(StageEndpoint):
 
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
+    tp_size: int = Field(1, ge=1)
     cfg_parallel: bool = False
 
 
@@ -171,5 +173,5 @@ class ServeConfig(BaseModel):
         if role == "denoiser":
             d = self.denoiser
             return DenoiserConfig(**base, ulysses_degree=d.ulysses_degree, ring_degree=d.ring_degree,
-                                  cfg_parallel=d.cfg_parallel)
+                                  tp_size=d.tp_size, cfg_parallel=d.cfg_parallel)
         return StageConfig(**base)

@@ -125,3 +125,11 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     proc = _run("generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
     assert proc.returncode == EXIT_BAD_INPUT
     assert proc.stderr.strip() == f"ditserve: error: model path does not exist: {tmp_path / 'missing'}"
+
+
+def test_parallel_layout_the_model_cannot_take_is_one_line(flux_dev_dir, tmp_path, capsys):
+    # The tiny model has 2 heads: tensor parallelism 3 cannot split them; refused before any rank starts.
+    args = ["generate", "--model-path", str(flux_dev_dir), "--prompt", "x", "--tp-size", "3",
+            "--output", str(tmp_path / "o.png")]
+    assert main(args) == EXIT_BAD_INPUT
+    assert "--tp-size 3 does not divide the model's 2 attention heads" in capsys.readouterr().err

@@ -13,16 +13,19 @@ from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.models.flux import FluxConfig, FluxTransformer
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
+from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
 from tests.servers import free_port
 
 # 3 heads: uneven for every degree here. 6x10 latents -> 15 packed image tokens: uneven too.
 CONFIG = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=3,
                     joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+# Tensor parallelism splits whole heads: 4 heads for tp 2.
+CONFIG_TP = FluxConfig(**{**CONFIG.__dict__, "num_attention_heads": 4})
 
 
-def _model_and_inputs(h: int, w: int, text_len: int = 7):
+def _model_and_inputs(h: int, w: int, text_len: int = 7, config: FluxConfig = CONFIG):
     torch.manual_seed(0)
-    model = FluxTransformer(CONFIG).eval()
+    model = FluxTransformer(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
@@ -41,10 +44,15 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: in
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(h, w)
+        model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(h, w, config=CONFIG_TP if degrees.tp > 1 else CONFIG)
+        mesh = ParallelMesh(degrees, "cpu")
         with torch.no_grad():
             expected = model(x, ctx, pooled, t, rope, guidance)
-            sp = SequenceParallel(ParallelMesh(degrees, "cpu"), ctx.shape[1], x.shape[1])
+            if degrees.tp > 1:
+                sharded = FluxTransformer(model.config, tp=TensorParallel(mesh.group("tp"))).eval()
+                sharded.load_state_dict(shard_state_dict(sharded, model.state_dict()))
+                model = sharded
+            sp = SequenceParallel(mesh, ctx.shape[1], x.shape[1])
             text, image = sp.shard(ctx, x)
             with sp.active():
                 local = model(image, text, pooled, t, sp.shard_rope(rope), guidance)
@@ -64,8 +72,10 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: in
         (ParallelDegrees(ring=2), 6, 10),
         (ParallelDegrees(ring=3), 10, 6),
         (ParallelDegrees(ring=2, ulysses=2), 6, 10),
+        (ParallelDegrees(tp=2), 6, 10),
+        (ParallelDegrees(tp=2, ulysses=2), 6, 10),
     ],
-    ids=["ulysses2", "ulysses3", "ring2", "ring3", "ring2xulysses2"],
+    ids=["ulysses2", "ulysses3", "ring2", "ring3", "ring2xulysses2", "tp2", "tp2xulysses2"],
 )
 def test_sequence_parallel_matches_single_rank(degrees, h, w):
     world = degrees.world_size

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from services.denoiser.attention import attention
+from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -136,20 +137,20 @@ class AdaLNModulation(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GELU(tanh) MLP with diffusers' `net.0.proj` / `net.2` parameter names."""
+    """GELU(tanh) MLP with diffusers' `net.0.proj` / `net.2` parameter names (column -> row parallel)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, tp: TensorParallel | None):
         super().__init__()
-        self.net = nn.ModuleList([_GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+        self.net = nn.ModuleList([_GeluProj(dim, hidden, tp), nn.Identity(), RowParallelLinear(hidden, dim, tp)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
 
 
 class _GeluProj(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, tp: TensorParallel | None):
         super().__init__()
-        self.proj = nn.Linear(dim, hidden)
+        self.proj = ColumnParallelLinear(dim, hidden, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
@@ -164,25 +165,26 @@ class FluxAttention(nn.Module):
 
     Double-stream blocks project text with their own `add_*` weights (context_dim set);
     single-stream blocks see one joint sequence and have no output projection here
-    (their proj_out also consumes the MLP branch)."""
+    (their proj_out also consumes the MLP branch). Under tensor parallelism a rank projects
+    and attends its share of the heads (column-parallel in, row-parallel out)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, context: bool, eps: float):
+    def __init__(self, dim: int, heads: int, head_dim: int, *, context: bool, eps: float, tp: TensorParallel | None):
         super().__init__()
         inner = heads * head_dim
         self.head_dim = head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
+        self.to_q = ColumnParallelLinear(dim, inner, tp)
+        self.to_k = ColumnParallelLinear(dim, inner, tp)
+        self.to_v = ColumnParallelLinear(dim, inner, tp)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         if context:
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
+            self.add_q_proj = ColumnParallelLinear(dim, inner, tp)
+            self.add_k_proj = ColumnParallelLinear(dim, inner, tp)
+            self.add_v_proj = ColumnParallelLinear(dim, inner, tp)
             self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
             self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
-            self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
-            self.to_add_out = nn.Linear(inner, dim)
+            self.to_out = nn.ModuleList([RowParallelLinear(inner, dim, tp)])
+            self.to_add_out = RowParallelLinear(inner, dim, tp)
 
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         q = norm_q(to_q(x).unflatten(-1, (-1, self.head_dim)))
@@ -213,13 +215,13 @@ class FluxAttention(nn.Module):
 class FluxDoubleBlock(nn.Module):
     """MMDiT block: text and image streams with separate weights, joint attention."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, tp: TensorParallel | None):
         super().__init__()
         self.norm1 = AdaLNModulation(dim, 6)
         self.norm1_context = AdaLNModulation(dim, 6)
-        self.attn = FluxAttention(dim, heads, head_dim, context=True, eps=1e-6)
-        self.ff = FeedForward(dim, 4 * dim)
-        self.ff_context = FeedForward(dim, 4 * dim)
+        self.attn = FluxAttention(dim, heads, head_dim, context=True, eps=1e-6, tp=tp)
+        self.ff = FeedForward(dim, 4 * dim, tp)
+        self.ff_context = FeedForward(dim, 4 * dim, tp)
 
     def forward(self, img, txt, temb, rope):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
@@ -242,12 +244,14 @@ class FluxDoubleBlock(nn.Module):
 class FluxSingleBlock(nn.Module):
     """One joint stream: attention and MLP in parallel from one modulated input, one proj_out."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, tp: TensorParallel | None, mlp_ratio: float = 4.0):
         super().__init__()
+        hidden = int(dim * mlp_ratio)
         self.norm = AdaLNModulation(dim, 3)
-        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
-        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
-        self.attn = FluxAttention(dim, heads, head_dim, context=False, eps=1e-6)
+        self.proj_mlp = ColumnParallelLinear(dim, hidden, tp)
+        # Its input is [attention output | MLP hidden], each sharded on its own under TP.
+        self.proj_out = RowParallelLinear(dim + hidden, dim, tp, blocks=[dim, hidden])
+        self.attn = FluxAttention(dim, heads, head_dim, context=False, eps=1e-6, tp=tp)
 
     def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
@@ -265,9 +269,10 @@ class FluxSingleBlock(nn.Module):
 
 
 class FluxTransformer(nn.Module):
-    """Flux.1 DiT. forward() takes packed image tokens and returns the velocity prediction."""
+    """Flux.1 DiT. forward() takes packed image tokens and returns the velocity prediction.
+    With `tp`, this rank holds its shard of every attention and MLP (see parallel/tp.py)."""
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.config = config
         dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
@@ -278,10 +283,10 @@ class FluxTransformer(nn.Module):
         self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
         self.x_embedder = nn.Linear(config.in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
-            [FluxDoubleBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
+            [FluxDoubleBlock(dim, heads, head_dim, tp) for _ in range(config.num_layers)]
         )
         self.single_transformer_blocks = nn.ModuleList(
-            [FluxSingleBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
+            [FluxSingleBlock(dim, heads, head_dim, tp) for _ in range(config.num_single_layers)]
         )
         self.norm_out = AdaLNModulation(dim, 2)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
