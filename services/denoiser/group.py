@@ -1,7 +1,9 @@
 """One denoiser replica spread over several ranks (SPMD).
 
-Rank 0 lives in the caller's process and is what the router talks to; ranks 1..N-1 are spawned
-processes that load the same weights and run the same loop on every request rank 0 broadcasts.
+Rank 0 lives in the caller's process and is what the router talks to; ranks 1..N-1 load the same
+weights and run the same loop on every request rank 0 broadcasts. They are spawned processes
+(one GPU each, of the GPUs this process sees) or, inside a Ray Serve replica that owns a
+placement group, Ray actors in that group's bundles 1..N-1 (ray_ranks.py).
 torch.distributed: NCCL with one GPU per rank on CUDA, gloo on CPU (the same code).
 
 Failure: before each request rank 0 checks that every follower is alive; a dead follower fails
@@ -36,29 +38,30 @@ def _degrees(config: DenoiserConfig) -> ParallelDegrees:
                            tp=config.tp_size)
 
 
-def _rank_config(config: DenoiserConfig, rank: int) -> DenoiserConfig:
-    """Rank r of a CUDA replica uses GPU r (of the GPUs this process sees)."""
+def rank_config(config: DenoiserConfig, gpu_index: int) -> DenoiserConfig:
+    """On CUDA, a rank uses GPU `gpu_index` of the GPUs its process sees."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
-        device = f"cuda:{rank}"
+        device = f"cuda:{gpu_index}"
     return config.model_copy(update={"device": device})
 
 
-def _init(rank: int, world: int, port: int, device: str) -> None:
+def _init(rank: int, world: int, address: str, device: str) -> None:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
 
 
-def _follower_main(rank: int, world: int, port: int, config: DenoiserConfig) -> None:
+def follower_main(rank: int, world: int, address: str, config: DenoiserConfig) -> None:
+    """The life of rank 1..N-1: join the group, load the weights, follow rank 0's requests.
+    `config.device` is already this rank's device (see rank_config)."""
     from services.denoiser.stage import DenoiserStage
 
-    config = _rank_config(config, rank)
-    _init(rank, world, port, config.device)
+    _init(rank, world, address, config.device)
     stage = DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
     while True:
         box = [None]
@@ -76,8 +79,38 @@ def _follower_main(rank: int, world: int, port: int, config: DenoiserConfig) -> 
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+class ProcessRanks:
+    """Ranks 1..N-1 as processes of this one, rank r on GPU r."""
+
+    host = "127.0.0.1"
+
+    def start(self, world: int, address: str, config: DenoiserConfig) -> None:
+        ctx = mp.get_context("spawn")
+        self.procs = [
+            ctx.Process(target=follower_main, args=(r, world, address, rank_config(config, r)), daemon=True)
+            for r in range(1, world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def rank0_gpu(self) -> int:
+        return 0
+
+    def dead(self) -> list[int]:
+        return [i + 1 for i, p in enumerate(self.procs) if not p.is_alive()]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+
+    def kill_rank(self, rank: int) -> None:
+        self.procs[rank - 1].kill()
 
 
 def check_degrees(config: DenoiserConfig) -> None:
@@ -94,35 +127,29 @@ class DenoiserGroup:
         check_degrees(config)
         self.config = config
         self.world = config.world_size
+        from services.denoiser.ray_ranks import placement_group_ranks
+
+        self.ranks = placement_group_ranks() or ProcessRanks()
         self._start()
 
     def _start(self) -> None:
         from services.denoiser.stage import DenoiserStage
 
-        port = _free_port()
-        ctx = mp.get_context("spawn")
-        self.procs = [
-            ctx.Process(target=_follower_main, args=(r, self.world, port, self.config), daemon=True)
-            for r in range(1, self.world)
-        ]
-        for p in self.procs:
-            p.start()
-        config = _rank_config(self.config, 0)
-        _init(0, self.world, port, config.device)
+        address = f"{self.ranks.host}:{_free_port()}"
+        self.ranks.start(self.world, address, self.config)
+        config = rank_config(self.config, self.ranks.rank0_gpu())
+        _init(0, self.world, address, config.device)
         self.stage = DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
         self.device = self.stage.device
         self.healthy = True
 
     def _stop(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=10)
+        self.ranks.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
     def denoise(self, request: DenoiseRequest, on_step: Callable[[int, int], None] | None = None) -> DenoiseResponse:
-        dead = [i + 1 for i, p in enumerate(self.procs) if not p.is_alive()]
+        dead = self.ranks.dead()
         if dead or not self.healthy:
             self._stop()
             self._start()  # the next request gets a fresh replica
@@ -138,4 +165,3 @@ class DenoiserGroup:
         if dist.is_initialized():
             dist.broadcast_object_list([None], src=0)
         self._stop()
-

@@ -138,6 +138,23 @@ class DenoiserEndpoint(StageEndpoint):
     tp_size: int = Field(1, ge=1)
     cfg_parallel: bool = False
 
+    @property
+    def world_size(self) -> int:
+        return (2 if self.cfg_parallel else 1) * self.ring_degree * self.ulysses_degree * self.tp_size
+
+    def ray_options(self) -> dict:
+        """A multi-rank replica owns a placement group: one bundle per rank (num_cpus / num_gpus
+        each), on one node; the replica runs in bundle 0, its other ranks in the rest."""
+        opts = super().ray_options()
+        if self.world_size > 1:
+            bundle = {"CPU": max(self.num_cpus, 0.01)}  # Ray refuses empty bundles
+            if self.num_gpus:
+                bundle["GPU"] = self.num_gpus
+            opts["placement_group_bundles"] = [bundle] * self.world_size
+            opts["placement_group_strategy"] = "STRICT_PACK"
+            opts["ray_actor_options"] = {"num_cpus": bundle["CPU"], "num_gpus": self.num_gpus}
+        return opts
+
 
 class ServeConfig(BaseModel):
     """`ditserve serve`: one schema for CLI flags and the --config YAML file."""

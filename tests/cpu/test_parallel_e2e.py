@@ -79,7 +79,7 @@ def _long_request_with_kill(router, group):
         task = asyncio.ensure_future(router.generate(GenerateRequest(
             prompt="x", height=256, width=256, num_inference_steps=1000, seed=1)))
         await asyncio.sleep(2.0)
-        group.procs[0].kill()
+        group.ranks.kill_rank(1)
         try:
             await task
         except Exception as exc:  # the error the router saw

@@ -1,6 +1,9 @@
-"""A multi-rank denoiser replica under Ray Serve (ranks as processes of the replica actor)."""
+"""A multi-rank denoiser replica under Ray Serve: the replica owns a placement group and its
+second rank is a Ray actor in it."""
 
 import asyncio
+import subprocess
+import time
 import base64
 import io
 
@@ -13,15 +16,27 @@ from services.runtime.config import GenerateRequest, StageConfig
 from tests.servers import start_serve
 
 
+def _post(port, **body):
+    return httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=120,
+                      json={"prompt": "a cat", "size": "48x80", "num_inference_steps": 3, "seed": 5, **body})
+
+
 def test_ulysses_replica_under_ray_gives_single_rank_pixels(flux_dev_dir, tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text("denoiser:\n  ulysses_degree: 2\n")
     serve, http_port, _ = start_serve(flux_dev_dir, "--config", str(config), ray=True, timeout_s=180)
     try:
-        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/images/generations", timeout=120,
-                       json={"prompt": "a cat", "size": "48x80", "num_inference_steps": 3, "seed": 5})
+        r = _post(http_port)
         assert r.status_code == 200, r.text
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))).astype(int)
+        ranks = subprocess.run(["pgrep", "-f", "DenoiserRank"], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 1, "rank 1 should be a Ray actor of the replica's placement group"
+
+        subprocess.run(["kill", "-9", *ranks])  # rank 1 dies between requests
+        time.sleep(1)
+        r = _post(http_port)
+        assert r.status_code == 503 and "restarted" in r.json()["error"]["message"], r.text
+        assert _post(http_port).status_code == 200  # served by the rebuilt replica
     finally:
         serve.stop()
     router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"))
