@@ -9,7 +9,7 @@ torch.distributed: NCCL with one GPU per rank on CUDA, gloo on CPU (the same cod
 Failure: before each request rank 0 checks that every follower is alive; a dead follower fails
 the request with StageUnavailableError and the group is rebuilt (new processes, new process
 group) on the next request. A rank that dies mid-request makes the others' collectives fail
-within `collective_timeout_s` instead of hanging."""
+(at once when its connections drop, at the latest after COLLECTIVE_TIMEOUT_S) instead of hanging."""
 
 from __future__ import annotations
 
@@ -97,9 +97,6 @@ class ProcessRanks:
         for p in self.procs:
             p.start()
 
-    def rank0_gpu(self) -> int:
-        return 0
-
     def dead(self) -> list[int]:
         return [i + 1 for i, p in enumerate(self.procs) if not p.is_alive()]
 
@@ -137,7 +134,7 @@ class DenoiserGroup:
 
         address = f"{self.ranks.host}:{_free_port()}"
         self.ranks.start(self.world, address, self.config)
-        config = rank_config(self.config, self.ranks.rank0_gpu())
+        config = rank_config(self.config, 0)  # rank 0: the first GPU this process sees
         _init(0, self.world, address, config.device)
         self.stage = DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
         self.device = self.stage.device

@@ -58,9 +58,6 @@ class RayActorRanks:
             self.runs.append(actor.run.remote(r, world, address, rank_config(config, 0)))
             self.actors.append(actor)
 
-    def rank0_gpu(self) -> int:
-        return 0
-
     def dead(self) -> list[int]:
         import ray
 
