@@ -99,11 +99,8 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, int
     return statistics.median(times), peak, out
 
 
-def sp_step(native, inp, rope, mesh):
-    """One ditserve forward with the image tokens sharded over the ring x ulysses ranks."""
-    from services.denoiser.parallel.context import SequenceParallel
-
-    sp = SequenceParallel(mesh, inp["ctx"].shape[1], inp["x"].shape[1])
+def sp_step(native, inp, rope, sp):
+    """One ditserve forward with the tokens sharded over the ring x ulysses ranks."""
     text, image = sp.shard(inp["ctx"], inp["x"])
     with torch.inference_mode(), sp.active():
         local = native(image, text, inp["pooled"], inp["t"], sp.shard_rope(rope), inp["guidance"])
@@ -134,13 +131,14 @@ def _parallel_rank(rank: int, args, port: int) -> None:
     cfg = FluxConfig.from_dict(cfg_dict)
     ref, native = build_models(cfg_dict, device, dtype)
     one_gpu = native
+    native.fuse_projections()  # as the denoiser stage does at load
     if args.tp_size > 1:  # this rank's shard of the same weights
         from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
 
         with torch.device("meta"):
             native = FluxTransformer(cfg, tp=TensorParallel(mesh.group("tp")))
         native.load_state_dict(shard_state_dict(native, ref.state_dict()), assign=True)
-        native.eval().requires_grad_(False)
+        native.eval().requires_grad_(False).fuse_projections()
     inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])
@@ -168,13 +166,16 @@ def _parallel_rank(rank: int, args, port: int) -> None:
     rows = []
     base_ms, _, base_out = timed_all(single)
     rows.append(("ditserve 1 GPU eager", base_ms, base_out))
-    rows.append((f"ditserve {label} eager", *timed_all(lambda: sp_step(native, inp, rope, mesh))[::2]))
+    from services.denoiser.parallel.context import SequenceParallel
+
+    sp = SequenceParallel(mesh, inp["ctx"].shape[1], inp["x"].shape[1])  # one per layout, as the runner keeps
+    rows.append((f"ditserve {label} eager", *timed_all(lambda: sp_step(native, inp, rope, sp))[::2]))
     for model in {id(one_gpu): one_gpu, id(native): native}.values():
         for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
             block.compile()
     one_ms, _, one_out = timed_all(single)
     rows.append(("ditserve 1 GPU compiled", one_ms, one_out))
-    rows.append((f"ditserve {label} compiled", *timed_all(lambda: sp_step(native, inp, rope, mesh))[::2]))
+    rows.append((f"ditserve {label} compiled", *timed_all(lambda: sp_step(native, inp, rope, sp))[::2]))
     try:
         from diffusers import ContextParallelConfig
 
@@ -275,11 +276,17 @@ def main() -> None:
         err = ((out - baseline[1]).norm() / baseline[1].norm()).item()
         rows.append((name, (ms, peak, err, first_s), None))
 
+    # diffusers first; then its module goes and ditserve fuses its projections as the
+    # denoiser stage does at load, so each row's peak memory holds one set of weights.
     run("diffusers eager", diffusers_step, args.warmup)
-    run("ditserve eager", ditserve_step, args.warmup)
+    run("ditserve eager, unfused", ditserve_step, args.warmup)
     if not args.no_compile:
         ref.compile_repeated_blocks(fullgraph=True)
         run("diffusers compiled", diffusers_step, args.warmup)
+    del ref
+    native.fuse_projections()
+    run("ditserve eager", ditserve_step, args.warmup)
+    if not args.no_compile:
         for block in [*native.transformer_blocks, *native.single_transformer_blocks]:
             block.compile(fullgraph=True)
         run("ditserve compiled", ditserve_step, args.warmup)

@@ -13,20 +13,26 @@ call in that measurement, so we leave the pick to torch."""
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-
 import torch
 import torch.nn.functional as F
 
-# The SequenceParallel of the forward in progress on this thread, if any.
-active_parallel: ContextVar[object | None] = ContextVar("active_parallel", default=None)
+# The SequenceParallel of the forward in progress, if any. A plain module global rather than a
+# ContextVar: torch.compile(fullgraph=True) cannot trace ContextVar.get, and a denoiser process
+# runs one forward at a time (its stage is serialised).
+_active_parallel = None
+
+
+def set_active_parallel(parallel) -> object:
+    """Make `parallel` the active one; returns the previous value, for restoring."""
+    global _active_parallel
+    previous, _active_parallel = _active_parallel, parallel
+    return previous
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors; returns [B, S, H, D]."""
-    parallel = active_parallel.get()
-    if parallel is not None:
-        return parallel.attention(query, key, value)
+    if _active_parallel is not None:
+        return _active_parallel.attention(query, key, value)
     return local_attention(query, key, value)
 
 

@@ -43,6 +43,7 @@ class DenoiserRunner:
         mesh: ParallelMesh | None = None,
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
+        self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
 
     def prepare(
         self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int, h: int, w: int
@@ -53,13 +54,21 @@ class DenoiserRunner:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
         sp = None
         if self.mesh is not None and self.mesh.sp_size > 1:
-            sp = SequenceParallel(self.mesh, positive.prompt_embeds.shape[1], img_ids.shape[0])
+            sp = self._sequence_parallel(positive.prompt_embeds.shape[1], img_ids.shape[0])
         return StepInputs(
             positive=self._branch(positive, img_ids),
             negative=self._branch(negative, img_ids) if negative is not None else None,
             guidance=guidance,
             sp=sp,
         )
+
+    def _sequence_parallel(self, text_tokens: int, image_tokens: int) -> SequenceParallel:
+        # One object per token layout: torch.compile guards on the active one's identity, so a
+        # new object per request would recompile every compiled block.
+        key = (text_tokens, image_tokens)
+        if key not in self._sp_cache:
+            self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
+        return self._sp_cache[key]
 
     def _branch(self, cond: Conditioning, img_ids: torch.Tensor) -> BranchInputs:
         embeds = cond.prompt_embeds.to(self.device, self.dtype)

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from services.denoiser.attention import active_parallel, local_attention
+from services.denoiser.attention import local_attention, set_active_parallel
 from services.denoiser.parallel.comm import all_to_all
 from services.denoiser.parallel.mesh import ParallelMesh, even_split, offsets
 from services.denoiser.parallel.ring import ring_attention
@@ -78,8 +78,8 @@ class SequenceParallel:
 
     @contextmanager
     def active(self):
-        token = active_parallel.set(self)
+        previous = set_active_parallel(self)
         try:
             yield self
         finally:
-            active_parallel.reset(token)
+            set_active_parallel(previous)
