@@ -131,14 +131,13 @@ def _parallel_rank(rank: int, args, port: int) -> None:
     cfg = FluxConfig.from_dict(cfg_dict)
     ref, native = build_models(cfg_dict, device, dtype)
     one_gpu = native
-    native.fuse_projections()  # as the denoiser stage does at load
     if args.tp_size > 1:  # this rank's shard of the same weights
         from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
 
         with torch.device("meta"):
             native = FluxTransformer(cfg, tp=TensorParallel(mesh.group("tp")))
         native.load_state_dict(shard_state_dict(native, ref.state_dict()), assign=True)
-        native.eval().requires_grad_(False).fuse_projections()
+        native.eval().requires_grad_(False)
     inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])
@@ -276,17 +275,11 @@ def main() -> None:
         err = ((out - baseline[1]).norm() / baseline[1].norm()).item()
         rows.append((name, (ms, peak, err, first_s), None))
 
-    # diffusers first; then its module goes and ditserve fuses its projections as the
-    # denoiser stage does at load, so each row's peak memory holds one set of weights.
     run("diffusers eager", diffusers_step, args.warmup)
-    run("ditserve eager, unfused", ditserve_step, args.warmup)
+    run("ditserve eager", ditserve_step, args.warmup)
     if not args.no_compile:
         ref.compile_repeated_blocks(fullgraph=True)
         run("diffusers compiled", diffusers_step, args.warmup)
-    del ref
-    native.fuse_projections()
-    run("ditserve eager", ditserve_step, args.warmup)
-    if not args.no_compile:
         for block in [*native.transformer_blocks, *native.single_transformer_blocks]:
             block.compile(fullgraph=True)
         run("ditserve compiled", ditserve_step, args.warmup)

@@ -36,7 +36,6 @@ class DenoiserStage:
         transformer = load_native_transformer(
             self.model, self.spec.denoiser, dtype=self.dtype, device=self.device, tp=tp
         )
-        transformer.fuse_projections()
         self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"))
         # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
         self.layout = PackedLatents2x2(transformer.config.in_channels // 4, self.model.vae_scale_factor)

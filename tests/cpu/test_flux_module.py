@@ -98,17 +98,3 @@ def test_wrong_transformer_class_is_rejected(flux_dev_dir, tmp_path):
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnsupportedModelError, match="SD3Transformer2DModel"):
         load_native_transformer(ModelDir(bad), "flux", dtype=torch.float32, device=torch.device("cpu"))
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_fused_projections_match_the_checkpoint_layout(flux_dev_dir, dtype, tol):
-    native = load_native_transformer(ModelDir(flux_dev_dir), "flux", dtype=dtype, device=torch.device("cpu"))
-    x, ctx, pooled, t, guidance, img_ids, txt_ids = _inputs(native.config, 2, 6, 10, 13)
-    x, ctx, pooled = x.to(dtype), ctx.to(dtype), pooled.to(dtype)
-    rope = native.rope(txt_ids, img_ids)
-    with torch.no_grad():
-        unfused = native(x, ctx, pooled, t, rope, guidance).float()
-        native.fuse_projections()
-        fused = native(x, ctx, pooled, t, rope, guidance).float()
-    assert not hasattr(native.single_transformer_blocks[0], "proj_mlp")  # the originals are freed
-    assert _rel_err(fused, unfused) <= tol

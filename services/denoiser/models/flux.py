@@ -147,22 +147,6 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[0](x))
 
 
-class FusedProjection(nn.Module):
-    """Several linears that read the same input, run as one GEMM: one wider matmul keeps the
-    tensor cores busier than three or four narrow ones and launches once. Built after loading
-    (FluxTransformer.fuse_projections) from the checkpoint's own layers, so loading stays a
-    strict key match; under TP it concatenates this rank's shards."""
-
-    def __init__(self, linears: list[nn.Linear]):
-        super().__init__()
-        self.sizes = [lin.out_features for lin in linears]
-        self.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
-        self.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-
-
 class _GeluProj(nn.Module):
     def __init__(self, dim: int, hidden: int, tp: TensorParallel | None):
         super().__init__()
@@ -202,43 +186,18 @@ class FluxAttention(nn.Module):
             self.to_out = nn.ModuleList([RowParallelLinear(inner, dim, tp)])
             self.to_add_out = RowParallelLinear(inner, dim, tp)
 
-        self.fused_qkv: FusedProjection | None = None
-        self.fused_added_qkv: FusedProjection | None = None
+    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
+        q = norm_q(to_q(x).unflatten(-1, (-1, self.head_dim)))
+        k = norm_k(to_k(x).unflatten(-1, (-1, self.head_dim)))
+        v = to_v(x).unflatten(-1, (-1, self.head_dim))
+        return q, k, v
 
-    def fuse(self) -> None:
-        self.fused_qkv = FusedProjection([self.to_q, self.to_k, self.to_v])
-        del self.to_q, self.to_k, self.to_v
-        if hasattr(self, "add_q_proj"):
-            self.fused_added_qkv = FusedProjection([self.add_q_proj, self.add_k_proj, self.add_v_proj])
-            del self.add_q_proj, self.add_k_proj, self.add_v_proj
-
-    def _heads(self, q, k, v, norm_q, norm_k):
-        q = norm_q(q.unflatten(-1, (-1, self.head_dim)))
-        k = norm_k(k.unflatten(-1, (-1, self.head_dim)))
-        return q, k, v.unflatten(-1, (-1, self.head_dim))
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.fused_qkv is not None:
-            return self.fused_qkv(x)
-        return self.to_q(x), self.to_k(x), self.to_v(x)
-
-    def _project_context(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.fused_added_qkv is not None:
-            return self.fused_added_qkv(c)
-        return self.add_q_proj(c), self.add_k_proj(c), self.add_v_proj(c)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        context: torch.Tensor | None = None,
-        projected: tuple[torch.Tensor, ...] | None = None,
-    ):
-        """`projected`: x's q, k, v already computed by the caller (a single block fuses them
-        with its MLP input projection)."""
-        q, k, v = self._heads(*(projected or self._project(x)), self.norm_q, self.norm_k)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if context is not None:
-            cq, ck, cv = self._heads(*self._project_context(context), self.norm_added_q, self.norm_added_k)
+            cq, ck, cv = self._qkv(
+                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
+            )
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -293,23 +252,12 @@ class FluxSingleBlock(nn.Module):
         # Its input is [attention output | MLP hidden], each sharded on its own under TP.
         self.proj_out = RowParallelLinear(dim + hidden, dim, tp, blocks=[dim, hidden])
         self.attn = FluxAttention(dim, heads, head_dim, context=False, eps=1e-6, tp=tp)
-        self.fused_in: FusedProjection | None = None
-
-    def fuse(self) -> None:
-        """q, k, v and the MLP's input projection all read the same modulated tokens: one GEMM."""
-        a = self.attn
-        self.fused_in = FusedProjection([a.to_q, a.to_k, a.to_v, self.proj_mlp])
-        del a.to_q, a.to_k, a.to_v, self.proj_mlp
 
     def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        if self.fused_in is not None:
-            q, k, v, mlp = self.fused_in(h)
-            attn = self.attn(h, rope, projected=(q, k, v))
-        else:
-            mlp, attn = self.proj_mlp(h), self.attn(h, rope)
-        out = self.proj_out(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=2))
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
@@ -342,13 +290,6 @@ class FluxTransformer(nn.Module):
         )
         self.norm_out = AdaLNModulation(dim, 2)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
-
-    def fuse_projections(self) -> None:
-        """Fuse every block's input projections (after loading; see FusedProjection)."""
-        for block in self.transformer_blocks:
-            block.attn.fuse()
-        for block in self.single_transformer_blocks:
-            block.fuse()
 
     def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for the joint [text; image] sequence (once per request)."""
