@@ -21,7 +21,7 @@ from services.gateway.api_types import ImageGenerationBody
 from services.gateway.images import MIME_TYPES, encode_images
 from services.gateway.store import ImageStore
 from services.runtime import metrics
-from services.runtime.errors import HTTP_STATUS, DitserveError, ModelNotFoundError, RequestCancelledError
+from services.runtime.errors import HTTP_STATUS, DitserveError, ModelNotFoundError, RequestCancelledError, lookup
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,7 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 def _error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, DitserveError):
-        for cls in type(exc).__mro__:
-            if cls in HTTP_STATUS:
-                status, type_ = HTTP_STATUS[cls]
-                break
-        else:
-            status, type_ = 500, "server_error"
+        status, type_ = lookup(HTTP_STATUS, exc, (500, "server_error"))
         return JSONResponse(error_body(str(exc), type_, exc.code, getattr(exc, "param", None)), status_code=status)
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error", "internal_error"), 500)
 

@@ -89,6 +89,14 @@ GRPC_STATUS = {
 _BY_CODE = {cls.code: cls for cls in HTTP_STATUS}
 
 
+def lookup(table: dict, exc: BaseException, default):
+    """`table`'s entry for the nearest class of `exc` (HTTP_STATUS, GRPC_STATUS), else `default`."""
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]
+    return default
+
+
 def from_code(code: str, message: str) -> DitserveError:
     """Rebuild the typed error a remote stage reported (its `code` travels in gRPC metadata)."""
     return _BY_CODE.get(code, DitserveError)(message)

@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.codec import GRPC_OPTIONS
-from services.runtime.errors import GRPC_STATUS, DitserveError
+from services.runtime.errors import GRPC_STATUS, DitserveError, lookup
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +18,7 @@ ERROR_CODE_KEY = "ditserve-error-code"
 
 
 def status_for(exc: DitserveError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in GRPC_STATUS:
-            return getattr(grpc.StatusCode, GRPC_STATUS[cls])
-    return grpc.StatusCode.INTERNAL
+    return getattr(grpc.StatusCode, lookup(GRPC_STATUS, exc, "INTERNAL"))
 
 
 def abort_with(context: grpc.ServicerContext, exc: Exception):

@@ -26,39 +26,33 @@ def _map(stage: str, exc: BaseException) -> BaseException:
     return StageUnavailableError(f"{stage} call failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
 
 
-async def _call(stage: str, response, timeout_s: float | None):
+async def _guarded(stage: str, call, work, timeout_s: float | None):
+    """Await `work` (a handle call, or the consumption of a streaming one) within the deadline;
+    cancel `call` on the replica when the deadline passes or our caller gives up."""
     try:
-        return await asyncio.wait_for(response, timeout_s) if timeout_s else await response
+        return await asyncio.wait_for(work, timeout_s) if timeout_s else await work
     except asyncio.TimeoutError:
-        response.cancel()
+        call.cancel()
         raise DeadlineExceededError(f"{stage} call exceeded its deadline") from None
     except asyncio.CancelledError:
-        response.cancel()
+        call.cancel()
         raise
     except Exception as exc:
         raise _map(stage, exc) from None
 
 
+async def _call(stage: str, response, timeout_s: float | None):
+    return await _guarded(stage, response, response, timeout_s)
+
+
 async def _stream(stage: str, gen, on_item, timeout_s: float | None):
-    """Consume a streaming handle call, cancelling it on deadline or when our caller gives up."""
+    """Consume a streaming handle call item by item."""
 
     async def consume():
         async for item in gen:
             on_item(item)
 
-    try:
-        if timeout_s:
-            await asyncio.wait_for(consume(), timeout_s)
-        else:
-            await consume()
-    except asyncio.TimeoutError:
-        gen.cancel()
-        raise DeadlineExceededError(f"{stage} call exceeded its deadline") from None
-    except asyncio.CancelledError:
-        gen.cancel()
-        raise
-    except Exception as exc:
-        raise _map(stage, exc) from None
+    await _guarded(stage, gen, consume(), timeout_s)
 
 
 async def _progress_then_result(stage: str, gen, on_step: StepCallback | None, timeout_s: float | None):
