@@ -169,12 +169,20 @@ def _parallel_rank(rank: int, args, port: int) -> None:
 
     sp = SequenceParallel(mesh, inp["ctx"].shape[1], inp["x"].shape[1])  # one per layout, as the runner keeps
     rows.append((f"ditserve {label} eager", *timed_all(lambda: sp_step(native, inp, rope, sp))[::2]))
+    from services.denoiser.compile import compile_blocks
+    from services.denoiser.quant import apply_precision
+
     for model in {id(one_gpu): one_gpu, id(native): native}.values():
-        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
-            block.compile()
+        compile_blocks(model, overlap_comm=True)  # as the service compiles a multi-rank replica
     one_ms, _, one_out = timed_all(single)
     rows.append(("ditserve 1 GPU compiled", one_ms, one_out))
     rows.append((f"ditserve {label} compiled", *timed_all(lambda: sp_step(native, inp, rope, sp))[::2]))
+    if cuda:
+        with torch.device("meta"):
+            fp8 = FluxTransformer(cfg, tp=native.transformer_blocks[0].attn.to_q.tp)
+        fp8.load_state_dict(native.state_dict(), strict=True, assign=True)
+        compile_blocks(apply_precision(fp8.eval().requires_grad_(False), "fp8"))
+        rows.append((f"ditserve {label} fp8 compiled", *timed_all(lambda: sp_step(fp8, inp, rope, sp))[::2]))
     try:
         from diffusers import ContextParallelConfig
 
@@ -203,6 +211,79 @@ def _parallel_rank(rank: int, args, port: int) -> None:
     dist.destroy_process_group()
 
 
+def matmul_ceiling(device: torch.device) -> dict[str, float]:
+    """Measured TFLOP/s of a large square matmul on this card, bf16 and fp8 (row-wise scales):
+    the ceiling the step's TFLOP/s is compared with."""
+    if device.type != "cuda":
+        return {}
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    out = {"bf16": 2 * n**3 / timed(lambda: a @ b, device, 3, 20)[0] / 1e9}
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+    out["fp8"] = 2 * n**3 / timed(lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+                                  device, 3, 20)[0] / 1e9
+    return out
+
+
+def host_to_device_gib_s(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("inf")
+    host = torch.empty(2**30, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(2**30, dtype=torch.uint8, device=device)
+    return 1.0 / (timed(lambda: dev.copy_(host, non_blocking=True), device, 2, 5)[0] / 1e3)
+
+
+class Table:
+    """Rows of one run. Ratios are against the diffusers rows of the same run; rel err is against
+    the row named in `err_vs` (diffusers eager unless the row says otherwise)."""
+
+    def __init__(self, device, iters: int, flops: float, ceiling: dict[str, float]):
+        self.device, self.iters, self.flops, self.ceiling = device, iters, flops, ceiling
+        self.rows: list[tuple] = []
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.ms: dict[str, float] = {}
+
+    def run(self, name: str, fn, warmup: int, precision: str = "bf16", err_vs: str = "diffusers eager",
+            not_mine_bytes: int = 0) -> None:
+        """`not_mine_bytes`: device memory held only for other rows, left out of this row's peak."""
+        try:
+            t0 = time.perf_counter()
+            ms, peak, out = timed(fn, self.device, warmup, self.iters)
+            first_s = time.perf_counter() - t0
+        except Exception as exc:  # a row that cannot run is reported, not fatal
+            self.rows.append((name, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"))
+            return
+        out, peak = out.float(), peak - not_mine_bytes
+        self.outputs[name], self.ms[name] = out, ms
+        ref = self.outputs.get(err_vs, out)
+        err = ((out - ref).norm() / ref.norm()).item()
+        self.rows.append((name, (ms, peak, err, err_vs if name != err_vs else "", first_s, precision), None))
+
+    def print(self, title: str) -> None:
+        print(title)
+        if self.ceiling:
+            print("matmul ceiling measured in this run (8192^3): "
+                  + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in self.ceiling.items()))
+        eager, compiled = self.ms.get("diffusers eager"), self.ms.get("diffusers compiled")
+        print("| config | ms/step | vs diffusers eager | vs diffusers compiled | TFLOP/s | % of ceiling | peak GiB "
+              "| rel err | vs | warm-up+timed s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+        for name, res, failure in self.rows:
+            if res is None:
+                print(f"| {name} | failed: {failure} |")
+                continue
+            ms, peak, err, vs, first_s, precision = res
+            tflops = self.flops / ms / 1e9
+            pct = f"{tflops / self.ceiling[precision] * 100:.0f}% ({precision})" if precision in self.ceiling else "-"
+            print(f"| {name} | {ms:.2f} | {_ratio(eager, ms)} | {_ratio(compiled, ms)} | {tflops:.0f} | {pct} | "
+                  f"{peak / 2**30:.2f} | {err:.1e} | {vs} | {first_s:.1f} |")
+
+
+def _ratio(base: float | None, ms: float) -> str:
+    return f"{base / ms:.2f}x" if base else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="flux-dev")
@@ -215,6 +296,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 row")
+    ap.add_argument("--offload", action="store_true",
+                    help="layerwise offload against the resident model (ditserve only; no diffusers rows)")
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[1, 2], help="offload prefetch depths to run")
     ap.add_argument("--ulysses-degree", type=int, default=1, help="> 1: a multi-GPU run (one process per GPU)")
     ap.add_argument("--ring-degree", type=int, default=1)
     ap.add_argument("--tp-size", type=int, default=1)
@@ -230,9 +315,16 @@ def main() -> None:
             port = sock.getsockname()[1]
         mp.spawn(_parallel_rank, args=(args, port), nprocs=world)
         return
-
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    (run_offload if args.offload else run_single)(args, device, dtype)
+
+
+def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
+    """diffusers eager / compiled, ditserve eager / compiled, ditserve fp8 compiled."""
+    from services.denoiser.compile import compile_blocks
+    from services.denoiser.quant import apply_precision
+
     cfg_dict = MODELS[args.model]
     cfg = FluxConfig.from_dict(cfg_dict)
     t_build = time.perf_counter()
@@ -240,7 +332,7 @@ def main() -> None:
     build_s = time.perf_counter() - t_build
     inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
     n_img = inp["x"].shape[1]
-    flops = step_flops(cfg, n_img, args.text_len, args.batch)
+    table = Table(device, args.iters, step_flops(cfg, n_img, args.text_len, args.batch), matmul_ceiling(device))
 
     def diffusers_step():
         with torch.inference_mode():
@@ -253,55 +345,91 @@ def main() -> None:
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])  # once per request in the runner
 
-    def ditserve_step():
+    def step(model):
+        def fn():
+            with torch.inference_mode():
+                return model(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
+        return fn
+
+    table.run("diffusers eager", diffusers_step, args.warmup)
+    table.run("ditserve eager", step(native), args.warmup)
+    if not args.no_compile:
+        ref.compile_repeated_blocks(fullgraph=True)
+        table.run("diffusers compiled", diffusers_step, args.warmup)
+        compile_blocks(native)  # the service's own compile path
+        table.run("ditserve compiled", step(native), args.warmup)
+    if not args.no_fp8 and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)):
+        with torch.device("meta"):
+            fp8 = FluxTransformer(cfg)
+        fp8.load_state_dict(native.state_dict(), strict=True, assign=True)  # shares the bf16 tensors...
+        before = {id(p) for p in fp8.parameters()}
+        apply_precision(fp8.eval().requires_grad_(False), "fp8")  # ...then swaps the blocks' for e4m3 copies
+        # the bf16 weights it replaced stay on the device for the other rows; a replica drops them
+        replaced = sum(p.numel() * p.element_size() for p in native.parameters() if id(p) in before) - sum(
+            p.numel() * p.element_size() for p in fp8.parameters() if id(p) in before)
+        if not args.no_compile:
+            compile_blocks(fp8)
+        base = "ditserve compiled" if not args.no_compile else "ditserve eager"
+        table.run(f"ditserve fp8{' compiled' if not args.no_compile else ''}", step(fp8), args.warmup, "fp8", base,
+                  not_mine_bytes=replaced)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    table.print(
+        f"\n{args.model} {args.height}x{args.width} ({n_img} image + {args.text_len} text tokens), batch {args.batch}, "
+        f"{str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; {table.flops / 1e12:.1f} TFLOP/step; "
+        f"weights built in {build_s:.1f}s"
+    )
+
+
+def run_offload(args, device: torch.device, dtype: torch.dtype) -> None:
+    """ditserve compiled with layerwise offload (each prefetch depth), then resident, one process:
+    peak memory is what each configuration itself allocates on the device."""
+    from services.denoiser.compile import compile_blocks
+    from services.denoiser.offload import enable_layerwise_offload
+
+    cfg_dict = MODELS[args.model]
+    cfg = FluxConfig.from_dict(cfg_dict)
+    with torch.device("meta"):
+        native = FluxTransformer(cfg)
+    host = materialise(lambda: FluxTransformer(cfg), device, dtype).cpu()  # the device's RNG is faster
+    native.load_state_dict(host.state_dict(), strict=True, assign=True)
+    native.eval().requires_grad_(False)
+    inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
+    table = Table(device, args.iters, step_flops(cfg, inp["x"].shape[1], args.text_len, args.batch),
+                  matmul_ceiling(device))
+    bandwidth = host_to_device_gib_s(device)
+    if not args.no_compile:
+        compile_blocks(native)
+    with torch.inference_mode():
+        rope = native.rope(inp["txt_ids"], inp["img_ids"])
+
+    def step():
         with torch.inference_mode():
             return native(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
 
-    rows = []
-    baseline = None
-
-    def run(name, fn, warmup):
-        nonlocal baseline
-        try:
-            t0 = time.perf_counter()
-            ms, peak, out = timed(fn, device, warmup, args.iters)
-            first_s = time.perf_counter() - t0
-        except Exception as exc:  # a row that cannot run (e.g. compile unsupported) is reported, not fatal
-            rows.append((name, None, str(exc).splitlines()[0][:60]))
-            return
-        out = out.float()
-        if baseline is None:
-            baseline = (ms, out)
-        err = ((out - baseline[1]).norm() / baseline[1].norm()).item()
-        rows.append((name, (ms, peak, err, first_s), None))
-
-    run("diffusers eager", diffusers_step, args.warmup)
-    run("ditserve eager", ditserve_step, args.warmup)
-    if not args.no_compile:
-        ref.compile_repeated_blocks(fullgraph=True)
-        run("diffusers compiled", diffusers_step, args.warmup)
-        for block in [*native.transformer_blocks, *native.single_transformer_blocks]:
-            block.compile(fullgraph=True)
-        run("ditserve compiled", ditserve_step, args.warmup)
-
+    for depth in args.prefetch:
+        offload = enable_layerwise_offload(native, device, depth)
+        table.run(f"ditserve offload prefetch {depth}", step, args.warmup, err_vs="ditserve resident")
+        offload.remove()
+    native.to(device)
+    table.run("ditserve resident", step, args.warmup, err_vs="ditserve resident")
+    # offload rows came first; recompute their errors against the resident row now that it exists
+    resident = table.outputs["ditserve resident"]
+    table.rows = [(n, (r[0], r[1], ((table.outputs[n] - resident).norm() / resident.norm()).item(), *r[3:])
+                   if r else None, f) for n, r, f in table.rows]
+    layer_gib = max(sum(p.numel() * p.element_size() for p in b.parameters())
+                    for b in [*native.transformer_blocks, *native.single_transformer_blocks]) / 2**30
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        f"\n{args.model} {args.height}x{args.width} ({n_img} image + {args.text_len} text tokens), batch {args.batch}, "
-        f"{str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; {flops / 1e12:.1f} TFLOP/step; "
-        f"weights built in {build_s:.1f}s"
+    table.print(
+        f"\n{args.model} {args.height}x{args.width}, layerwise offload, {name}, torch {torch.__version__}; "
+        f"host->device {bandwidth:.1f} GiB/s measured; largest block {layer_gib:.2f} GiB = "
+        f"{layer_gib / bandwidth * 1e3:.1f} ms to copy"
     )
-    print(f"| {'config':<20} | {'ms/step':>8} | {'vs diffusers eager':>18} | {'TFLOP/s':>7} | {'peak GiB':>8} | "
-          f"{'rel err':>8} | {'warm-up+timed s':>15} |")
-    print(f"|{'-' * 22}|{'-' * 9}:|{'-' * 19}:|{'-' * 8}:|{'-' * 9}:|{'-' * 9}:|{'-' * 16}:|")
-    for row_name, res, failure in rows:
-        if res is None:
-            print(f"| {row_name:<20} | failed: {failure}")
-            continue
-        ms, peak, err, first_s = res
-        print(
-            f"| {row_name:<20} | {ms:8.2f} | {baseline[0] / ms:17.2f}x | {flops / ms / 1e9:7.0f} | "
-            f"{peak / 2**30:8.2f} | {err:8.1e} | {first_s:15.1f} |"
-        )
+    ms, peak = table.ms["ditserve resident"], next(r[1][1] for r in table.rows if r[0] == "ditserve resident")
+    for name, res, _ in table.rows:
+        if res is not None and name != "ditserve resident":
+            print(f"{name}: {(res[0] / ms - 1) * 100:+.1f}% time per step, peak {res[1] / max(peak, 1) * 100:.0f}% "
+                  f"of resident")
 
 
 if __name__ == "__main__":

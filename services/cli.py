@@ -38,23 +38,39 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
-    _add_parallel_flags(p)
+    _add_denoiser_flags(p)
     p.add_argument("--output", "-o", default="out.png", help="output file (.png, .jpg, .webp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
 
 
-def _add_parallel_flags(p) -> None:
+def _add_denoiser_flags(p) -> None:
+    """The DenoiserOptions fields as flags; unset ones keep the config's value (serve) or the default."""
     g = p.add_argument_group("denoiser parallelism (ranks = cfg x ring x ulysses x tp; CPU processes without CUDA)")
-    g.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence parallelism (all-to-all)")
-    g.add_argument("--ring-degree", type=int, default=1, help="ring attention sequence parallelism")
-    g.add_argument("--tp-size", type=int, default=1, help="tensor parallelism (must divide the head count)")
-    g.add_argument("--cfg-parallel", action="store_true", help="true-CFG branches on different ranks (x2 ranks)")
+    g.add_argument("--ulysses-degree", type=int, help="Ulysses sequence parallelism (all-to-all)")
+    g.add_argument("--ring-degree", type=int, help="ring attention sequence parallelism")
+    g.add_argument("--tp-size", type=int, help="tensor parallelism (must divide the head count)")
+    g.add_argument("--cfg-parallel", action="store_true", default=None,
+                   help="true-CFG branches on different ranks (x2 ranks)")
+    g = p.add_argument_group("denoiser speed and memory")
+    g.add_argument("--dit-precision", dest="precision", choices=["default", "fp8"],
+                   help="fp8: e4m3 linears with row-wise scales (Hopper or newer); default: the --dtype")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT blocks (default: on with CUDA)")
+    g.add_argument("--compile-cache-dir", help="persistent compile cache, so a restart skips compiling")
+    g.add_argument("--warmup-resolutions", nargs="+", metavar="WxH", help="sizes to compile and run once at start")
+    g.add_argument("--dit-layerwise-offload", dest="layerwise_offload", action="store_true", default=None,
+                   help="DiT weights in pinned host memory, each block copied in while the previous one runs")
+    g.add_argument("--offload-prefetch", type=int, help="blocks copied ahead (default 1)")
 
 
-def _denoiser_parallel(args) -> dict:
-    return dict(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, tp_size=args.tp_size,
-                cfg_parallel=args.cfg_parallel)
+_FLAG_NAMES = {"precision": "--dit-precision", "layerwise_offload": "--dit-layerwise-offload"}
+_DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "compile",
+                   "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch")
+
+
+def _denoiser_options(args) -> dict:
+    return {k: getattr(args, k) for k in _DENOISER_FLAGS if getattr(args, k) is not None}
 
 
 def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
@@ -100,7 +116,7 @@ def _generate(args) -> int:
 
     model, spec = resolve(config.model_path)
     resolve_request(request, model, spec)  # size / length errors before the slow loads
-    router = build_in_process_router(config, denoiser_parallel=_denoiser_parallel(args))
+    router = build_in_process_router(config, denoiser_options=_denoiser_options(args))
 
     bar = None
     if not args.no_progress:
@@ -147,7 +163,7 @@ def _add_worker(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port (printed when ready)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    _add_parallel_flags(p)
+    _add_denoiser_flags(p)
     p.set_defaults(func=_worker)
 
 
@@ -160,11 +176,12 @@ def _worker(args) -> int:
     from services.runtime.grpc_server import start_server
 
     base = dict(model_path=args.model_path, device=args.device, dtype=args.dtype)
-    parallel = _denoiser_parallel(args)
+    options = _denoiser_options(args)
     if args.role == "denoiser":
-        config = DenoiserConfig(**base, **parallel)
-    elif any(v not in (1, False) for v in parallel.values()):
-        raise InvalidRequestError("--ulysses-degree / --ring-degree / --tp-size / --cfg-parallel are denoiser options")
+        config = DenoiserConfig(**base, **options)
+    elif options:
+        flags = ", ".join(_FLAG_NAMES.get(k, "--" + k.replace("_", "-")) for k in options)
+        raise InvalidRequestError(f"{flags}: denoiser options, not for --role {args.role}")
     else:
         config = StageConfig(**base)
     stage_cls, service_cls, grpc_name = _ROLES[args.role]
@@ -194,6 +211,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-ray", action="store_true", help="no Ray: router in this process, stages in-process or --*-address")
     for stage in ("encoder", "denoiser", "vae"):
         p.add_argument(f"--{stage}-address", help=f"with --no-ray: host:port of a `ditserve worker --role {stage}`")
+    _add_denoiser_flags(p)
     p.set_defaults(func=_serve)
 
 
@@ -215,6 +233,8 @@ def serve_config_from_args(args):
     for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype", "ray_address"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
+    if _denoiser_options(args):
+        data.setdefault("denoiser", {}).update(_denoiser_options(args))
     for stage in ("encoder", "denoiser", "vae"):
         address = getattr(args, f"{stage}_address")
         if address:
@@ -346,14 +366,14 @@ async def run_server(config, ready: "asyncio.Event | None" = None) -> int:
     return 0
 
 
-def build_in_process_router(config, router_config=None, denoiser_parallel: dict | None = None):
+def build_in_process_router(config, router_config=None, denoiser_options: dict | None = None):
     """All three stages in this process behind the router (`generate`, tests); a parallel
     denoiser's extra ranks are processes of its own."""
     from services.runtime.config import RouterConfig, ServeConfig
 
     return build_router(
         ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype,
-                    router=router_config or RouterConfig(), denoiser=denoiser_parallel or {})
+                    router=router_config or RouterConfig(), denoiser=denoiser_options or {})
     )
 
 
@@ -373,8 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    from pydantic import ValidationError
+
+    from services.runtime.config import invalid_request_from
+
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except ValidationError as exc:  # a config built from flags: bad input, said in one line
+            raise invalid_request_from(exc) from None
     except DitserveError as exc:
         if args.verbose:
             raise

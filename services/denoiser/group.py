@@ -130,7 +130,7 @@ class DenoiserGroup:
         self._start()
 
     def _start(self) -> None:
-        from services.denoiser.stage import DenoiserStage
+        from services.denoiser.stage import DenoiserStage, warm_up
 
         address = f"{self.ranks.host}:{_free_port()}"
         self.ranks.start(self.world, address, self.config)
@@ -139,6 +139,7 @@ class DenoiserGroup:
         self.stage = DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
         self.device = self.stage.device
         self.healthy = True
+        warm_up(self, self.config)
 
     def _stop(self) -> None:
         self.ranks.stop()

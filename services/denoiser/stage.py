@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
+from services.denoiser.compile import compile_blocks, parse_size, should_compile, use_compile_cache
 from services.denoiser.latents import PackedLatents2x2, initial_noise
 from services.denoiser.loop import sample
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
+from services.denoiser.quant import apply_precision
 from services.denoiser.runner import DenoiserRunner
 from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
 from services.runtime.config import DenoiserConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
-from services.runtime.messages import DenoiseRequest, DenoiseResponse
+from services.runtime.errors import InvalidRequestError
+from services.runtime.messages import Conditioning, DenoiseRequest, DenoiseResponse
 from services.runtime.registry import resolve
 
 
@@ -29,17 +34,32 @@ class DenoiserStage:
         return super().__new__(cls)
 
     def __init__(self, config: StageConfig, mesh: ParallelMesh | None = None):
+        if not isinstance(config, DenoiserConfig):
+            config = DenoiserConfig(**config.model_dump())
+        self.config = config
         self.model, self.spec = resolve(config.model_path)
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         tp = TensorParallel(mesh.group("tp")) if mesh is not None and mesh.degrees.tp > 1 else None
+        # With offload the weights are read into host memory; only what stays resident moves.
+        load_device = torch.device("cpu") if config.layerwise_offload else self.device
         transformer = load_native_transformer(
-            self.model, self.spec.denoiser, dtype=self.dtype, device=self.device, tp=tp
+            self.model, self.spec.denoiser, dtype=self.dtype, device=load_device, tp=tp
         )
+        apply_precision(transformer, config.precision)
+        if config.layerwise_offload:
+            from services.denoiser.offload import enable_layerwise_offload
+
+            self.offload = enable_layerwise_offload(transformer, self.device, config.offload_prefetch)
+        if should_compile(config.compile, self.device):
+            use_compile_cache(config.compile_cache_dir)
+            compile_blocks(transformer, overlap_comm=mesh is not None)
         self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"))
         # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
         self.layout = PackedLatents2x2(transformer.config.in_channels // 4, self.model.vae_scale_factor)
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh)
+        if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
+            warm_up(self, config)
 
     def denoise(
         self, request: DenoiseRequest, on_step: Callable[[int, int], None] | None = None
@@ -55,3 +75,25 @@ class DenoiserStage:
             latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step)
             out = self.layout.unpack(latents, h, w)
         return DenoiseResponse(latents=out, metrics=metrics)
+
+
+def warm_up(stage, config: DenoiserConfig) -> None:
+    """One single-step request per --warmup-resolutions size (batch 1, the model's default text
+    length), so compiling and autotuning happen before the replica takes traffic."""
+    if not config.warmup_resolutions:
+        return
+    model, spec = resolve(config.model_path)
+    transformer = model.component_config("transformer")
+    multiple = spec.size_multiple(model)
+    text_len = spec.defaults(model).max_sequence_length
+    for size in config.warmup_resolutions:
+        height, width = parse_size(size)
+        if height % multiple or width % multiple:
+            raise InvalidRequestError(f"warmup resolution {size}: sides must be multiples of {multiple}",
+                                      "warmup_resolutions")
+        cond = Conditioning(
+            prompt_embeds=torch.zeros(1, text_len, transformer["joint_attention_dim"]),
+            pooled_prompt_embeds=torch.zeros(1, transformer["pooled_projection_dim"]),
+        )
+        stage.denoise(DenoiseRequest(positive=cond, negative=None, height=height, width=width,
+                                     num_inference_steps=1, guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0]))

@@ -5,6 +5,7 @@ spec is known; what is checked here is what is wrong for every model."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,7 @@ from services.runtime.errors import InvalidRequestError
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_SIDE_PX = 4096
+_SIZE = re.compile(r"(\d+)x(\d+)")
 
 
 class GenerateRequest(BaseModel):
@@ -61,19 +63,49 @@ class StageConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: per device
 
 
-class DenoiserConfig(StageConfig):
-    """The denoiser stage: where it runs and how one replica spreads over ranks.
+class DenoiserOptions(BaseModel):
+    """How one denoiser replica runs: its parallel layout and its speed / memory options.
+    Shared by the stage config (DenoiserConfig) and the serve config's denoiser pool.
     Ranks = (2 if cfg_parallel else 1) x ring_degree x ulysses_degree x tp_size."""
+
+    model_config = ConfigDict(extra="forbid")
 
     ulysses_degree: int = Field(1, ge=1)
     ring_degree: int = Field(1, ge=1)
     tp_size: int = Field(1, ge=1)
     # Conditional and unconditional branches (true CFG) on different ranks.
     cfg_parallel: bool = False
+    # fp8: the blocks' linears in e4m3 with row-wise scales (services/denoiser/quant.py).
+    precision: Literal["default", "fp8"] = "default"
+    # torch.compile of the repeated blocks, static shapes; None = on when the device is CUDA.
+    compile: bool | None = None
+    # Where compiled kernels persist (inductor + Triton caches), so a restart skips the compile.
+    # Mount a volume here in a container; None = torch's default under /tmp.
+    compile_cache_dir: Path | None = None
+    # "WIDTHxHEIGHT" sizes to compile and run once at start, before the replica takes requests.
+    warmup_resolutions: list[str] = Field(default_factory=list)
+    # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
+    layerwise_offload: bool = False
+    offload_prefetch: int = Field(1, ge=1, description="blocks copied ahead of the one computing")
+
+    @field_validator("warmup_resolutions")
+    @classmethod
+    def _sizes(cls, v: list[str]) -> list[str]:
+        for size in v:
+            if not _SIZE.fullmatch(size) or not all(0 < int(x) <= MAX_SIDE_PX for x in size.split("x")):
+                raise ValueError(f"warmup resolution '{size}' is not WIDTHxHEIGHT (each 1..{MAX_SIDE_PX})")
+        return v
 
     @property
     def world_size(self) -> int:
         return (2 if self.cfg_parallel else 1) * self.ring_degree * self.ulysses_degree * self.tp_size
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in DenoiserOptions.model_fields}
+
+
+class DenoiserConfig(StageConfig, DenoiserOptions):
+    """The denoiser stage: where it runs and how one replica spreads over ranks."""
 
 
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
@@ -130,17 +162,8 @@ class StageEndpoint(Deployment):
     address: str | None = None  # host:port of a `ditserve worker` (no-Ray mode only)
 
 
-class DenoiserEndpoint(StageEndpoint):
-    """The denoiser pool; each replica may span several ranks (see DenoiserConfig)."""
-
-    ulysses_degree: int = Field(1, ge=1)
-    ring_degree: int = Field(1, ge=1)
-    tp_size: int = Field(1, ge=1)
-    cfg_parallel: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return (2 if self.cfg_parallel else 1) * self.ring_degree * self.ulysses_degree * self.tp_size
+class DenoiserEndpoint(StageEndpoint, DenoiserOptions):
+    """The denoiser pool; each replica may span several ranks (see DenoiserOptions)."""
 
     def ray_options(self) -> dict:
         """A multi-rank replica owns a placement group: one bundle per rank (num_cpus / num_gpus
@@ -188,7 +211,5 @@ class ServeConfig(BaseModel):
     def stage_config(self, role: str = "encoder") -> StageConfig:
         base = dict(model_path=self.model_path, device=self.device, dtype=self.dtype)
         if role == "denoiser":
-            d = self.denoiser
-            return DenoiserConfig(**base, ulysses_degree=d.ulysses_degree, ring_degree=d.ring_degree,
-                                  tp_size=d.tp_size, cfg_parallel=d.cfg_parallel)
+            return DenoiserConfig(**base, **self.denoiser.options())
         return StageConfig(**base)

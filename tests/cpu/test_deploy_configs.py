@@ -52,13 +52,9 @@ def test_serve_flags_override_the_config_file(tmp_path, capsys):
 
 
 def test_ditserve_serve_reads_a_ray_serve_config(tmp_path):
-    import argparse
+    from services.cli import build_parser, serve_config_from_args
 
-    from services.cli import serve_config_from_args
-
-    args = argparse.Namespace(config=str(DEPLOY / "serve.yaml"), no_ray=False, model_path=None, served_model_name=None,
-                              host="127.0.0.1", port=None, grpc_port=None, device=None, dtype=None, ray_address=None,
-                              encoder_address=None, denoiser_address=None, vae_address=None)
+    args = build_parser().parse_args(["serve", "--config", str(DEPLOY / "serve.yaml"), "--host", "127.0.0.1"])
     config = serve_config_from_args(args)
     assert (config.host, config.port, config.grpc_port) == ("127.0.0.1", 8000, 9000)
     assert config.denoiser.autoscaling.max_replicas == 4

@@ -41,7 +41,7 @@ def single_rank(flux_dev_dir):
 )
 def test_parallel_replica_gives_single_rank_pixels(flux_dev_dir, single_rank, parallel):
     router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"),
-                                     denoiser_parallel=parallel)
+                                     denoiser_options=parallel)
     try:
         for name, size in (("square", dict(height=64, width=64)), ("wide", {})):
             got = _generate(router, **size)
@@ -56,7 +56,7 @@ def test_parallel_replica_gives_single_rank_pixels(flux_dev_dir, single_rank, pa
 
 def test_dead_rank_fails_cleanly_and_the_replica_is_rebuilt(flux_dev_dir, single_rank):
     router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"),
-                                     denoiser_parallel=dict(ulysses_degree=2))
+                                     denoiser_options=dict(ulysses_degree=2))
     group = router.denoiser.stage
     try:
         assert np.abs(_generate(router) - single_rank["wide"]).max() <= 1

@@ -153,7 +153,7 @@ class _GeluProj(nn.Module):
         self.proj = ColumnParallelLinear(dim, hidden, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return self.proj.forward_gelu(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +256,8 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=2))
+        mlp = self.proj_mlp.forward_gelu(h)
+        out = self.proj_out.forward_pieces([self.attn(h, rope), mlp])
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

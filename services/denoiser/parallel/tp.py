@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from services.denoiser.quant import linear
+
 
 class TensorParallel:
     def __init__(self, group):
@@ -39,6 +41,18 @@ class ColumnParallelLinear(nn.Linear):
         n = full.shape[0] // self.tp.size
         return full[self.tp.rank * n : (self.tp.rank + 1) * n]
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, getattr(self, "weight_scale", None))
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(tanh)(x W^T + b). On CUDA in bf16/fp16, cuBLASLt applies the GELU in the GEMM's
+        epilogue (in fp32, before rounding) instead of a second pass over the [tokens, 4 x dim]
+        output; inductor keeps the call as is (it has no decomposition for it)."""
+        if x.is_cuda and self.bias is not None and self.weight.dtype in (torch.bfloat16, torch.float16):
+            y = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return F.gelu(self(x), approximate="tanh")
+
 
 class RowParallelLinear(nn.Linear):
     """`blocks`: the input is a concatenation of independently sharded pieces of these full sizes
@@ -62,9 +76,22 @@ class RowParallelLinear(nn.Linear):
         return torch.cat(pieces, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pieces([x])
+
+    def forward_pieces(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """forward(torch.cat(pieces, -1)) without building the concatenation: one GEMM per piece
+        of the input (the pieces of `blocks`), summed. Saves Flux's single blocks a copy of
+        [tokens, 5 x dim] per layer; the sum fuses into the residual add that follows."""
+        scale = getattr(self, "weight_scale", None)
+        weights = self.weight.split([p.shape[-1] for p in pieces], dim=1) if len(pieces) > 1 else [self.weight]
+        # Without TP the bias rides in the first GEMM's epilogue; with TP it is added once, after
+        # the all-reduce of the partial products.
+        bias = self.bias if self.tp is None else None
+        y = linear(pieces[0], weights[0], bias, scale)
+        for piece, weight in zip(pieces[1:], weights[1:]):
+            y = y + linear(piece, weight, None, scale)
         if self.tp is None:
-            return super().forward(x)
-        y = F.linear(x, self.weight)
+            return y
         dist.all_reduce(y, group=self.tp.group)
         return y + self.bias if self.bias is not None else y
 
