@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance-scale", type=float, help="distilled guidance (default: the model's, 3.5 for dev)")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
+    p.add_argument("--lora-path", action="append", default=[], metavar="FILE",
+                   help="a LoRA safetensors file (any common Flux format); repeat to stack adapters")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                   help="strength of the matching --lora-path, in order (default 1.0)")
+    _add_cache_flags(p, "this request")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
     _add_denoiser_flags(p)
@@ -62,11 +68,42 @@ def _add_denoiser_flags(p) -> None:
     g.add_argument("--dit-layerwise-offload", dest="layerwise_offload", action="store_true", default=None,
                    help="DiT weights in pinned host memory, each block copied in while the previous one runs")
     g.add_argument("--offload-prefetch", type=int, help="blocks copied ahead (default 1)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-dir", help="request LoRA paths resolve here; nothing outside it is read")
+    g.add_argument("--max-loras", type=int, help="adapters a denoiser replica keeps loaded (default 8)")
+
+
+_CACHE_FLAGS = {  # flag -> CachePolicy field
+    "--cache-preset": "preset", "--cache-fn-compute-blocks": "Fn_compute_blocks",
+    "--cache-bn-compute-blocks": "Bn_compute_blocks", "--cache-residual-diff-threshold": "residual_diff_threshold",
+    "--cache-max-warmup-steps": "max_warmup_steps", "--cache-max-cached-steps": "max_cached_steps",
+    "--cache-max-continuous-cached-steps": "max_continuous_cached_steps",
+    "--cache-taylorseer-order": "taylorseer_order",
+}
+
+
+def _add_cache_flags(p, what: str) -> None:
+    g = p.add_argument_group(f"DiT cache ({what}; DBCache semantics, see README)")
+    for flag, field in _CACHE_FLAGS.items():
+        if field == "preset":
+            g.add_argument(flag, dest="cache_preset", choices=["off", "slow", "medium", "fast", "ultra"])
+        else:
+            g.add_argument(flag, dest=f"cache_{field}", type=float if "threshold" in field else int)
+
+
+def _cache_policy(args) -> dict | None:
+    fields = {f: getattr(args, f"cache_{f}") for f in _CACHE_FLAGS.values() if getattr(args, f"cache_{f}") is not None}
+    if not fields:
+        return None
+    if fields.get("preset") == "off":
+        return {"enabled": False}
+    return fields
 
 
 _FLAG_NAMES = {"precision": "--dit-precision", "layerwise_offload": "--dit-layerwise-offload"}
 _DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "compile",
-                   "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch")
+                   "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch", "lora_dir",
+                   "max_loras")
 
 
 def _denoiser_options(args) -> dict:
@@ -90,6 +127,15 @@ def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)], fmt
 
 
+def _lora_refs(paths: list[str], scales: list[float]) -> list[dict]:
+    if len(scales) > len(paths):
+        raise InvalidRequestError(f"{len(scales)} --lora-scale values for {len(paths)} --lora-path files", "lora_scale")
+    scales = scales + [1.0] * (len(paths) - len(scales))
+    # The file's stem labels the adapter in errors; it need only be a valid adapter name.
+    return [dict(name=re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(p).stem).lstrip("._-") or "lora", path=p, strength=s)
+            for p, s in zip(paths, scales)]
+
+
 def _generate(args) -> int:
     # Check everything we can before loading weights, so bad input fails in milliseconds.
     from services.runtime.config import GenerateRequest, StageConfig
@@ -107,6 +153,8 @@ def _generate(args) -> int:
         max_sequence_length=args.max_sequence_length,
         n=args.num_images,
         output_format=fmt,
+        lora=_lora_refs(args.lora_path, args.lora_scale),
+        cache=_cache_policy(args),
     )
     config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype)
 
@@ -143,7 +191,10 @@ def _generate(args) -> int:
     stages = "  ".join(
         f"{name} {m.seconds:.2f}s peak {m.peak_memory_bytes / 2**20:.0f} MiB" for name, m in result.stages.items()
     )
-    print(f"{result.request.num_inference_steps} steps, total {result.total_seconds:.2f}s  ({stages})")
+    steps = f"{result.request.num_inference_steps} steps"
+    if result.cache_stats is not None:
+        steps += f" ({result.cache_stats.computed_steps} computed, {result.cache_stats.cached_steps} from the DiT cache)"
+    print(f"{steps}, total {result.total_seconds:.2f}s  ({stages})")
     return 0
 
 
@@ -212,6 +263,7 @@ def _add_serve(sub) -> None:
     for stage in ("encoder", "denoiser", "vae"):
         p.add_argument(f"--{stage}-address", help=f"with --no-ray: host:port of a `ditserve worker --role {stage}`")
     _add_denoiser_flags(p)
+    _add_cache_flags(p, "the default of requests that set none")
     p.set_defaults(func=_serve)
 
 
@@ -235,6 +287,8 @@ def serve_config_from_args(args):
             data[key] = getattr(args, key)
     if _denoiser_options(args):
         data.setdefault("denoiser", {}).update(_denoiser_options(args))
+    if _cache_policy(args) is not None:
+        data.setdefault("router", {})["cache"] = _cache_policy(args)
     for stage in ("encoder", "denoiser", "vae"):
         address = getattr(args, f"{stage}_address")
         if address:
@@ -263,10 +317,12 @@ def _from_ray_serve_config(raw: dict) -> dict:
     return data
 
 
-def build_router(config):
-    """The router with each stage in-process or behind its gRPC worker, as `config` says."""
+def build_router(config, allow_any_lora_path: bool = False):
+    """The router with each stage in-process or behind its gRPC worker, as `config` says.
+    `allow_any_lora_path`: request LoRA paths need no --lora-dir (`generate`: the user's files)."""
     import importlib
 
+    from services.router.loras import lora_resolver
     from services.router.router import Router
     from services.runtime import grpc_client, stage_client
     from services.runtime.registry import resolve
@@ -280,7 +336,8 @@ def build_router(config):
         else:
             stage = getattr(importlib.import_module(f"services.{role}.stage"), stage_cls)(config.stage_config(role))
             clients[role] = getattr(stage_client, f"InProcess{grpc_name}")(stage)
-    return Router(model, spec, clients["encoder"], clients["denoiser"], clients["vae"], config.router)
+    loras = lora_resolver(model, spec, config.denoiser.lora_dir, allow_any_lora_path)
+    return Router(model, spec, clients["encoder"], clients["denoiser"], clients["vae"], config.router, loras)
 
 
 def _serve(args) -> int:
@@ -373,7 +430,8 @@ def build_in_process_router(config, router_config=None, denoiser_options: dict |
 
     return build_router(
         ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype,
-                    router=router_config or RouterConfig(), denoiser=denoiser_options or {})
+                    router=router_config or RouterConfig(), denoiser=denoiser_options or {}),
+        allow_any_lora_path=True,
     )
 
 

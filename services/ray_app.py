@@ -55,6 +55,7 @@ class StageDeployment:
 
 class RouterDeployment:
     def __init__(self, config: dict, encoder, denoiser, vae):
+        from services.router.loras import lora_resolver
         from services.router.router import Router
         from services.runtime.ray_client import RayStageClient
         from services.runtime.registry import resolve
@@ -68,10 +69,14 @@ class RouterDeployment:
             RayStageClient("denoiser", denoiser),
             RayStageClient("vae", vae),
             cfg.router,
+            lora_resolver(model, spec, cfg.denoiser.lora_dir),
         )
 
     async def ready(self) -> dict[str, bool]:
         return await self.router.ready()
+
+    async def lora_admin(self, op: str, **fields) -> dict:
+        return await self.router.lora_admin(op, **fields)
 
     async def generate_stream(self, request, timeout_s: float | None):
         async for item in with_progress(lambda on_step: self.router.generate(request, on_step, timeout_s)):

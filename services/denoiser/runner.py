@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from services.denoiser.cache import BlockCache
 from services.denoiser.latents import PackedLatents2x2
-from services.denoiser.parallel.comm import all_to_all, broadcast_flag
+from services.denoiser.parallel.comm import all_to_all, broadcast_flag, mean_over
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.mesh import ParallelMesh
-from services.runtime.messages import Conditioning
+from services.runtime.cache_policy import ResolvedCache
+from services.runtime.messages import CacheStats, Conditioning
 
 
 @dataclass
@@ -23,6 +25,7 @@ class BranchInputs:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
+    cache: BlockCache | None = None  # this branch's DiT cache state, when the request asked
 
 
 @dataclass
@@ -31,6 +34,13 @@ class StepInputs:
     negative: BranchInputs | None
     guidance: torch.Tensor | None
     sp: SequenceParallel | None = None
+
+    def cache_stats(self) -> CacheStats | None:
+        """The request's steps as the positive branch ran them (computed / from the cache)."""
+        cache = self.positive.cache
+        if cache is None or not cache.enabled:
+            return None
+        return CacheStats(computed_steps=cache.computed_steps, cached_steps=cache.cached_steps)
 
 
 class DenoiserRunner:
@@ -46,7 +56,8 @@ class DenoiserRunner:
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
 
     def prepare(
-        self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int, h: int, w: int
+        self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int, h: int, w: int,
+        cache: ResolvedCache | None = None,
     ) -> StepInputs:
         img_ids = self.layout.image_ids(h, w, self.device)
         guidance = None
@@ -56,11 +67,16 @@ class DenoiserRunner:
         if self.mesh is not None and self.mesh.sp_size > 1:
             sp = self._sequence_parallel(positive.prompt_embeds.shape[1], img_ids.shape[0])
         return StepInputs(
-            positive=self._branch(positive, img_ids),
-            negative=self._branch(negative, img_ids) if negative is not None else None,
+            positive=self._branch(positive, img_ids, cache),
+            negative=self._branch(negative, img_ids, cache) if negative is not None else None,
             guidance=guidance,
             sp=sp,
         )
+
+    def _agree(self, metric: torch.Tensor) -> torch.Tensor:
+        """Every rank of a branch takes the same caching decision: the mean of their metrics."""
+        dims = [d for d in ("ring", "ulysses", "tp") if getattr(self.mesh.degrees, d) > 1]
+        return mean_over(metric, [self.mesh.group(d) for d in dims])
 
     def _sequence_parallel(self, text_tokens: int, image_tokens: int) -> SequenceParallel:
         # One object per token layout: torch.compile guards on the active one's identity, so a
@@ -70,13 +86,15 @@ class DenoiserRunner:
             self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
         return self._sp_cache[key]
 
-    def _branch(self, cond: Conditioning, img_ids: torch.Tensor) -> BranchInputs:
+    def _branch(self, cond: Conditioning, img_ids: torch.Tensor, cache: ResolvedCache | None) -> BranchInputs:
         embeds = cond.prompt_embeds.to(self.device, self.dtype)
         txt_ids = self.layout.text_ids(embeds.shape[1], self.device)
+        agree = self._agree if self.mesh is not None and self.mesh.degrees.world_size > 1 else None
         return BranchInputs(
             prompt_embeds=embeds,
             pooled_prompt_embeds=cond.pooled_prompt_embeds.to(self.device, self.dtype),
             rope=self.model.rope(txt_ids, img_ids),
+            cache=BlockCache(cache, agree) if cache is not None and cache.enabled else None,
         )
 
     @torch.inference_mode()
@@ -93,12 +111,14 @@ class DenoiserRunner:
         sp = inputs.sp
         if sp is None:
             return self.model(
-                latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance
+                latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance,
+                cache=branch.cache,
             )
         text, image = sp.shard(branch.prompt_embeds, latents)
         with sp.active():
             local = self.model(
-                image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance
+                image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance,
+                cache=branch.cache,
             )
         return sp.gather_image(local)
 

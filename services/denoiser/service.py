@@ -48,6 +48,8 @@ class DenoiserService(stages_pb2_grpc.DenoiserServicer):
                 continue
             for chunk in tensor_chunks(item.latents):
                 yield stages_pb2.DenoiseEvent(latents=chunk)
+            if item.cache_stats is not None:
+                yield stages_pb2.DenoiseEvent(cache_stats=wire.cache_stats_to_proto(item.cache_stats))
             yield stages_pb2.DenoiseEvent(metrics=wire.metrics_to_proto(item.metrics))
 
     def add_to(self, server) -> None:

@@ -11,6 +11,9 @@ import torch
 
 from services.denoiser.compile import compile_blocks, parse_size, should_compile, use_compile_cache
 from services.denoiser.latents import PackedLatents2x2, initial_noise
+from services.denoiser.lora.apply import LoraRunner
+from services.denoiser.lora.formats import flux_module_shapes
+from services.denoiser.lora.store import AdapterStore
 from services.denoiser.loop import sample
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
@@ -20,6 +23,7 @@ from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
 from services.runtime.config import DenoiserConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
+from services.runtime.cache_policy import CachePolicy
 from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import Conditioning, DenoiseRequest, DenoiseResponse
 from services.runtime.registry import resolve
@@ -58,6 +62,8 @@ class DenoiserStage:
         # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
         self.layout = PackedLatents2x2(transformer.config.in_channels // 4, self.model.vae_scale_factor)
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh)
+        self.lora = LoraRunner(transformer, self.device)
+        self.adapters = AdapterStore(flux_module_shapes(transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
             warm_up(self, config)
 
@@ -69,12 +75,32 @@ class DenoiserStage:
             noise = initial_noise(request.seeds, (self.layout.channels, h, w), self.dtype, self.device)
             latents = self.layout.pack(noise)
             schedule = self.schedule.for_request(request.num_inference_steps, latents.shape[1], self.device)
+            cache = CachePolicy(**request.cache).resolved(request.num_inference_steps) if request.cache else None
             inputs = self.runner.prepare(
-                request.positive, request.negative, request.guidance_scale, len(request.seeds), h, w
+                request.positive, request.negative, request.guidance_scale, len(request.seeds), h, w, cache
             )
-            latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step)
+            self._use_loras(request)
+            try:
+                latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step)
+            finally:
+                self.lora.deactivate()
             out = self.layout.unpack(latents, h, w)
-        return DenoiseResponse(latents=out, metrics=metrics)
+        return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
+
+    def _use_loras(self, request: DenoiseRequest) -> None:
+        """One LoRA set for the whole batch: merged into the weights (no per-step cost, kept for
+        the next batch with the same set). Mixed sets: per-sample updates at run time."""
+        if not any(request.loras):
+            self.lora.unmerge()
+            return
+        if len(request.loras) != len(request.seeds):
+            raise InvalidRequestError(f"{len(request.loras)} LoRA lists for {len(request.seeds)} images", "lora")
+        per_sample = [[(self.adapters.get(ref), ref.strength) for ref in refs] for refs in request.loras]
+        keys = {tuple((ref.path, ref.strength) for ref in refs) for refs in request.loras}
+        if len(keys) == 1 and self.lora.can_merge():
+            self.lora.merge(keys.pop(), per_sample[0])
+        else:
+            self.lora.activate(per_sample, self.dtype)
 
 
 def warm_up(stage, config: DenoiserConfig) -> None:

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.runtime.config import MAX_IMAGES_PER_REQUEST, GenerateRequest
+from services.runtime.cache_policy import CachePolicy
+from services.runtime.config import MAX_IMAGES_PER_REQUEST, MAX_LORAS_PER_REQUEST, GenerateRequest, LoraRef
 from services.runtime.errors import InvalidRequestError
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -34,6 +35,8 @@ class ImageGenerationBody(BaseModel):
     true_cfg_scale: float = 1.0
     max_sequence_length: int | None = None
     timeout_s: float | None = Field(None, gt=0, description="per-request deadline")
+    lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
+    cache: CachePolicy | None = None
 
     def to_generate_request(self) -> GenerateRequest:
         width = height = None
@@ -54,4 +57,17 @@ class ImageGenerationBody(BaseModel):
             n=self.n,
             max_sequence_length=self.max_sequence_length,
             output_format=self.output_format,
+            lora=self.lora,
+            cache=self.cache,
         )
+
+
+class SetLoraBody(BaseModel):
+    """POST /v1/set_lora (SGLang-Diffusion's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_nickname: str = Field(min_length=1, max_length=128)
+    lora_path: str | None = None
+    strength: float | None = Field(None, ge=-10.0, le=10.0)
+    target: str | None = None

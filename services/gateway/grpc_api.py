@@ -15,10 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.gateway.images import MIME_TYPES, encode_images
-from services.runtime import metrics
+from services.runtime import metrics, wire
 from services.runtime.codec import GRPC_OPTIONS
 from services.runtime.config import GenerateRequest
-from services.runtime.errors import DitserveError, InvalidRequestError, ModelNotFoundError
+from services.runtime.errors import DitserveError, ModelNotFoundError
 from services.runtime.grpc_server import ERROR_CODE_KEY, status_for
 from services.runtime.proto import common_pb2, generation_pb2, generation_pb2_grpc
 from services.runtime.streams import with_progress
@@ -30,8 +30,8 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
     def opt(name):
         return getattr(m, name) if m.HasField(name) else None
 
-    if len(m.lora):
-        raise InvalidRequestError("per-request LoRA is not available yet", "lora")
+    lora = [dict(name=a.name, path=a.path or None, strength=a.strength if a.HasField("strength") else 1.0)
+            for a in m.lora]
     return GenerateRequest.parse(
         prompt=m.prompt,
         negative_prompt=opt("negative_prompt"),
@@ -44,6 +44,8 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
         n=m.n or 1,
         max_sequence_length=opt("max_sequence_length"),
         output_format=m.output_format or "png",
+        lora=lora,
+        cache=wire.cache_policy_from_proto(m.cache) if m.HasField("cache") else None,
     )
 
 
@@ -65,6 +67,7 @@ async def response_to_proto(result, model_id: str) -> generation_pb2.GenerateRes
             generation_pb2.StageReport(stage=k, seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes)
             for k, m in result.stages.items()
         ],
+        cache_stats=wire.cache_stats_to_proto(result.cache_stats) if result.cache_stats is not None else None,
     )
 
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.api_types import ImageGenerationBody
+from services.gateway.api_types import ImageGenerationBody, SetLoraBody
 from services.gateway.images import MIME_TYPES, encode_images
 from services.gateway.store import ImageStore
 from services.runtime import metrics
@@ -109,6 +109,7 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
                 "peak_memory_bytes": {k: m.peak_memory_bytes for k, m in result.stages.items()},
                 "num_inference_steps": r.num_inference_steps,
                 "batch_size": result.batch_size,
+                "cache_stats": vars(result.cache_stats) if result.cache_stats is not None else None,
             }
         except Exception as exc:
             status = getattr(exc, "code", "internal_error")
@@ -116,6 +117,22 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
         finally:
             metrics.REQUESTS.labels("images.generations", card.id, status).inc()
             metrics.REQUEST_SECONDS.labels("images.generations", card.id, status).observe(time.perf_counter() - t0)
+
+    @app.post("/v1/set_lora")
+    async def set_lora(body: SetLoraBody):
+        return await router.lora_admin("set", **body.model_dump())
+
+    @app.post("/v1/merge_lora_weights")
+    async def merge_lora_weights():
+        return await router.lora_admin("merge")
+
+    @app.post("/v1/unmerge_lora_weights")
+    async def unmerge_lora_weights():
+        return await router.lora_admin("unmerge")
+
+    @app.get("/v1/list_loras")
+    async def list_loras():
+        return await router.lora_admin("list")
 
     @app.get("/v1/images/{image_id}/content", name="image_content")
     async def image_content(image_id: str):

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.runtime.cache_policy import CachePolicy
 from services.runtime.config import GenerateRequest
 from services.runtime.device import StageMeasurement
 from services.runtime.errors import InvalidRequestError
+from services.runtime.messages import AdapterRef, CacheStats
 from services.runtime.registry import ModelDir
 from services.runtime.spec import PipelineSpec
 
@@ -30,6 +32,10 @@ class ResolvedRequest:
     max_sequence_length: int
     seeds: tuple[int, ...]
     output_format: str
+    # Checked adapters (router/loras.py), applied to every image of the request.
+    loras: tuple[AdapterRef, ...] = ()
+    # The DiT cache policy (the request's or the server's); None: no caching.
+    cache: CachePolicy | None = None
 
     @property
     def true_cfg(self) -> bool:
@@ -46,6 +52,8 @@ class ResolvedRequest:
             self.guidance_scale,
             self.true_cfg_scale if self.true_cfg else None,
             self.max_sequence_length,
+            # A batch shares its caching decisions (services/denoiser/cache.py): one policy each.
+            self.cache.key() if self.cache is not None else None,
         )
 
 
@@ -62,9 +70,12 @@ class GenerateResult:
     stages: dict[str, StageMeasurement] = field(default_factory=dict)
     total_seconds: float = 0.0
     batch_size: int = 1  # images in the denoiser batch this request rode in
+    cache_stats: CacheStats | None = None  # denoiser steps computed / taken from the DiT cache
 
 
-def resolve_request(req: GenerateRequest, model: ModelDir, spec: PipelineSpec) -> ResolvedRequest:
+def resolve_request(
+    req: GenerateRequest, model: ModelDir, spec: PipelineSpec, default_cache: CachePolicy | None = None
+) -> ResolvedRequest:
     defaults = spec.defaults(model)
     height = req.height if req.height is not None else defaults.height
     width = req.width if req.width is not None else defaults.width
@@ -91,4 +102,9 @@ def resolve_request(req: GenerateRequest, model: ModelDir, spec: PipelineSpec) -
         # Image i of a request uses seed + i, so each image is reproducible on its own.
         seeds=tuple(seed + i for i in range(req.n)),
         output_format=req.output_format,
+        cache=_cache_policy(req.cache if req.cache is not None else default_cache),
     )
+
+
+def _cache_policy(policy: CachePolicy | None) -> CachePolicy | None:
+    return policy if policy is not None and policy.enabled else None

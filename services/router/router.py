@@ -6,15 +6,17 @@ clients (in-process, gRPC or Ray: the same async methods)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
 from services.router.batcher import Batcher
+from services.router.loras import LoraResolver
 from services.router.requests import GeneratedImage, GenerateResult, ResolvedRequest, resolve_request
 from services.runtime.config import GenerateRequest, RouterConfig
-from services.runtime.errors import DeadlineExceededError
+from services.runtime.errors import DeadlineExceededError, InvalidRequestError
 from services.runtime.messages import Conditioning, DecodeRequest, DenoiseRequest, EncodeRequest
 from services.runtime.registry import ModelDir
 from services.runtime.spec import PipelineSpec
@@ -37,8 +39,10 @@ class Router:
         denoiser: DenoiserClient,
         vae: VaeClient,
         config: RouterConfig | None = None,
+        loras: LoraResolver | None = None,
     ):
         self.model, self.spec = model, spec
+        self.loras = loras
         self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
         self.config = config or RouterConfig()
         self.batcher = Batcher(
@@ -49,13 +53,18 @@ class Router:
         )
 
     def resolve(self, req: GenerateRequest) -> ResolvedRequest:
-        return resolve_request(req, self.model, self.spec)
+        return resolve_request(req, self.model, self.spec, self.config.cache)
 
     async def generate(
         self, req: GenerateRequest, on_step: StepCallback | None = None, timeout_s: float | None = None
     ) -> GenerateResult:
         t0 = time.perf_counter()
         resolved = self.resolve(req)
+        if self.loras is not None:  # file checks: off the event loop
+            adapters = await asyncio.to_thread(self.loras.resolve, req.lora)
+            resolved = dataclasses.replace(resolved, loras=tuple(adapters))
+        elif req.lora:
+            raise InvalidRequestError("this server does not serve LoRA adapters", "lora")
         timeout_s = timeout_s or self.config.request_timeout_s
         job = _Job(resolved, on_step, time.monotonic() + timeout_s)
         try:
@@ -66,6 +75,40 @@ class Router:
             raise DeadlineExceededError(f"request did not finish within {timeout_s:g}s") from None
         result.total_seconds = time.perf_counter() - t0
         return result
+
+    async def lora_admin(self, op: str, **fields) -> dict:
+        """The server-wide LoRA endpoints (SGLang-Diffusion's names and fields): `set` registers
+        an adapter and makes it the default of requests that name none; `merge` / `unmerge`
+        switch that default on / off; `list` reports. Every replica reads adapters itself."""
+        if self.loras is None:
+            raise InvalidRequestError("this server does not serve LoRA adapters", "lora")
+        loras = self.loras
+        if op == "set":
+            target = fields.get("target") or "transformer"
+            if target not in ("transformer", "all"):
+                raise InvalidRequestError(f"LoRA target '{target}': only the transformer takes adapters", "target")
+            name, path = fields.get("lora_nickname"), fields.get("lora_path")
+            if not name:
+                raise InvalidRequestError("lora_nickname is required", "lora_nickname")
+            strength = float(fields.get("strength") if fields.get("strength") is not None else 1.0)
+            ref = await asyncio.to_thread(loras.register, name, path, strength) if path else None
+            if ref is None:
+                if name not in loras.registered:
+                    raise InvalidRequestError(f"unknown LoRA '{name}': give lora_path to register it", "lora_path")
+                ref = dataclasses.replace(loras.registered[name], strength=strength)
+            loras.default_set = [ref]
+            loras.default = list(loras.default_set)
+        elif op == "merge":
+            loras.default = list(getattr(loras, "default_set", []))
+        elif op == "unmerge":
+            loras.default = []
+        elif op != "list":
+            raise InvalidRequestError(f"unknown LoRA operation '{op}'")
+        return {
+            "loras": [{"lora_nickname": n, "lora_path": r.path} for n, r in sorted(loras.registered.items())],
+            "active": [{"lora_nickname": r.name, "strength": r.strength} for r in loras.default],
+            "merged": bool(loras.default),
+        }
 
     async def ready(self) -> dict[str, bool]:
         checks = await asyncio.gather(self.encoder.ready(), self.denoiser.ready(), self.vae.ready())
@@ -106,6 +149,9 @@ class Router:
                 guidance_scale=first.guidance_scale,
                 true_cfg_scale=first.true_cfg_scale,
                 seeds=[s for j in jobs for s in j.request.seeds],
+                loras=[list(j.request.loras) for j in jobs for _ in j.request.seeds]
+                if any(j.request.loras for j in jobs) else [],
+                cache=first.cache.model_dump(exclude_none=True) if first.cache is not None else None,
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),
@@ -118,6 +164,7 @@ class Router:
         for job, n in zip(jobs, counts):
             pixels = dec.images[start : start + n].numpy()
             images = [GeneratedImage(pixels=pixels[i], seed=s) for i, s in enumerate(job.request.seeds)]
-            results.append(GenerateResult(job.request, images, stages, batch_size=sum(counts)))
+            results.append(GenerateResult(job.request, images, stages, batch_size=sum(counts),
+                                          cache_stats=den.cache_stats))
             start += n
         return results

@@ -11,11 +11,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.runtime.cache_policy import CachePolicy
 from services.runtime.errors import InvalidRequestError
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_SIDE_PX = 4096
 _SIZE = re.compile(r"(\d+)x(\d+)")
+
+
+MAX_LORAS_PER_REQUEST = 8
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: a registered `name`, or `path` to a safetensors file
+    (relative to the server's --lora-dir; `name` then labels it in errors and stats)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    path: str | None = Field(None, min_length=1, max_length=4096)
+    strength: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class GenerateRequest(BaseModel):
@@ -36,6 +51,10 @@ class GenerateRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     max_sequence_length: int | None = Field(None, ge=1)
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    # Stacked in order; empty: the server's default set (POST /v1/set_lora), usually none.
+    lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
+    # DiT caching for this request (services/denoiser/cache.py); None: the server's default.
+    cache: CachePolicy | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -84,6 +103,10 @@ class DenoiserOptions(BaseModel):
     compile_cache_dir: Path | None = None
     # "WIDTHxHEIGHT" sizes to compile and run once at start, before the replica takes requests.
     warmup_resolutions: list[str] = Field(default_factory=list)
+    # Where request LoRA paths resolve; nothing outside it is read. None: request paths refused
+    # (registered names only) when serving; `generate` reads the files it is given.
+    lora_dir: Path | None = None
+    max_loras: int = Field(8, ge=1, description="adapters a replica keeps loaded (LRU)")
     # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
     layerwise_offload: bool = False
     offload_prefetch: int = Field(1, ge=1, description="blocks copied ahead of the one computing")
@@ -154,6 +177,8 @@ class RouterConfig(Deployment):
     max_batch_size: int = Field(4, ge=1, description="images per denoiser batch")
     max_queue: int = Field(64, ge=1, description="requests waiting for a batch before 429")
     request_timeout_s: float = Field(600.0, gt=0, description="default per-request deadline")
+    # The DiT cache policy of requests that set none (e.g. {"preset": "fast"}); None: no caching.
+    cache: CachePolicy | None = None
 
 
 class StageEndpoint(Deployment):

@@ -97,7 +97,7 @@ class GrpcDenoiserClient(_GrpcStage):
         self, request: DenoiseRequest, on_step: StepCallback | None = None, timeout_s: float | None = None
     ) -> DenoiseResponse:
         latents = TensorAssembler()
-        metrics = None
+        metrics = cache_stats = None
         call = self.stub.Denoise(wire.denoise_request_to_proto(request), timeout=timeout_s)
         try:
             async for event in call:
@@ -108,11 +108,13 @@ class GrpcDenoiserClient(_GrpcStage):
                     latents.add(event.latents)
                 elif kind == "metrics":
                     metrics = wire.metrics_from_proto(event.metrics)
+                elif kind == "cache_stats":
+                    cache_stats = wire.cache_stats_from_proto(event.cache_stats)
         except grpc.aio.AioRpcError as err:
             raise _typed_error(self.stage, self.address, err) from None
         if metrics is None:
             raise StageUnavailableError(f"denoiser at {self.address} ended its stream without a result")
-        return DenoiseResponse(latents=latents.tensor(), metrics=metrics)
+        return DenoiseResponse(latents=latents.tensor(), metrics=metrics, cache_stats=cache_stats)
 
 
 class GrpcVaeClient(_GrpcStage):

@@ -32,6 +32,21 @@ class Conditioning:
     pooled_prompt_embeds: torch.Tensor
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter as the denoiser receives it: the router has resolved and checked the path."""
+
+    name: str
+    path: str
+    strength: float
+
+
+@dataclass
+class CacheStats:
+    computed_steps: int = 0
+    cached_steps: int = 0
+
+
 @dataclass
 class DenoiseRequest:
     # Batch size B = len(seeds); conditioning rows are already repeated to B.
@@ -43,6 +58,10 @@ class DenoiseRequest:
     guidance_scale: float
     true_cfg_scale: float
     seeds: list[int]
+    # Empty, or one list per image (B entries): the adapters of that image.
+    loras: list[list[AdapterRef]] = field(default_factory=list)
+    # CachePolicy fields (services/runtime/cache_policy.py) shared by the whole batch; None: off.
+    cache: dict | None = None
 
 
 @dataclass
@@ -50,6 +69,7 @@ class DenoiseResponse:
     # Unpacked latents [B, C, H/f, W/f] in the DiT's latent space (VAE scaling not undone).
     latents: torch.Tensor
     metrics: StageMeasurement = field(default_factory=StageMeasurement)
+    cache_stats: CacheStats | None = None
 
 
 @dataclass

@@ -108,6 +108,9 @@ class RayRouterClient:
         # guards against a router replica that stops answering.
         return await _progress_then_result("router", gen, on_step, timeout_s + 5 if timeout_s else None)
 
+    async def lora_admin(self, op: str, **fields) -> dict:
+        return await _call("router", self.handle.lora_admin.remote(op, **fields), 60)
+
     async def ready(self) -> dict[str, bool]:
         try:
             return await _call("router", self.handle.ready.remote(), 10)

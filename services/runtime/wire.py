@@ -7,6 +7,8 @@ from __future__ import annotations
 from services.runtime.codec import tensor_from_proto, tensor_to_proto
 from services.runtime.device import StageMeasurement
 from services.runtime.messages import (
+    AdapterRef,
+    CacheStats,
     Conditioning,
     DecodeRequest,
     DenoiseRequest,
@@ -72,7 +74,33 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
     )
     if r.negative is not None:
         m.negative.CopyFrom(_cond_to_proto(r.negative))
+    for refs in r.loras:
+        m.sample_loras.add(adapters=[common_pb2.LoraAdapter(name=a.name, path=a.path, strength=a.strength)
+                                     for a in refs])
+    if r.cache is not None:
+        m.cache.CopyFrom(cache_policy_to_proto(r.cache))
     return m
+
+
+def cache_policy_to_proto(policy: dict) -> common_pb2.CachePolicy:
+    """CachePolicy fields (None = unset) -> proto; the preset is a plain string ("" = none)."""
+    fields = {k: v for k, v in policy.items() if v is not None}
+    return common_pb2.CachePolicy(**fields)
+
+
+def cache_policy_from_proto(m: common_pb2.CachePolicy) -> dict:
+    out = {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields if f.name != "preset" and m.HasField(f.name)}
+    if m.preset:
+        out["preset"] = m.preset
+    return out
+
+
+def cache_stats_to_proto(s: CacheStats) -> common_pb2.CacheStats:
+    return common_pb2.CacheStats(computed_steps=s.computed_steps, cached_steps=s.cached_steps)
+
+
+def cache_stats_from_proto(m: common_pb2.CacheStats) -> CacheStats:
+    return CacheStats(computed_steps=m.computed_steps, cached_steps=m.cached_steps)
 
 
 def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
@@ -85,6 +113,8 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         guidance_scale=m.guidance_scale,
         true_cfg_scale=m.true_cfg_scale,
         seeds=list(m.seeds),
+        loras=[[AdapterRef(a.name, a.path, a.strength) for a in sample.adapters] for sample in m.sample_loras],
+        cache=cache_policy_from_proto(m.cache) if m.HasField("cache") else None,
     )
 
 

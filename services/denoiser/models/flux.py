@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 
 from services.denoiser.attention import attention
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
+
+if TYPE_CHECKING:  # block cache
+    from services.denoiser.cache import BlockCache
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -303,15 +307,29 @@ class FluxTransformer(nn.Module):
         timestep: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         guidance: torch.Tensor | None = None,
+        *,
+        cache: BlockCache | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, N, C_in] packed latents; encoder_hidden_states [B, S, joint_dim];
-        pooled_projections [B, P]; timestep and guidance [B] in the pipeline's 0..1 scale."""
+        pooled_projections [B, P]; timestep and guidance [B] in the pipeline's 0..1 scale.
+        `cache` (one per request branch, see services/denoiser/cache.py) may skip middle blocks."""
         img = self.x_embedder(hidden_states)
         timestep = timestep.to(img.dtype) * 1000
         if guidance is not None:
             guidance = guidance.to(img.dtype) * 1000
         temb = self.time_text_embed(timestep, guidance, pooled_projections)
         txt = self.context_embedder(encoder_hidden_states)
+
+        # --- block cache (services/denoiser/cache.py) ---
+        if cache is not None and cache.enabled:
+            # DBCache needs the blocks as one chain on one tensor (one probe residual, one cached
+            # residual); the joint [text; image] state is what the single blocks already carry,
+            # so it covers both streams of the double blocks too.
+            text_len = txt.shape[1]
+            x = cache.run(self.block_steps(temb, rope, text_len), torch.cat([txt, img], dim=1))
+            scale, shift = self.norm_out(temb)  # the tail below, on the cached path's output
+            return self.proj_out(modulate(x[:, text_len:], shift, scale))
+        # --- end block cache ---
 
         for block in self.transformer_blocks:
             img, txt = block(img, txt, temb, rope)
@@ -325,3 +343,23 @@ class FluxTransformer(nn.Module):
         # norm_out's chunks are (scale, shift), the reverse of the blocks' (shift, scale).
         scale, shift = self.norm_out(temb)
         return self.proj_out(modulate(img, shift, scale))
+
+    # --- block cache (services/denoiser/cache.py) ---
+    def block_steps(self, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_len: int):
+        """One function per block (double, then single) on the joint state x = [text; image]."""
+
+        def double(block: FluxDoubleBlock):
+            def step(x: torch.Tensor) -> torch.Tensor:
+                # Contiguous like the uncached path's img/txt: compiled blocks (static strides)
+                # reuse their graphs and kernels, so a computed step gives the uncached bits.
+                img, txt = block(x[:, text_len:].contiguous(), x[:, :text_len].contiguous(), temb, rope)
+                return torch.cat([txt, img], dim=1)
+
+            return step
+
+        def single(block: FluxSingleBlock):
+            return lambda x: block(x, temb, rope)
+
+        return [double(b) for b in self.transformer_blocks] + [single(b) for b in self.single_transformer_blocks]
+
+    # --- end block cache ---

@@ -47,3 +47,14 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def mean_over(t: torch.Tensor, groups: list) -> torch.Tensor:
+    """Mean of `t` over the ranks of the product of `groups` (one all-reduce per group): the
+    value every rank of a sequence- / tensor-parallel branch agrees on."""
+    n = 1
+    for group in groups:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        n *= dist.get_world_size(group)
+    return t / n

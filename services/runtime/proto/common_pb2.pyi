@@ -41,3 +41,49 @@ class Progress(_message.Message):
     step: int
     total: int
     def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "path", "strength")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    strength: float
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class SampleLoras(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
+
+class CachePolicy(_message.Message):
+    __slots__ = ("enabled", "preset", "Fn_compute_blocks", "Bn_compute_blocks", "residual_diff_threshold", "max_warmup_steps", "max_cached_steps", "max_continuous_cached_steps", "taylorseer_order")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    FN_COMPUTE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BN_COMPUTE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_DIFF_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTINUOUS_CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TAYLORSEER_ORDER_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    preset: str
+    Fn_compute_blocks: int
+    Bn_compute_blocks: int
+    residual_diff_threshold: float
+    max_warmup_steps: int
+    max_cached_steps: int
+    max_continuous_cached_steps: int
+    taylorseer_order: int
+    def __init__(self, enabled: _Optional[bool] = ..., preset: _Optional[str] = ..., Fn_compute_blocks: _Optional[int] = ..., Bn_compute_blocks: _Optional[int] = ..., residual_diff_threshold: _Optional[float] = ..., max_warmup_steps: _Optional[int] = ..., max_cached_steps: _Optional[int] = ..., max_continuous_cached_steps: _Optional[int] = ..., taylorseer_order: _Optional[int] = ...) -> None: ...
+
+class CacheStats(_message.Message):
+    __slots__ = ("computed_steps", "cached_steps")
+    COMPUTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    computed_steps: int
+    cached_steps: int
+    def __init__(self, computed_steps: _Optional[int] = ..., cached_steps: _Optional[int] = ...) -> None: ...

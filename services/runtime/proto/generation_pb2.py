@@ -25,33 +25,29 @@ _sym_db = _symbol_database.Default()
 from services.runtime.proto import common_pb2 as ditserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64itserve/v1/generation.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\";\n\x0bLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x10\n\x08strength\x18\x03 \x01(\x01\"\x1d\n\x0b\x43\x61\x63hePolicy\x12\x0e\n\x06preset\x18\x01 \x01(\t\"\x83\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\t\n\x01n\x18\n \x01(\x05\x12\x15\n\routput_format\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12&\n\x04lora\x18\r \x03(\x0b\x32\x18.ditserve.v1.LoraAdapter\x12\'\n\x05\x63\x61\x63he\x18\x0e \x01(\x0b\x32\x18.ditserve.v1.CachePolicyB\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seedB\x16\n\x14_max_sequence_length\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"H\n\x0bStageReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x03\"\xa3\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.ditserve.v1.Image\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.ditserve.v1.StageReport\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\"t\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.ditserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\";\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0epipeline_class\x18\x03 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Model2\xf2\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1d.ditserve.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1a.ditserve.v1.GenerateEvent0\x01\x12M\n\nListModels\x12\x1e.ditserve.v1.ListModelsRequest\x1a\x1f.ditserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64itserve/v1/generation.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\"\x83\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\t\n\x01n\x18\n \x01(\x05\x12\x15\n\routput_format\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12&\n\x04lora\x18\r \x03(\x0b\x32\x18.ditserve.v1.LoraAdapter\x12\'\n\x05\x63\x61\x63he\x18\x0e \x01(\x0b\x32\x18.ditserve.v1.CachePolicyB\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seedB\x16\n\x14_max_sequence_length\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"H\n\x0bStageReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x03\"\xd1\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.ditserve.v1.Image\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.ditserve.v1.StageReport\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12,\n\x0b\x63\x61\x63he_stats\x18\x07 \x01(\x0b\x32\x17.ditserve.v1.CacheStats\"t\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.ditserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\";\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0epipeline_class\x18\x03 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Model2\xf2\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1d.ditserve.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1a.ditserve.v1.GenerateEvent0\x01\x12M\n\nListModels\x12\x1e.ditserve.v1.ListModelsRequest\x1a\x1f.ditserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.runtime.proto.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LORAADAPTER']._serialized_start=71
-  _globals['_LORAADAPTER']._serialized_end=130
-  _globals['_CACHEPOLICY']._serialized_start=132
-  _globals['_CACHEPOLICY']._serialized_end=161
-  _globals['_GENERATEREQUEST']._serialized_start=164
-  _globals['_GENERATEREQUEST']._serialized_end=679
-  _globals['_IMAGE']._serialized_start=681
-  _globals['_IMAGE']._serialized_end=766
-  _globals['_STAGEREPORT']._serialized_start=768
-  _globals['_STAGEREPORT']._serialized_end=840
-  _globals['_GENERATERESPONSE']._serialized_start=843
-  _globals['_GENERATERESPONSE']._serialized_end=1006
-  _globals['_GENERATEEVENT']._serialized_start=1008
-  _globals['_GENERATEEVENT']._serialized_end=1124
-  _globals['_LISTMODELSREQUEST']._serialized_start=1126
-  _globals['_LISTMODELSREQUEST']._serialized_end=1145
-  _globals['_MODEL']._serialized_start=1147
-  _globals['_MODEL']._serialized_end=1206
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1208
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1264
-  _globals['_GENERATION']._serialized_start=1267
-  _globals['_GENERATION']._serialized_end=1509
+  _globals['_GENERATEREQUEST']._serialized_start=72
+  _globals['_GENERATEREQUEST']._serialized_end=587
+  _globals['_IMAGE']._serialized_start=589
+  _globals['_IMAGE']._serialized_end=674
+  _globals['_STAGEREPORT']._serialized_start=676
+  _globals['_STAGEREPORT']._serialized_end=748
+  _globals['_GENERATERESPONSE']._serialized_start=751
+  _globals['_GENERATERESPONSE']._serialized_end=960
+  _globals['_GENERATEEVENT']._serialized_start=962
+  _globals['_GENERATEEVENT']._serialized_end=1078
+  _globals['_LISTMODELSREQUEST']._serialized_start=1080
+  _globals['_LISTMODELSREQUEST']._serialized_end=1099
+  _globals['_MODEL']._serialized_start=1101
+  _globals['_MODEL']._serialized_end=1160
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1162
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1218
+  _globals['_GENERATION']._serialized_start=1221
+  _globals['_GENERATION']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

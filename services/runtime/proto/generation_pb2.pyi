@@ -7,22 +7,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class LoraAdapter(_message.Message):
-    __slots__ = ("name", "path", "strength")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    STRENGTH_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    path: str
-    strength: float
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., strength: _Optional[float] = ...) -> None: ...
-
-class CachePolicy(_message.Message):
-    __slots__ = ("preset",)
-    PRESET_FIELD_NUMBER: _ClassVar[int]
-    preset: str
-    def __init__(self, preset: _Optional[str] = ...) -> None: ...
-
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "n", "output_format", "max_sequence_length", "lora", "cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -51,9 +35,9 @@ class GenerateRequest(_message.Message):
     n: int
     output_format: str
     max_sequence_length: int
-    lora: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
-    cache: CachePolicy
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., output_format: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ..., cache: _Optional[_Union[CachePolicy, _Mapping]] = ...) -> None: ...
+    lora: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraAdapter]
+    cache: _common_pb2.CachePolicy
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., output_format: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[_common_pb2.LoraAdapter, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed")
@@ -80,20 +64,22 @@ class StageReport(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("id", "model", "images", "stages", "total_seconds", "created")
+    __slots__ = ("id", "model", "images", "stages", "total_seconds", "created", "cache_stats")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_STATS_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     stages: _containers.RepeatedCompositeFieldContainer[StageReport]
     total_seconds: float
     created: int
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., total_seconds: _Optional[float] = ..., created: _Optional[int] = ...) -> None: ...
+    cache_stats: _common_pb2.CacheStats
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., total_seconds: _Optional[float] = ..., created: _Optional[int] = ..., cache_stats: _Optional[_Union[_common_pb2.CacheStats, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("progress", "result")

@@ -34,7 +34,7 @@ class Conditioning(_message.Message):
     def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds")
+    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class DenoiseRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     TRUE_CFG_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LORAS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     positive: Conditioning
     negative: Conditioning
     height: int
@@ -51,17 +53,21 @@ class DenoiseRequest(_message.Message):
     guidance_scale: float
     true_cfg_scale: float
     seeds: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
+    sample_loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.SampleLoras]
+    cache: _common_pb2.CachePolicy
+    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
-    __slots__ = ("progress", "latents", "metrics")
+    __slots__ = ("progress", "latents", "metrics", "cache_stats")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_STATS_FIELD_NUMBER: _ClassVar[int]
     progress: _common_pb2.Progress
     latents: _common_pb2.TensorChunk
     metrics: _common_pb2.StageMetrics
-    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
+    cache_stats: _common_pb2.CacheStats
+    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ..., cache_stats: _Optional[_Union[_common_pb2.CacheStats, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("latents",)
