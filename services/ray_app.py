@@ -49,8 +49,18 @@ class StageDeployment:
         return await self.client.decode(request)
 
     async def denoise_stream(self, request):
+        lora_set = serve.get_multiplexed_model_id()
+        if lora_set:
+            await self._holds_lora_set(lora_set)
         async for item in with_progress(lambda on_step: self.client.denoise(request, on_step)):
             yield item
+
+    # One: a denoiser keeps exactly the last LoRA set it merged (services/denoiser/lora/apply.py).
+    @serve.multiplexed(max_num_models_per_replica=1)
+    async def _holds_lora_set(self, lora_set: str) -> str:
+        """Tells Ray Serve's router that this replica now holds `lora_set` merged, so batches
+        with the same set come back here (the merge itself happens when the batch runs)."""
+        return lora_set
 
 
 class RouterDeployment:

@@ -88,19 +88,10 @@ class DenoiserStage:
         return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
 
     def _use_loras(self, request: DenoiseRequest) -> None:
-        """One LoRA set for the whole batch: merged into the weights (no per-step cost, kept for
-        the next batch with the same set). Mixed sets: per-sample updates at run time."""
-        if not any(request.loras):
-            self.lora.unmerge()
-            return
-        if len(request.loras) != len(request.seeds):
+        if request.loras and len(request.loras) != len(request.seeds):
             raise InvalidRequestError(f"{len(request.loras)} LoRA lists for {len(request.seeds)} images", "lora")
         per_sample = [[(self.adapters.get(ref), ref.strength) for ref in refs] for refs in request.loras]
-        keys = {tuple((ref.path, ref.strength) for ref in refs) for refs in request.loras}
-        if len(keys) == 1 and self.lora.can_merge():
-            self.lora.merge(keys.pop(), per_sample[0])
-        else:
-            self.lora.activate(per_sample, self.dtype)
+        self.lora.use(per_sample, self.dtype)
 
 
 def warm_up(stage, config: DenoiserConfig) -> None:

@@ -7,6 +7,7 @@ re-raises the user exception class); a deadline cancels the call on the replica.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 from services.runtime.errors import DeadlineExceededError, DitserveError, StageUnavailableError
 from services.runtime.stage_client import StepCallback
@@ -92,8 +93,21 @@ class RayStageClient:
         return await _call(self.stage, self.handle.decode.remote(request), timeout_s)
 
     async def denoise(self, request, on_step: StepCallback | None = None, timeout_s: float | None = None):
-        gen = self.handle.options(stream=True).denoise_stream.remote(request)
+        options = {"stream": True}
+        lora_set = lora_set_id(request)
+        if lora_set:  # prefer a replica that has this set merged already (Ray Serve multiplexing)
+            options["multiplexed_model_id"] = lora_set
+        gen = self.handle.options(**options).denoise_stream.remote(request)
         return await _progress_then_result(self.stage, gen, on_step, timeout_s)
+
+
+def lora_set_id(request) -> str:
+    """A short id of a batch's LoRA set when every image has the same one (what a denoiser
+    replica merges into its weights); "" for no LoRA or mixed sets."""
+    sets = {tuple((a.path, a.strength) for a in refs) for refs in request.loras}
+    if len(sets) != 1 or not next(iter(sets)):
+        return ""
+    return hashlib.sha1(repr(sorted(sets)).encode()).hexdigest()[:16]
 
 
 class RayRouterClient:

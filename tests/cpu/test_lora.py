@@ -177,3 +177,23 @@ def test_lora_and_cache_on_a_parallel_replica(flux_dev_dir, lora_dir, parallel):
         assert stats.cached_steps >= 1 and stats.computed_steps + stats.cached_steps == 12
     finally:
         group.close()
+
+
+def test_compiled_blocks_share_graphs_with_and_without_lora(flux_dev_dir, lora_dir):
+    """One graph per block type and LoRA state, whatever the number of block instances: the
+    per-batch adapter tensors are graph inputs, not constants of each instance."""
+    from torch._dynamo.utils import counters
+
+    from services.denoiser.compile import compile_blocks
+
+    torch._dynamo.reset()
+    stage = DenoiserStage(DenoiserConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"))
+    compile_blocks(stage.runner.model, backend="eager")
+    style = AdapterRef("style", str(lora_dir / "style.safetensors"), 0.7)
+    xl = AdapterRef("xl", str(lora_dir / "sub" / "xlabs.safetensors"), 1.0)
+    counters.clear()
+    for sets in ([], [[style], [xl]], [[xl], [style]], []):
+        stage.denoise(_denoise_request(stage, sets, [1, 2]))
+    # double and single block x (no LoRA, unmerged LoRA); the tiny model has 2 + 2 instances
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    torch._dynamo.reset()

@@ -31,6 +31,10 @@ class LoraWeight:
 class LoraAdapter:
     name: str
     weights: dict[str, LoraWeight]  # native module path -> its low-rank update
+    key: str = ""  # identity of the file version it came from (set by the loader), else the name
+
+    def __post_init__(self):
+        self.key = self.key or self.name
 
     @property
     def rank(self) -> int:

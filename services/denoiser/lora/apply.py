@@ -11,10 +11,13 @@ with fewer or no adapters padded with zeros), and the layer adds  (x @ down^T) @
 batched matmuls: no Python loop over samples, and each sample gets exactly its own adapters'
 update (the padding contributes exact zeros).
 
-The per-batch tensors live in one process-wide object, ACTIVE, that the linear layers read
-(parallel/tp.py, and a forward hook for the plain nn.Linear ones). Its identity never changes,
-so compiled blocks guard only on which modules carry LoRA and on the [B, R] shapes: a new batch
-with the same shapes reuses the compiled kernels."""
+The per-batch tensors are set on each touched layer as non-persistent buffers `lora_down` /
+`lora_up` (None otherwise), which the layers read (parallel/tp.py; a forward hook for the plain
+nn.Linear ones). Compiled blocks treat buffers as graph inputs, so they guard only on whether a
+layer carries LoRA and on the [B, R] shapes: a new batch with the same shapes reuses the
+compiled kernels, and all 38 (19) instances of a block share one graph. (A per-layer key read
+inside the block, such as its module path, would specialise the graph per instance: 57
+compiles, and dynamo's recompile limit.)"""
 
 from __future__ import annotations
 
@@ -26,55 +29,39 @@ import torch.nn as nn
 from services.denoiser.lora.adapter import LoraAdapter
 
 
-class ActiveLora:
-    def __init__(self):
-        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def lora_delta(module: nn.Module, pieces: list[torch.Tensor]) -> torch.Tensor | None:
+    """The unmerged update of `module` for its input x [B, ..., in] given as pieces of its
+    features ([x], or RowParallelLinear.forward_pieces' pieces), or None without LoRA."""
+    down, up = getattr(module, "lora_down", None), getattr(module, "lora_up", None)
+    if down is None:  # no LoRA this batch (or a model without prepare_model)
+        return None
+    x0 = pieces[0]
+    downs = down.split([p.shape[-1] for p in pieces], dim=2) if len(pieces) > 1 else [down]
+    low = sum(torch.bmm(p.reshape(p.shape[0], -1, p.shape[-1]).to(down.dtype), d.transpose(1, 2))
+              for p, d in zip(pieces, downs))
+    out = torch.bmm(low, up.transpose(1, 2))
+    return out.reshape(*x0.shape[:-1], up.shape[1]).to(x0.dtype)
 
-    def delta(self, path: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The unmerged update of module `path` for input x [B, ..., in], or None."""
-        pair = self.weights.get(path)
-        if pair is None:
-            return None
-        down, up = pair
-        return self._apply(down, up, [x])
-
-    def delta_pieces(self, path: str, pieces: list[torch.Tensor]) -> torch.Tensor | None:
-        """The same for an input given as pieces of its features (RowParallelLinear.forward_pieces)."""
-        pair = self.weights.get(path)
-        if pair is None:
-            return None
-        return self._apply(*pair, pieces)
-
-    @staticmethod
-    def _apply(down: torch.Tensor, up: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
-        x0 = pieces[0]
-        downs = down.split([p.shape[-1] for p in pieces], dim=2) if len(pieces) > 1 else [down]
-        low = sum(torch.bmm(p.reshape(p.shape[0], -1, p.shape[-1]).to(down.dtype), d.transpose(1, 2))
-                  for p, d in zip(pieces, downs))
-        out = torch.bmm(low, up.transpose(1, 2))
-        return out.reshape(*x0.shape[:-1], up.shape[1]).to(x0.dtype)
-
-
-ACTIVE = ActiveLora()
 
 # One adapter of a sample: (adapter, strength).
 SampleLoras = Sequence[tuple[LoraAdapter, float]]
 
 
 def _plain_linear_hook(module: nn.Linear, args, output):
-    delta = ACTIVE.delta(module.lora_path, args[0])
-    return output if delta is None else output + delta.to(output.dtype)
+    delta = lora_delta(module, [args[0]])
+    return output if delta is None else output + delta
 
 
 def prepare_model(model: nn.Module) -> None:
-    """Name every linear by its module path (the adapters' keys) and give the plain nn.Linear
-    ones (AdaLN modulation, embedders, final projection) a hook that adds the unmerged update;
-    the parallel linear classes add it themselves, before their all-reduce."""
+    """Give every linear empty `lora_down` / `lora_up` buffers, and the plain nn.Linear ones
+    (AdaLN modulation, embedders, final projection) a hook that adds the unmerged update; the
+    parallel linear classes add it themselves, before their all-reduce."""
     from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear
 
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Linear):
-            module.lora_path = name
+            module.register_buffer("lora_down", None, persistent=False)
+            module.register_buffer("lora_up", None, persistent=False)
             if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 module.register_forward_hook(_plain_linear_hook)
 
@@ -94,6 +81,20 @@ class LoraRunner:
         prepare_model(model)
         self.merged_key: tuple = ()
         self._originals: dict[str, torch.Tensor] = {}
+        self._active: list[nn.Module] = []
+
+    def use(self, per_sample: Sequence[SampleLoras], dtype: torch.dtype) -> None:
+        """A batch's adapters (one list per image). One set for the whole batch: merged into the
+        weights (no per-step cost; kept for the next batch with the same set). Mixed sets:
+        per-sample updates at run time. None at all: the plain weights."""
+        if not any(per_sample):
+            self.unmerge()
+            return
+        keys = {tuple((adapter.key, strength) for adapter, strength in loras) for loras in per_sample}
+        if len(keys) == 1 and self.can_merge():
+            self.merge(keys.pop(), per_sample[0])
+        else:
+            self.activate(per_sample, dtype)
 
     # -- merged --------------------------------------------------------------------------
 
@@ -133,10 +134,10 @@ class LoraRunner:
     # -- unmerged ------------------------------------------------------------------------
 
     def activate(self, per_sample: Sequence[SampleLoras], dtype: torch.dtype) -> None:
-        """Stack the batch's adapters per sample (see the module docstring) into ACTIVE."""
+        """Stack the batch's adapters per sample (see the module docstring) onto the layers."""
         self.unmerge()
+        self.deactivate()
         paths = sorted({p for loras in per_sample for adapter, _ in loras for p in adapter.weights})
-        weights = {}
         for path in paths:
             module = self.modules[path]
             ranks = [sum(a.weights[path].rank for a, _ in loras if path in a.weights) for loras in per_sample]
@@ -153,12 +154,13 @@ class LoraRunner:
                     down[i, at : at + w.rank] = d.to(dtype)
                     up[i, :, at : at + w.rank] = (u.float() * (strength * w.scale)).to(dtype)
                     at += w.rank
-            weights[path] = (down, up)
-        ACTIVE.weights = weights
+            module.lora_down, module.lora_up = down, up
+            self._active.append(module)
 
-    @staticmethod
-    def deactivate() -> None:
-        ACTIVE.weights = {}
+    def deactivate(self) -> None:
+        for module in self._active:
+            module.lora_down = module.lora_up = None
+        self._active = []
 
 
 def _shard_pair(module: nn.Module, down: torch.Tensor, up: torch.Tensor):

@@ -31,6 +31,7 @@ class AdapterStore:
             self.hits += 1
             return adapter
         adapter = read_lora(ref.path, ref.name, module_shapes=self.shapes)
+        adapter.key = f"{ref.path}@{st.st_mtime_ns}"  # merged sets are compared by file version
         self.loads += 1
         self._loaded[key] = adapter
         while len(self._loaded) > self.max_loras:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from services.denoiser.lora.apply import ACTIVE
+from services.denoiser.lora.apply import lora_delta
 from services.denoiser.quant import linear
 
 
@@ -44,14 +44,14 @@ class ColumnParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, getattr(self, "weight_scale", None))
-        delta = ACTIVE.delta(getattr(self, "lora_path", ""), x)  # unmerged LoRA (lora/apply.py)
+        delta = lora_delta(self, [x])  # unmerged LoRA (lora/apply.py)
         return y if delta is None else y + delta
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(tanh)(x W^T + b). On CUDA in bf16/fp16, cuBLASLt applies the GELU in the GEMM's
         epilogue (in fp32, before rounding) instead of a second pass over the [tokens, 4 x dim]
         output; inductor keeps the call as is (it has no decomposition for it)."""
-        lora = getattr(self, "lora_path", "") in ACTIVE.weights  # the update goes in before the GELU
+        lora = getattr(self, "lora_down", None) is not None  # the update goes in before the GELU
         if x.is_cuda and self.bias is not None and self.weight.dtype in (torch.bfloat16, torch.float16) and not lora:
             y = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
             return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -94,7 +94,7 @@ class RowParallelLinear(nn.Linear):
         y = linear(pieces[0], weights[0], bias, scale)
         for piece, weight in zip(pieces[1:], weights[1:]):
             y = y + linear(piece, weight, None, scale)
-        delta = ACTIVE.delta_pieces(getattr(self, "lora_path", ""), pieces)  # partial under TP, like y
+        delta = lora_delta(self, pieces)  # partial under TP, like y
         if delta is not None:
             y = y + delta
         if self.tp is None:
