@@ -88,6 +88,9 @@ class RouterDeployment:
     async def lora_admin(self, op: str, **fields) -> dict:
         return await self.router.lora_admin(op, **fields)
 
+    async def metrics_text(self) -> str:
+        return await self.router.metrics_text()
+
     async def generate_stream(self, request, timeout_s: float | None):
         async for item in with_progress(lambda on_step: self.router.generate(request, on_step, timeout_s)):
             yield item

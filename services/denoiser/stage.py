@@ -15,6 +15,7 @@ from services.denoiser.lora.apply import LoraRunner
 from services.denoiser.lora.formats import flux_module_shapes
 from services.denoiser.lora.store import AdapterStore
 from services.denoiser.loop import sample
+from services.denoiser.parallel.comm import gather_ints
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
 from services.denoiser.quant import apply_precision
@@ -70,6 +71,7 @@ class DenoiserStage:
     def denoise(
         self, request: DenoiseRequest, on_step: Callable[[int, int], None] | None = None
     ) -> DenoiseResponse:
+        loads, hits = self.adapters.loads, self.adapters.hits
         with measure(self.device) as metrics:
             h, w = self.layout.latent_hw(request.height, request.width)
             noise = initial_noise(request.seeds, (self.layout.channels, h, w), self.dtype, self.device)
@@ -85,6 +87,9 @@ class DenoiserStage:
             finally:
                 self.lora.deactivate()
             out = self.layout.unpack(latents, h, w)
+        metrics.lora_loads, metrics.lora_hits = self.adapters.loads - loads, self.adapters.hits - hits
+        if self.runner.mesh is not None:  # every rank runs this call: one small all-gather
+            metrics.peak_memory_by_rank = gather_ints(metrics.peak_memory_bytes, self.device)
         return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
 
     def _use_loras(self, request: DenoiseRequest) -> None:

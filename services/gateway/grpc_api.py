@@ -91,7 +91,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self._check_model(request)
             timeout = context.time_remaining()
             result = await self.router.generate(request_from_proto(request), timeout_s=timeout)
-            metrics.observe_result(result)
             status = "ok"
             return await response_to_proto(result, self.card.id)
         except asyncio.CancelledError:
@@ -113,7 +112,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 if isinstance(item, tuple):
                     yield generation_pb2.GenerateEvent(progress=common_pb2.Progress(step=item[0], total=item[1]))
                 else:
-                    metrics.observe_result(item)
                     yield generation_pb2.GenerateEvent(result=await response_to_proto(item, self.card.id))
         except asyncio.CancelledError:  # client went away; with_progress cancelled the request
             raise

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.api_types import ImageGenerationBody, SetLoraBody
@@ -86,7 +86,6 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
                 raise ModelNotFoundError(f"model '{body.model}' is not served here (serving '{card.id}')")
             req = body.to_generate_request()
             result = await _until_disconnect(request, router.generate(req, timeout_s=body.timeout_s))
-            metrics.observe_result(result)
             data = []
             blobs = await encode_images([image.pixels for image in result.images], req.output_format)
             for image, blob in zip(result.images, blobs):
@@ -156,6 +155,10 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        try:
+            router_text = await router.metrics_text()
+        except DitserveError:  # the router is down: serve what this process has, /health says why
+            router_text = ""
+        return Response(metrics.exposition(router_text), media_type=CONTENT_TYPE_LATEST)
 
     return app

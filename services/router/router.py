@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from services.router.batcher import Batcher
+from services.runtime import metrics
 from services.router.loras import LoraResolver
 from services.router.requests import GeneratedImage, GenerateResult, ResolvedRequest, resolve_request
 from services.runtime.config import GenerateRequest, RouterConfig
@@ -110,6 +111,10 @@ class Router:
             "merged": bool(loras.default),
         }
 
+    async def metrics_text(self) -> str:
+        """This router's Prometheus exposition (the gateway serves it with its own)."""
+        return metrics.router_exposition()
+
     async def ready(self) -> dict[str, bool]:
         checks = await asyncio.gather(self.encoder.ready(), self.denoiser.ready(), self.vae.ready())
         return dict(zip(("encoder", "denoiser", "vae"), checks))
@@ -117,6 +122,7 @@ class Router:
     async def _run_batch(self, jobs: list[_Job]) -> list[GenerateResult]:
         """One encoder call for every prompt of the batch, one denoiser call for every image,
         one VAE call; results are split back per request."""
+        t_batch = time.perf_counter()
         first = jobs[0].request
         true_cfg = first.true_cfg
         timeout = max(j.deadline for j in jobs) - time.monotonic()
@@ -160,6 +166,8 @@ class Router:
             DecodeRequest(latents=den.latents), timeout_s=max(j.deadline for j in jobs) - time.monotonic()
         )
         stages = {"encoder": enc.metrics, "denoiser": den.metrics, "vae": dec.metrics}
+        metrics.observe_batch(stages, sum(counts), first.num_inference_steps, den.cache_stats,
+                              time.perf_counter() - t_batch)
         results, start = [], 0
         for job, n in zip(jobs, counts):
             pixels = dec.images[start : start + n].numpy()

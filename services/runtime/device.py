@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class StageMeasurement:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    # A multi-rank stage: every rank's peak (rank 0 first); empty for a single rank.
+    peak_memory_by_rank: list[int] = field(default_factory=list)
+    # Denoiser: adapter files read / found loaded during the call.
+    lora_loads: int = 0
+    lora_hits: int = 0
 
 
 class measure:

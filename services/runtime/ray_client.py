@@ -122,6 +122,9 @@ class RayRouterClient:
         # guards against a router replica that stops answering.
         return await _progress_then_result("router", gen, on_step, timeout_s + 5 if timeout_s else None)
 
+    async def metrics_text(self) -> str:
+        return await _call("router", self.handle.metrics_text.remote(), 10)
+
     async def lora_admin(self, op: str, **fields) -> dict:
         return await _call("router", self.handle.lora_admin.remote(op, **fields), 60)
 

@@ -19,11 +19,15 @@ from services.runtime.proto import common_pb2, stages_pb2
 
 
 def metrics_to_proto(m: StageMeasurement) -> common_pb2.StageMetrics:
-    return common_pb2.StageMetrics(seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes)
+    return common_pb2.StageMetrics(seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes,
+                                   peak_memory_by_rank=m.peak_memory_by_rank, lora_loads=m.lora_loads,
+                                   lora_hits=m.lora_hits)
 
 
 def metrics_from_proto(m: common_pb2.StageMetrics) -> StageMeasurement:
-    return StageMeasurement(seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes)
+    return StageMeasurement(seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes,
+                            peak_memory_by_rank=list(m.peak_memory_by_rank), lora_loads=m.lora_loads,
+                            lora_hits=m.lora_hits)
 
 
 def encode_request_to_proto(r: EncodeRequest) -> stages_pb2.EncodeRequest:

@@ -137,3 +137,15 @@ def test_lora_and_cache_through_ray(ray_deployment, flux_dev_dir, lora_dir):
     bad = httpx.post(ray_deployment["http"] + "/v1/images/generations",
                      json={**body, "lora": [{"name": "x", "path": "/etc/hostname"}]}, timeout=60)
     assert bad.status_code == 400 and "LoRA 'x'" in bad.json()["error"]["message"]
+
+
+def test_metrics_include_the_router_replica_series(ray_deployment):
+    """Under Ray the router is its own deployment: the gateway's /metrics appends its series."""
+    from tests.cpu.test_metrics import samples, value
+
+    body = dict(prompt="a red circle", size="32x32", seed=1, num_inference_steps=2)
+    assert httpx.post(ray_deployment["http"] + "/v1/images/generations", json=body, timeout=120).status_code == 200
+    got = samples(httpx.get(ray_deployment["http"] + "/metrics").text)
+    for stage in ("encoder", "denoiser", "vae"):
+        assert value(got, "ditserve_peak_memory_bytes", stage=stage, rank="0") > 2**20
+    assert value(got, "ditserve_requests_total", endpoint="images.generations", model="tiny-dev", status="ok") >= 1

@@ -49,6 +49,14 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def gather_ints(value: int, device: torch.device) -> list[int]:
+    """`value` of every rank of the default group, in rank order (e.g. each rank's peak memory)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
 def mean_over(t: torch.Tensor, groups: list) -> torch.Tensor:
     """Mean of `t` over the ranks of the product of `groups` (one all-reduce per group): the
     value every rank of a sequence- / tensor-parallel branch agrees on."""

@@ -27,12 +27,18 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[Tensor, _Mapping]] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StageMetrics(_message.Message):
-    __slots__ = ("seconds", "peak_memory_bytes")
+    __slots__ = ("seconds", "peak_memory_bytes", "peak_memory_by_rank", "lora_loads", "lora_hits")
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BY_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_LOADS_FIELD_NUMBER: _ClassVar[int]
+    LORA_HITS_FIELD_NUMBER: _ClassVar[int]
     seconds: float
     peak_memory_bytes: int
-    def __init__(self, seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
+    peak_memory_by_rank: _containers.RepeatedScalarFieldContainer[int]
+    lora_loads: int
+    lora_hits: int
+    def __init__(self, seconds: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., peak_memory_by_rank: _Optional[_Iterable[int]] = ..., lora_loads: _Optional[int] = ..., lora_hits: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total")
