@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -82,3 +83,19 @@ def start_serve(model_path, *extra, ray: bool = False, timeout_s: float = 120,
         env=env,
     )
     return p, http, grpc_port
+
+
+@contextlib.contextmanager
+def disaggregated(model_path, *serve_args):
+    """Encoder, denoiser and VAE as `ditserve worker` processes behind `ditserve serve --no-ray`;
+    yields the REST base URL and the gRPC address."""
+    workers = {role: start_worker(role, model_path) for role in ("encoder", "denoiser", "vae")}
+    serve = None
+    try:
+        addresses = [f"--{role}-address=127.0.0.1:{port}" for role, (_, port) in workers.items()]
+        serve, http_port, grpc_port = start_serve(model_path, *serve_args, *addresses)
+        yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+    finally:
+        for proc in [serve] + [p for p, _ in workers.values()]:
+            if proc is not None:
+                proc.kill()

@@ -15,7 +15,7 @@ from services.runtime.proto import common_pb2, generation_pb2, generation_pb2_gr
 from services.runtime.registry import ModelDir
 from tests.cpu.test_serving import _assert_equal_up_to_rounding, _png_pixels
 from tests.lora_files import flux_lora_state, write_lora
-from tests.servers import start_serve, start_worker
+from tests.servers import disaggregated
 
 BODY = dict(prompt="a red circle", size="48x32", seed=7, num_inference_steps=4)
 
@@ -30,13 +30,8 @@ def lora_dir(flux_dev_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(flux_dev_dir, lora_dir):
-    workers = {role: start_worker(role, flux_dev_dir) for role in ("encoder", "denoiser", "vae")}
-    addresses = [f"--{role}-address=127.0.0.1:{port}" for role, (_, port) in workers.items()]
-    serve, http_port, grpc_port = start_serve(flux_dev_dir, "--lora-dir", str(lora_dir), *addresses)
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
-    serve.kill()
-    for proc, _ in workers.values():
-        proc.kill()
+    with disaggregated(flux_dev_dir, "--lora-dir", str(lora_dir)) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

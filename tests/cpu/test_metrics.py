@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.cli import build_in_process_router
 from services.runtime import metrics
 from services.runtime.config import GenerateRequest, StageConfig
-from tests.servers import start_serve, start_worker
+from tests.servers import disaggregated
 
 
 def samples(text: str) -> dict[tuple, float]:
@@ -30,13 +30,8 @@ def value(all_samples, name, **labels):
 
 @pytest.fixture(scope="module")
 def server(flux_dev_dir):
-    workers = {role: start_worker(role, flux_dev_dir) for role in ("encoder", "denoiser", "vae")}
-    addresses = [f"--{role}-address=127.0.0.1:{port}" for role, (_, port) in workers.items()]
-    serve, http_port, _ = start_serve(flux_dev_dir, *addresses)
-    yield f"http://127.0.0.1:{http_port}"
-    serve.kill()
-    for proc, _ in workers.values():
-        proc.kill()
+    with disaggregated(flux_dev_dir) as urls:
+        yield urls["http"]
 
 
 def test_one_scrape_has_every_series(server):
