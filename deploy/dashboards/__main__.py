@@ -1,0 +1,4 @@
+from deploy.dashboards.ditserve import render
+
+for written in render():
+    print(written)
