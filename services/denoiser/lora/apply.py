@@ -2,7 +2,8 @@
 
 Merged (one LoRA set for the whole batch): every touched weight becomes W + sum of
 strength x scale x up @ down, computed in fp32 and rounded once; the original is kept on the
-host so unmerging restores it bit for bit (subtracting the delta again would not, in bf16).
+host (once per module, then reused) so unmerging restores it bit for bit (subtracting the delta
+again would not, in bf16).
 A step then costs exactly what it costs without LoRA.
 
 Unmerged (a batch mixing LoRA sets): for every touched linear, the batch's adapters are stacked
@@ -80,7 +81,8 @@ class LoraRunner:
         self.modules = dict(model.named_modules())
         prepare_model(model)
         self.merged_key: tuple = ()
-        self._originals: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, torch.Tensor] = {}  # W0 on the host, per module ever merged
+        self._merged: set[str] = set()  # modules whose weights differ from W0 now
         self._active: list[nn.Module] = []
 
     def use(self, per_sample: Sequence[SampleLoras], dtype: torch.dtype) -> None:
@@ -108,27 +110,32 @@ class LoraRunner:
 
     @torch.no_grad()
     def merge(self, key: tuple, loras: SampleLoras) -> None:
-        """Make the weights W0 + the deltas of `loras` (restoring the previous merge first)."""
+        """Make the weights W0 + the deltas of `loras` (restoring the previous merge first).
+        One module at a time, so the fp32 work space is one layer's, not the model's."""
         if key == self.merged_key:
             return
         self.unmerge()
-        deltas: dict[str, torch.Tensor] = {}
-        for adapter, strength in loras:
-            for path, w in adapter.weights.items():
-                d = strength * (w.up.to(self.device, torch.float32) @ w.down.to(self.device, torch.float32)) * w.scale
-                deltas[path] = deltas[path] + d if path in deltas else d
-        for path, delta in deltas.items():
+        paths = sorted({p for adapter, _ in loras for p in adapter.weights})
+        for path in paths:
             module = self.modules[path]
-            self._originals[path] = module.weight.detach().to("cpu", copy=True)
-            merged = module.weight.float() + _shard(module, "weight", delta)
+            # The host copy of W0 is taken once and kept: later switches only copy it back.
+            if path not in self._originals:
+                self._originals[path] = module.weight.detach().to("cpu", copy=True)
+            merged = module.weight.float()
+            for adapter, strength in loras:
+                w = adapter.weights.get(path)
+                if w is not None:
+                    delta = (w.up.to(self.device, torch.float32) @ w.down.to(self.device, torch.float32))
+                    merged += _shard(module, "weight", delta * (strength * w.scale))
             module.weight.copy_(merged.to(module.weight.dtype))
+            self._merged.add(path)
         self.merged_key = key
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        for path, original in self._originals.items():
-            self.modules[path].weight.copy_(original.to(self.device))
-        self._originals.clear()
+        for path in self._merged:
+            self.modules[path].weight.copy_(self._originals[path].to(self.device))
+        self._merged.clear()
         self.merged_key = ()
 
     # -- unmerged ------------------------------------------------------------------------
