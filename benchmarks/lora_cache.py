@@ -25,19 +25,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.dit_step import MODELS  # noqa: E402
-from benchmarks.random_checkpoint import materialise  # noqa: E402
-from services.denoiser.compile import compile_blocks  # noqa: E402
-from services.denoiser.latents import PackedLatents2x2, initial_noise  # noqa: E402
-from services.denoiser.lora.adapter import LoraAdapter, LoraWeight  # noqa: E402
-from services.denoiser.lora.apply import LoraRunner  # noqa: E402
-from services.denoiser.loop import sample  # noqa: E402
-from services.denoiser.models.flux import FluxConfig, FluxTransformer  # noqa: E402
-from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear  # noqa: E402
-from services.denoiser.runner import DenoiserRunner  # noqa: E402
-from services.denoiser.schedule import FlowMatchSchedule  # noqa: E402
-from services.runtime.cache_policy import CachePolicy  # noqa: E402
-from services.runtime.messages import Conditioning  # noqa: E402
+from benchmarks.dit_step import MODELS
+from benchmarks.random_checkpoint import materialise
+from services.denoiser.compile import compile_blocks
+from services.denoiser.latents import PackedLatents2x2, initial_noise
+from services.denoiser.loop import sample
+from services.denoiser.lora.adapter import LoraAdapter, LoraWeight
+from services.denoiser.lora.apply import LoraRunner
+from services.denoiser.models.flux import FluxConfig, FluxTransformer
+from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear
+from services.denoiser.runner import DenoiserRunner
+from services.denoiser.schedule import FlowMatchSchedule
+from services.runtime.cache_policy import CachePolicy
+from services.runtime.messages import Conditioning
 
 # FLUX.1-dev scheduler/scheduler_config.json
 SCHEDULER = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0,

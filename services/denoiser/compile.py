@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 log = logging.getLogger(__name__)
 

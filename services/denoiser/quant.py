@@ -14,8 +14,8 @@ its input (LayerNorm + modulation, GELU), so it adds no pass over memory of its 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448

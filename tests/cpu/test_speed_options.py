@@ -4,7 +4,7 @@ compile tracing (fullgraph), warm-up, and their flags. Speed itself is measured 
 
 import torch
 
-from services.cli import main, serve_config_from_args, build_parser
+from services.cli import build_parser, main, serve_config_from_args
 from services.denoiser.compile import compile_blocks
 from services.denoiser.parallel.tp import RowParallelLinear
 from services.denoiser.quant import FP8, apply_precision, quantize_rows
