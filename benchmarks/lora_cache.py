@@ -82,9 +82,14 @@ class Bench:
         resolved = CachePolicy(**cache).resolved(steps) if cache else None
         return latents, self.runner.prepare(cond, None, 3.5, batch, h, w, resolved), schedule
 
-    def step_ms(self, per_sample, iters: int) -> float:
+    def step_ms(self, per_sample, iters: int, merge: bool = True) -> float:
+        """Median ms of one step; merge=False forces the per-sample (unmerged) path even for
+        a batch with one LoRA set."""
         latents, inputs, schedule = self.inputs(len(per_sample), 1)
-        self.lora.use(per_sample, self.dtype)
+        if merge:
+            self.lora.use(per_sample, self.dtype)
+        else:
+            self.lora.activate(per_sample, self.dtype)
         t = schedule.timesteps[0].expand(latents.shape[0]).to(latents.dtype) / 1000
         times = []
         for i in range(iters + 3):
@@ -140,19 +145,7 @@ def main() -> None:
         base.setdefault(key, ms)
         print(f"| {name} | {ms:.2f} | {(ms / base[key] - 1) * 100:+.1f}% |")
     # unmerged with one adapter at batch 1 (what a mixed batch costs per sample)
-    b.lora.unmerge()
-    b.lora.activate([one], b.dtype)
-    latents, inputs, schedule = b.inputs(1, 1)
-    t = schedule.timesteps[0].expand(1).to(latents.dtype) / 1000
-    times = []
-    for i in range(args.iters + 3):
-        b._sync()
-        t0 = time.perf_counter()
-        b.runner.predict(latents, t, inputs)
-        b._sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    b.lora.deactivate()
-    ms = statistics.median(times[3:])
+    ms = b.step_ms([one], args.iters, merge=False)
     print(f"| batch 1, unmerged | {ms:.2f} | {(ms / base['batch 1'] - 1) * 100:+.1f}% |")
 
     # workload: 16 requests, adapters a0 a1 a2 a3 a0 ..., concurrency 8

@@ -33,16 +33,20 @@ class LoraResolver:
         self.lora_dir = Path(lora_dir).resolve() if lora_dir is not None else None
         self.allow_any_path = allow_any_path
         self.registered: dict[str, AdapterRef] = {}
-        # The set requests without `lora` get (active while "merged"), and the last one set.
-        self.default: list[AdapterRef] = []
+        # The set last given to set_lora, and whether requests without `lora` get it ("merged").
         self.default_set: list[AdapterRef] = []
+        self.default_on = True
         self._checked: OrderedDict[tuple, None] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def default(self) -> list[AdapterRef]:
+        return list(self.default_set) if self.default_on else []
 
     def resolve(self, refs: list[LoraRef]) -> list[AdapterRef]:
         """A request's adapters in order; no refs: the server's default set."""
         if not refs:
-            return list(self.default)
+            return self.default
         return [self._resolve_one(ref) for ref in refs]
 
     def register(self, name: str, path: str, strength: float = 1.0) -> AdapterRef:

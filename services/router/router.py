@@ -97,12 +97,9 @@ class Router:
                 if name not in loras.registered:
                     raise InvalidRequestError(f"unknown LoRA '{name}': give lora_path to register it", "lora_path")
                 ref = dataclasses.replace(loras.registered[name], strength=strength)
-            loras.default_set = [ref]
-            loras.default = list(loras.default_set)
-        elif op == "merge":
-            loras.default = list(getattr(loras, "default_set", []))
-        elif op == "unmerge":
-            loras.default = []
+            loras.default_set, loras.default_on = [ref], True
+        elif op in ("merge", "unmerge"):
+            loras.default_on = op == "merge"
         elif op != "list":
             raise InvalidRequestError(f"unknown LoRA operation '{op}'")
         return {

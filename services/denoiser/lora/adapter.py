@@ -22,9 +22,11 @@ class LoraWeight:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self) -> torch.Tensor:
-        """scale x up @ down, in fp32: [out, in]."""
-        return self.scale * (self.up.float() @ self.down.float())
+    def delta(self, device: torch.device | None = None) -> torch.Tensor:
+        """scale x up @ down, in fp32: [out, in], computed on `device` (default: where the
+        factors are; the full-size product is the big tensor, so move the factors, not it)."""
+        device = self.up.device if device is None else device
+        return self.scale * (self.up.to(device, torch.float32) @ self.down.to(device, torch.float32))
 
 
 @dataclass
@@ -35,12 +37,3 @@ class LoraAdapter:
 
     def __post_init__(self):
         self.key = self.key or self.name
-
-    @property
-    def rank(self) -> int:
-        return max((w.rank for w in self.weights.values()), default=0)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.down.numel() * w.down.element_size() + w.up.numel() * w.up.element_size()
-                   for w in self.weights.values())

@@ -125,8 +125,7 @@ class LoraRunner:
             for adapter, strength in loras:
                 w = adapter.weights.get(path)
                 if w is not None:
-                    delta = (w.up.to(self.device, torch.float32) @ w.down.to(self.device, torch.float32))
-                    merged += _shard(module, "weight", delta * (strength * w.scale))
+                    merged += _shard(module, "weight", w.delta(self.device) * strength)
             module.weight.copy_(merged.to(module.weight.dtype))
             self._merged.add(path)
         self.merged_key = key
