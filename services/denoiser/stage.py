@@ -11,10 +11,10 @@ import torch
 
 from services.denoiser.compile import compile_blocks, parse_size, should_compile, use_compile_cache
 from services.denoiser.latents import PackedLatents2x2, initial_noise
+from services.denoiser.loop import sample
 from services.denoiser.lora.apply import LoraRunner
 from services.denoiser.lora.formats import flux_module_shapes
 from services.denoiser.lora.store import AdapterStore
-from services.denoiser.loop import sample
 from services.denoiser.parallel.comm import gather_ints
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
@@ -22,9 +22,9 @@ from services.denoiser.quant import apply_precision
 from services.denoiser.runner import DenoiserRunner
 from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
+from services.runtime.cache_policy import CachePolicy
 from services.runtime.config import DenoiserConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
-from services.runtime.cache_policy import CachePolicy
 from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import Conditioning, DenoiseRequest, DenoiseResponse
 from services.runtime.registry import resolve

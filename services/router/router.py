@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from services.router.batcher import Batcher
-from services.runtime import metrics
 from services.router.loras import LoraResolver
 from services.router.requests import GeneratedImage, GenerateResult, ResolvedRequest, resolve_request
+from services.runtime import metrics
 from services.runtime.config import GenerateRequest, RouterConfig
 from services.runtime.errors import DeadlineExceededError, InvalidRequestError
 from services.runtime.messages import Conditioning, DecodeRequest, DenoiseRequest, EncodeRequest

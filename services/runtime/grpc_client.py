@@ -29,7 +29,6 @@ from services.runtime.messages import (
 from services.runtime.proto import stages_pb2_grpc
 from services.runtime.stage_client import StepCallback
 
-
 # A replaced worker should be found again within a second or two, not after gRPC's default
 # exponential backoff (which grows to 120 s).
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
