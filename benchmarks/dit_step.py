@@ -8,10 +8,12 @@ state dict with assign=True), so peak memory is directly comparable. Rows: diffu
 diffusers compiled (compile_repeated_blocks), ditserve eager[, ditserve compiled]. Each row
 also reports its output's relative error against diffusers eager on the same inputs.
 
-    python benchmarks/dit_step.py --model flux-dev --ulysses-degree 2 [--ring-degree R]
+    python benchmarks/dit_step.py --model flux-dev --ulysses-degree 2 [--ring-degree R] [--tp-size T] [--cfg-parallel]
+    python benchmarks/dit_step.py --layouts ulysses4 ring2xulysses2 tp2xulysses2 cfg2xulysses2
 
-runs one process per GPU: ditserve on 1 GPU and sequence-parallel over all of them, eager and
-compiled, against diffusers' own context parallelism (ContextParallelConfig) in the same run.
+runs one process per GPU (benchmarks/dit_parallel.py): ditserve on 1 GPU and in each layout over
+all of them, against diffusers' own context parallelism (ContextParallelConfig) at the same
+degree, in the same run.
 """
 
 from __future__ import annotations
@@ -97,118 +99,6 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, int
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return statistics.median(times), peak, out
-
-
-def sp_step(native, inp, rope, sp):
-    """One ditserve forward with the tokens sharded over the ring x ulysses ranks."""
-    text, image = sp.shard(inp["ctx"], inp["x"])
-    with torch.inference_mode(), sp.active():
-        local = native(image, text, inp["pooled"], inp["t"], sp.shard_rope(rope), inp["guidance"])
-        return sp.gather_image(local)
-
-
-def _parallel_rank(rank: int, args, port: int) -> None:
-    """One rank of a multi-GPU run; rank 0 prints the table."""
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
-
-    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    cuda = args.device.startswith("cuda")
-    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    degrees = ParallelDegrees(ring=args.ring_degree, ulysses=args.ulysses_degree, tp=args.tp_size)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=degrees.world_size, timeout=datetime.timedelta(seconds=600),
-                            device_id=device if cuda else None)
-    mesh = ParallelMesh(degrees, device.type)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg_dict = MODELS[args.model]
-    cfg = FluxConfig.from_dict(cfg_dict)
-    ref, native = build_models(cfg_dict, device, dtype)
-    one_gpu = native
-    if args.tp_size > 1:  # this rank's shard of the same weights
-        from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
-
-        with torch.device("meta"):
-            native = FluxTransformer(cfg, tp=TensorParallel(mesh.group("tp")))
-        native.load_state_dict(shard_state_dict(native, ref.state_dict()), assign=True)
-        native.eval().requires_grad_(False)
-    inp = make_inputs(cfg, args.height, args.width, args.text_len, args.batch, device, dtype)
-    with torch.inference_mode():
-        rope = native.rope(inp["txt_ids"], inp["img_ids"])
-    flops = step_flops(cfg, inp["x"].shape[1], args.text_len, args.batch)
-
-    def timed_all(fn):
-        dist.barrier()
-        ms, peak, out = timed(fn, device, args.warmup, args.iters)
-        dist.barrier()
-        return ms, peak, out.float()
-
-    def single():
-        with torch.inference_mode():
-            return one_gpu(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
-
-    def diffusers_step():
-        with torch.inference_mode():
-            return ref(hidden_states=inp["x"], encoder_hidden_states=inp["ctx"], pooled_projections=inp["pooled"],
-                       timestep=inp["t"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"],
-                       return_dict=False)[0]
-
-    n = degrees.world_size
-    label = "x".join(f"{k}{v}" for k, v in (("ring", args.ring_degree), ("ulysses", args.ulysses_degree),
-                                            ("tp", args.tp_size)) if v > 1)
-    rows = []
-    base_ms, _, base_out = timed_all(single)
-    rows.append(("ditserve 1 GPU eager", base_ms, base_out))
-    from services.denoiser.parallel.context import SequenceParallel
-
-    sp = SequenceParallel(mesh, inp["ctx"].shape[1], inp["x"].shape[1])  # one per layout, as the runner keeps
-    rows.append((f"ditserve {label} eager", *timed_all(lambda: sp_step(native, inp, rope, sp))[::2]))
-    from services.denoiser.compile import compile_blocks
-    from services.denoiser.quant import apply_precision
-
-    for model in {id(one_gpu): one_gpu, id(native): native}.values():
-        compile_blocks(model, overlap_comm=True)  # as the service compiles a multi-rank replica
-    one_ms, _, one_out = timed_all(single)
-    rows.append(("ditserve 1 GPU compiled", one_ms, one_out))
-    rows.append((f"ditserve {label} compiled", *timed_all(lambda: sp_step(native, inp, rope, sp))[::2]))
-    if cuda:
-        with torch.device("meta"):
-            fp8 = FluxTransformer(cfg, tp=native.transformer_blocks[0].attn.to_q.tp)
-        fp8.load_state_dict(native.state_dict(), strict=True, assign=True)
-        compile_blocks(apply_precision(fp8.eval().requires_grad_(False), "fp8"))
-        rows.append((f"ditserve {label} fp8 compiled", *timed_all(lambda: sp_step(fp8, inp, rope, sp))[::2]))
-    try:
-        from diffusers import ContextParallelConfig
-
-        if args.tp_size > 1:
-            raise RuntimeError("no diffusers row for tensor parallelism")
-        ref.enable_parallelism(config=ContextParallelConfig(ulysses_degree=args.ulysses_degree,
-                                                            ring_degree=args.ring_degree))
-        rows.append((f"diffusers CP {label} eager", *timed_all(diffusers_step)[::2]))
-        ref.compile_repeated_blocks(fullgraph=True)
-        rows.append((f"diffusers CP {label} compiled", *timed_all(diffusers_step)[::2]))
-    except Exception as exc:  # reported, not fatal: the ditserve rows stand on their own
-        if rank == 0:
-            print(f"diffusers context parallelism failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-    if rank == 0:
-        card = torch.cuda.get_device_name(device) if cuda else "cpu"
-        print(f"\n{args.model} {args.height}x{args.width}, {str(dtype).removeprefix('torch.')}, {n}x {card}, "
-              f"torch {torch.__version__}; {flops / 1e12:.1f} TFLOP/step")
-        print("| config | ms/step | vs ditserve 1 GPU compiled | scaling efficiency | TFLOP/s per GPU | rel err |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, ms, out in rows:
-            gpus = 1 if "1 GPU" in name else n
-            speedup = one_ms / ms
-            err = ((out - base_out).norm() / base_out.norm()).item()
-            print(f"| {name} | {ms:.2f} | {speedup:.2f}x | {speedup / gpus * 100:.0f}% | "
-                  f"{flops / ms / 1e9 / gpus:.0f} | {err:.1e} |")
-    dist.destroy_process_group()
 
 
 def matmul_ceiling(device: torch.device) -> dict[str, float]:
@@ -303,21 +193,41 @@ def main() -> None:
     ap.add_argument("--ulysses-degree", type=int, default=1, help="> 1: a multi-GPU run (one process per GPU)")
     ap.add_argument("--ring-degree", type=int, default=1)
     ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--cfg-parallel", action="store_true", help="the two CFG branches on the two halves of the GPUs")
+    ap.add_argument("--layouts", nargs="+", default=[],
+                    help="several layouts of the same GPU count in one run, e.g. ulysses4 ring2xulysses2 tp2xulysses2")
+    ap.add_argument("--fp8-layouts", nargs="*", default=None, help="layouts that also get an fp8 row (default: the first)")
+    ap.add_argument("--eager", action="store_true", help="multi-GPU: eager rows as well")
+    ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
     args = ap.parse_args()
-    world = args.ulysses_degree * args.ring_degree * args.tp_size
-    if world > 1:
-        import socket
-
-        import torch.multiprocessing as mp
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(_parallel_rank, args=(args, port), nprocs=world)
+    if not args.layouts and args.ulysses_degree * args.ring_degree * args.tp_size * (2 if args.cfg_parallel else 1) > 1:
+        args.layouts = ["x".join(f"{k}{v}" for k, v in (("cfg", 2 if args.cfg_parallel else 1),
+                                                        ("ring", args.ring_degree), ("ulysses", args.ulysses_degree),
+                                                        ("tp", args.tp_size)) if v > 1)]
+    if args.layouts:
+        run_parallel(args)
         return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     (run_offload if args.offload else run_single)(args, device, dtype)
+
+
+def run_parallel(args) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from benchmarks.dit_parallel import parallel_rank, parse_layout
+
+    sizes = {parse_layout(s).world_size for s in args.layouts}
+    if len(sizes) != 1:
+        raise SystemExit(f"--layouts must all use the same number of GPUs, got {sorted(sizes)}")
+    if args.fp8_layouts is None:
+        args.fp8_layouts = args.layouts[:1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(parallel_rank, args=(args, port), nprocs=sizes.pop())
 
 
 def run_single(args, device: torch.device, dtype: torch.dtype) -> None:

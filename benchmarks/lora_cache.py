@@ -117,6 +117,9 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
+PARTS = ("steps", "workload", "cache")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="flux-dev")
@@ -127,6 +130,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=28, help="steps per request in the LoRA workload")
     ap.add_argument("--cache-steps", type=int, default=50)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="which tables (separate processes on separate GPUs can each take one)")
     args = ap.parse_args()
     b = Bench(args)
     adapters = [random_adapter(b.model, f"a{i}", args.rank, i, b.device) for i in range(4)]
@@ -134,6 +139,15 @@ def main() -> None:
     print(f"{args.model} {args.size}x{args.size}, {str(b.dtype).removeprefix('torch.')}, {card}, "
           f"LoRA rank {args.rank} on {len(adapters[0].weights)} linears")
 
+    if "steps" in args.parts:
+        step_table(b, adapters, args)
+    if "workload" in args.parts:
+        workload(b, adapters, args)
+    if "cache" in args.parts:
+        cache_table(b, args)
+
+
+def step_table(b: Bench, adapters, args) -> None:
     one = [(adapters[0], 1.0)]
     rows = [("batch 1, no LoRA", [[]]), ("batch 1, merged", [one])]
     rows_b4 = [("batch 4, no LoRA", [[]] * 4), ("batch 4, 4 adapters mixed (unmerged)", [[(a, 1.0)] for a in adapters])]
@@ -148,31 +162,49 @@ def main() -> None:
     ms = b.step_ms([one], args.iters, merge=False)
     print(f"| batch 1, unmerged | {ms:.2f} | {(ms / base['batch 1'] - 1) * 100:+.1f}% |")
 
-    # workload: 16 requests, adapters a0 a1 a2 a3 a0 ..., concurrency 8
+
+
+def workload(b: Bench, adapters, args) -> None:
+    """16 requests, adapters a0 a1 a2 a3 a0 ..., concurrency 8. Each way of serving runs once
+    with one step first, so neither pays a compile (batch 4 / batch 2 shapes) in its timing."""
     order = [adapters[i % 4] for i in range(16)]
-    t0 = time.perf_counter()
-    for batch in range(4):  # (a) mixed batches of 4, arrival order
-        b.request([[(a, 1.0)] for a in order[batch * 4 : batch * 4 + 4]], args.steps, seed=batch)
-    mixed_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    switch = []
-    for wave in range(2):  # (b) 8 in flight = 2 per adapter; one adapter's pair per batch, merged
-        for a in adapters:
-            t1 = time.perf_counter()
-            b.lora.merge((a.key, 1.0), [(a, 1.0)])
-            b._sync()
-            switch.append(time.perf_counter() - t1)
-            b.request([[(a, 1.0)]] * 2, args.steps, seed=wave)
-    merged_s = time.perf_counter() - t0
-    b.lora.unmerge()
+
+    def mixed(steps: int) -> float:  # (a) mixed batches of 4, arrival order
+        t0 = time.perf_counter()
+        for batch in range(4):
+            b.request([[(a, 1.0)] for a in order[batch * 4 : batch * 4 + 4]], steps, seed=batch)
+        return time.perf_counter() - t0
+
+    def one_at_a_time(steps: int, switch: list[float]) -> float:
+        t0 = time.perf_counter()
+        for wave in range(2):  # (b) 8 in flight = 2 per adapter; one adapter's pair per batch, merged
+            for a in adapters:
+                t1 = time.perf_counter()
+                b.lora.merge((a.key, 1.0), [(a, 1.0)])
+                b._sync()
+                switch.append(time.perf_counter() - t1)
+                b.request([[(a, 1.0)]] * 2, steps, seed=wave)
+        b.lora.unmerge()
+        return time.perf_counter() - t0
+
+    mixed(1)
+    one_at_a_time(1, [])
+    mixed_s = mixed(args.steps)
+    switch: list[float] = []
+    merged_s = one_at_a_time(args.steps, switch)
     print(f"\nworkload 16 requests x {args.steps} steps over 4 adapters, concurrency 8: "
           f"mixed unmerged batches of 4 {mixed_s:.1f}s ({16 / mixed_s:.3f} req/s); one merged adapter at a time, "
           f"batches of 2 {merged_s:.1f}s ({16 / merged_s:.3f} req/s, {len(switch)} switches of "
           f"{statistics.median(switch) * 1e3:.0f} ms); ratio {merged_s / mixed_s:.2f}x")
 
+
+
+def cache_table(b: Bench, args) -> None:
     print(f"\ncache, one request of {args.cache_steps} steps, batch 1:")
     print("| policy | computed / cached steps | s | speedup | rel err vs uncached |\n|---|---:|---:|---:|---:|")
-    b.request([[]], args.cache_steps)  # warm the shapes
+    b.request([[]], args.cache_steps)  # warm the shapes, uncached and through each preset's path
+    for preset in ("slow", "medium", "fast", "ultra"):
+        b.request([[]], min(args.cache_steps, 12), cache={"preset": preset})
     t0 = time.perf_counter()
     ref, _ = b.request([[]], args.cache_steps)
     ref_s = time.perf_counter() - t0

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from services.denoiser.compile import compile_blocks
 from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.models.flux import FluxConfig, FluxTransformer
 from services.denoiser.parallel.context import SequenceParallel
@@ -39,7 +40,7 @@ def _model_and_inputs(h: int, w: int, text_len: int = 7, config: FluxConfig = CO
     return model, (x, ctx, pooled, t, rope, guidance)
 
 
-def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: int, w: int):
+def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: int, w: int, backend: str | None = None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -52,6 +53,8 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: in
                 sharded = FluxTransformer(model.config, tp=TensorParallel(mesh.group("tp"))).eval()
                 sharded.load_state_dict(shard_state_dict(sharded, model.state_dict()))
                 model = sharded
+            if backend is not None:  # the compiled blocks trace every collective (no P2P ops)
+                compile_blocks(model, backend=backend, overlap_comm=True)
             sp = SequenceParallel(mesh, ctx.shape[1], x.shape[1])
             text, image = sp.shard(ctx, x)
             with sp.active():
@@ -80,3 +83,15 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: in
 def test_sequence_parallel_matches_single_rank(degrees, h, w):
     world = degrees.world_size
     mp.spawn(_rank_main, args=(world, free_port(), degrees, h, w), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize(
+    "degrees", [ParallelDegrees(ring=2), ParallelDegrees(ring=2, ulysses=2), ParallelDegrees(tp=2, ulysses=2)],
+    ids=["ring2", "ring2xulysses2", "tp2xulysses2"],
+)
+def test_compiled_blocks_match_single_rank(degrees):
+    """The service compiles a multi-rank replica's blocks with fullgraph=True: every collective
+    (the ring's K/V exchange included) must trace. aot_eager runs dynamo and AOT tracing as
+    inductor does, without its C++ compile (minutes on CPU)."""
+    world = degrees.world_size
+    mp.spawn(_rank_main, args=(world, free_port(), degrees, 6, 10, "aot_eager"), nprocs=world, join=True)

@@ -118,3 +118,19 @@ def test_layerwise_offload_equals_resident_on_cuda(flux_dev_dir, prefetch):
     for _ in range(4):
         assert torch.equal(_run(offloaded, inputs, torch.bfloat16), expected)
     assert offload.device_bytes < sum(p.numel() * p.element_size() for p in resident.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_with_lse_matches_sdpa_on_cuda(dtype):
+    """The ring's per-block kernel (cuDNN on Hopper, else flash): output equals SDPA and the
+    log-sum-exp equals the one computed in fp32, on an uneven sequence length."""
+    from services.denoiser.attention import attention_with_lse
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1153, 24, 128, generator=g, device="cuda", dtype=dtype) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / 128**0.5
+    assert lse.shape == (2, 24, 1153) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=2e-2, rtol=1e-3)

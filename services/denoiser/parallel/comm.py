@@ -31,10 +31,26 @@ class RingExchange:
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
     def start(self, tensors: tuple[torch.Tensor, ...], recv_shapes: list[tuple[int, ...]]):
+        if torch.compiler.is_compiling():
+            return self._start_traceable(tensors, recv_shapes)
         recv = [t.new_empty(s) for t, s in zip(tensors, recv_shapes)]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recv]
         return recv, dist.batch_isend_irecv(ops)
+
+    def _start_traceable(self, tensors, recv_shapes):
+        """The same exchange as one all-to-all in which only the next rank gets data and only the
+        previous one sends: dynamo cannot trace P2P ops (torch 2.11 has them behind a flag), but
+        it turns all_to_all_single into a functional collective whose wait inductor places as
+        late as the data allows, so the exchange still overlaps the attention on the current
+        block. Same-shaped tensors (K and V) travel stacked, as one piece."""
+        n, nxt, prev = self.size, (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        if len({tuple(t.shape) for t in tensors}) != 1 or len(set(map(tuple, recv_shapes))) != 1:
+            raise ValueError("a traced ring exchange sends tensors of one shape")
+        payload = torch.stack(tensors)
+        chunks = [payload if j == nxt else payload.new_empty((0,)) for j in range(n)]
+        shapes = [(len(tensors), *recv_shapes[0]) if j == prev else (0,) for j in range(n)]
+        return list(all_to_all(chunks, shapes, self.group)[prev].unbind(0)), []
 
     @staticmethod
     def wait(handles) -> None:
