@@ -223,18 +223,20 @@ def _worker(args) -> int:
     import signal
     import threading
 
-    from services.runtime.config import DenoiserConfig, StageConfig
+    from services.runtime.config import DenoiserConfig, stage_config_class
     from services.runtime.grpc_server import start_server
 
     base = dict(model_path=args.model_path, device=args.device, dtype=args.dtype)
     options = _denoiser_options(args)
+    if args.role == "vae":  # the VAE decodes the warm-up sizes once; every other option is the DiT's
+        base["warmup_resolutions"] = options.pop("warmup_resolutions", [])
     if args.role == "denoiser":
         config = DenoiserConfig(**base, **options)
     elif options:
         flags = ", ".join(_FLAG_NAMES.get(k, "--" + k.replace("_", "-")) for k in options)
         raise InvalidRequestError(f"{flags}: denoiser options, not for --role {args.role}")
     else:
-        config = StageConfig(**base)
+        config = stage_config_class(args.role)(**base)
     stage_cls, service_cls, grpc_name = _ROLES[args.role]
     stage = getattr(importlib.import_module(f"services.{args.role}.stage"), stage_cls)(config)
     service = getattr(importlib.import_module(f"services.{args.role}.service"), service_cls)(stage)
@@ -287,6 +289,8 @@ def serve_config_from_args(args):
             data[key] = getattr(args, key)
     if _denoiser_options(args):
         data.setdefault("denoiser", {}).update(_denoiser_options(args))
+    if args.warmup_resolutions:
+        data.setdefault("vae", {})["warmup_resolutions"] = args.warmup_resolutions
     if _cache_policy(args) is not None:
         data.setdefault("router", {})["cache"] = _cache_policy(args)
     for stage in ("encoder", "denoiser", "vae"):
@@ -430,7 +434,8 @@ def build_in_process_router(config, router_config=None, denoiser_options: dict |
 
     return build_router(
         ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype,
-                    router=router_config or RouterConfig(), denoiser=denoiser_options or {}),
+                    router=router_config or RouterConfig(), denoiser=denoiser_options or {},
+                    vae={"warmup_resolutions": (denoiser_options or {}).get("warmup_resolutions", [])}),
         allow_any_lora_path=True,
     )
 

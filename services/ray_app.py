@@ -15,7 +15,7 @@ import time
 
 from ray import serve
 
-from services.runtime.config import DenoiserConfig, ServeConfig, StageConfig
+from services.runtime.config import ServeConfig, stage_config_class
 from services.runtime.streams import with_progress
 
 # role -> (module, stage class, in-process client class)
@@ -33,7 +33,7 @@ class StageDeployment:
         from services.runtime import stage_client
 
         module, stage_cls, client_cls = _STAGES[role]
-        config = DenoiserConfig(**stage_config) if role == "denoiser" else StageConfig(**stage_config)
+        config = stage_config_class(role)(**stage_config)
         # A multi-rank denoiser replica starts its other ranks as processes of this actor, one
         # per GPU the actor was given (set the pool's num_gpus to the replica's rank count).
         stage = getattr(importlib.import_module(module), stage_cls)(config)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from services.denoiser.compile import compile_blocks, parse_size, should_compile, use_compile_cache
+from services.denoiser.compile import compile_blocks, should_compile, use_compile_cache
 from services.denoiser.latents import PackedLatents2x2, initial_noise
 from services.denoiser.loop import sample
 from services.denoiser.lora.apply import LoraRunner
@@ -23,7 +23,7 @@ from services.denoiser.runner import DenoiserRunner
 from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
 from services.runtime.cache_policy import CachePolicy
-from services.runtime.config import DenoiserConfig, StageConfig
+from services.runtime.config import DenoiserConfig, StageConfig, parse_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import Conditioning, DenoiseRequest, DenoiseResponse

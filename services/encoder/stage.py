@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from services.encoder.clip_t5 import ClipT5PromptEncoder
 from services.runtime.config import StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
@@ -23,6 +22,9 @@ class EncoderStage:
         if impl is None:
             raise UnsupportedModelError(f"no prompt encoder '{self.spec.prompt_encoder}' for {self.spec.family}")
         self.encoder = impl(self.model, device=self.device, dtype=self.dtype)
+        # One encode before the first request: on a GPU the first call pays for CUDA kernels'
+        # loading and cuBLAS's set-up (~0.3 s), which is not the first user's to wait for.
+        self.encode(EncodeRequest(prompts=[""], max_sequence_length=self.spec.defaults(self.model).max_sequence_length))
 
     def encode(self, request: EncodeRequest) -> EncodeResponse:
         with measure(self.device) as metrics:

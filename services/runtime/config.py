@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.runtime.cache_policy import CachePolicy
 from services.runtime.errors import InvalidRequestError
@@ -72,6 +72,22 @@ class GenerateRequest(BaseModel):
             raise invalid_request_from(exc) from None
 
 
+def _check_sizes(sizes: list[str]) -> list[str]:
+    for size in sizes:
+        if not _SIZE.fullmatch(size) or not all(0 < int(x) <= MAX_SIDE_PX for x in size.split("x")):
+            raise ValueError(f"warmup resolution '{size}' is not WIDTHxHEIGHT (each 1..{MAX_SIDE_PX})")
+    return sizes
+
+
+WarmupSizes = Annotated[list[str], AfterValidator(_check_sizes)]
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (height, width)."""
+    width, height = (int(x) for x in size.split("x"))
+    return height, width
+
+
 class StageConfig(BaseModel):
     """Where and how a stage runs its components."""
 
@@ -102,7 +118,7 @@ class DenoiserOptions(BaseModel):
     # Mount a volume here in a container; None = torch's default under /tmp.
     compile_cache_dir: Path | None = None
     # "WIDTHxHEIGHT" sizes to compile and run once at start, before the replica takes requests.
-    warmup_resolutions: list[str] = Field(default_factory=list)
+    warmup_resolutions: WarmupSizes = Field(default_factory=list)
     # Where request LoRA paths resolve; nothing outside it is read. None: request paths refused
     # (registered names only) when serving; `generate` reads the files it is given.
     lora_dir: Path | None = None
@@ -110,14 +126,6 @@ class DenoiserOptions(BaseModel):
     # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
     layerwise_offload: bool = False
     offload_prefetch: int = Field(1, ge=1, description="blocks copied ahead of the one computing")
-
-    @field_validator("warmup_resolutions")
-    @classmethod
-    def _sizes(cls, v: list[str]) -> list[str]:
-        for size in v:
-            if not _SIZE.fullmatch(size) or not all(0 < int(x) <= MAX_SIDE_PX for x in size.split("x")):
-                raise ValueError(f"warmup resolution '{size}' is not WIDTHxHEIGHT (each 1..{MAX_SIDE_PX})")
-        return v
 
     @property
     def world_size(self) -> int:
@@ -129,6 +137,24 @@ class DenoiserOptions(BaseModel):
 
 class DenoiserConfig(StageConfig, DenoiserOptions):
     """The denoiser stage: where it runs and how one replica spreads over ranks."""
+
+
+class VaeOptions(BaseModel):
+    """How one VAE worker runs (shared by its stage config and the serve config's vae pool)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "WIDTHxHEIGHT" sizes decoded once at start (cuDNN picks its convolution algorithms, the
+    # allocator grows to the decode's size), so the first request at that size pays neither.
+    # `--warmup-resolutions` sets this and the denoiser's together.
+    warmup_resolutions: WarmupSizes = Field(default_factory=list)
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in VaeOptions.model_fields}
+
+
+class VaeConfig(StageConfig, VaeOptions):
+    """The VAE stage."""
 
 
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
@@ -204,6 +230,10 @@ class DenoiserEndpoint(StageEndpoint, DenoiserOptions):
         return opts
 
 
+class VaeEndpoint(StageEndpoint, VaeOptions):
+    """The VAE pool."""
+
+
 class ServeConfig(BaseModel):
     """`ditserve serve`: one schema for CLI flags and the --config YAML file."""
 
@@ -225,7 +255,7 @@ class ServeConfig(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     encoder: StageEndpoint = Field(default_factory=StageEndpoint)
     denoiser: DenoiserEndpoint = Field(default_factory=DenoiserEndpoint)
-    vae: StageEndpoint = Field(default_factory=StageEndpoint)
+    vae: VaeEndpoint = Field(default_factory=VaeEndpoint)
 
     @model_validator(mode="after")
     def _addresses_need_no_ray(self) -> "ServeConfig":
@@ -237,4 +267,11 @@ class ServeConfig(BaseModel):
         base = dict(model_path=self.model_path, device=self.device, dtype=self.dtype)
         if role == "denoiser":
             return DenoiserConfig(**base, **self.denoiser.options())
+        if role == "vae":
+            return VaeConfig(**base, **self.vae.options())
         return StageConfig(**base)
+
+
+def stage_config_class(role: str) -> type[StageConfig]:
+    """The typed config of a stage worker of `role` (encoder / denoiser / vae)."""
+    return {"denoiser": DenoiserConfig, "vae": VaeConfig}.get(role, StageConfig)

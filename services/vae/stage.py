@@ -7,13 +7,18 @@ instead of 4."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from services.runtime.components import load_component
-from services.runtime.config import StageConfig
+from services.runtime.config import StageConfig, VaeConfig, parse_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.messages import DecodeRequest, DecodeResponse
 from services.runtime.registry import resolve
+
+log = logging.getLogger(__name__)
 
 
 class VaeStage:
@@ -25,6 +30,21 @@ class VaeStage:
         self.vae = load_component(self.model, name, dtype=self.dtype, device=self.device)
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = self.vae.config.shift_factor or 0.0
+        if isinstance(config, VaeConfig):
+            self.warm_up(config.warmup_resolutions)
+
+    def warm_up(self, sizes: list[str]) -> None:
+        """Decode zeros once per "WIDTHxHEIGHT" size before taking requests: the first decode of
+        a size is where cuDNN picks its convolution algorithms and the allocator grows."""
+        factor = self.model.vae_scale_factor
+        for size in sizes:
+            height, width = parse_size(size)
+            if height % factor or width % factor:
+                raise ValueError(f"warmup resolution {size}: sides must be multiples of {factor}")
+            t0 = time.perf_counter()
+            latents = torch.zeros(1, self.vae.config.latent_channels, height // factor, width // factor)
+            self.decode(DecodeRequest(latents=latents))
+            log.info("VAE warm-up %s: %.2fs", size, time.perf_counter() - t0)
 
     @torch.inference_mode()
     def decode(self, request: DecodeRequest) -> DecodeResponse:

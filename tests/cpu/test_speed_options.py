@@ -10,7 +10,9 @@ from services.denoiser.parallel.tp import RowParallelLinear
 from services.denoiser.quant import FP8, apply_precision, quantize_rows
 from services.denoiser.stage import DenoiserStage
 from services.denoiser.weights import load_native_transformer
-from services.runtime.config import DenoiserConfig
+from services.encoder.stage import EncoderStage
+from services.runtime.config import DenoiserConfig, StageConfig, VaeConfig
+from services.vae.stage import VaeStage
 from services.runtime.registry import ModelDir
 from tests.cpu.test_flux_module import _inputs, _rel_err
 
@@ -67,6 +69,20 @@ def test_warmup_runs_each_resolution(flux_dev_dir, monkeypatch):
     assert seen == [(32, 64), (48, 48)]
 
 
+def test_encoder_and_vae_warm_up_at_start(flux_dev_dir, monkeypatch):
+    """The encoder encodes once at start; the VAE decodes once per warm-up size, at that size's
+    latent shape (the model's VAE scale factor is 8)."""
+    encoded, decoded = [], []
+    encode, decode = EncoderStage.encode, VaeStage.decode
+    monkeypatch.setattr(EncoderStage, "encode", lambda self, req: encoded.append(req) or encode(self, req))
+    monkeypatch.setattr(VaeStage, "decode", lambda self, req: decoded.append(tuple(req.latents.shape)) or decode(self, req))
+    EncoderStage(StageConfig(model_path=flux_dev_dir, device="cpu"))
+    assert [(r.prompts, r.max_sequence_length) for r in encoded] == [([""], 512)]
+    vae = VaeStage(VaeConfig(model_path=flux_dev_dir, device="cpu", warmup_resolutions=["64x32", "48x48"]))
+    channels = vae.vae.config.latent_channels
+    assert decoded == [(1, channels, 4, 8), (1, channels, 6, 6)]
+
+
 def test_warmup_resolution_must_fit_the_model(flux_dev_dir, capsys):
     rc = main(["generate", "--model-path", str(flux_dev_dir), "--prompt", "x", "--device", "cpu",
                "--warmup-resolutions", "40x40", "--no-progress", "-o", "/tmp/never.png"])
@@ -90,6 +106,7 @@ def test_serve_flags_reach_the_denoiser_config(tmp_path):
         "fp8", ["1024x1024", "768x1344"], tmp_path)
     assert (denoiser.layerwise_offload, denoiser.offload_prefetch, denoiser.ulysses_degree) == (True, 2, 2)
     assert denoiser.compile is None  # not given: the device decides
+    assert serve_config_from_args(args).stage_config("vae").warmup_resolutions == ["1024x1024", "768x1344"]
 
 
 def test_worker_refuses_denoiser_flags_for_other_roles(capsys):

@@ -30,18 +30,19 @@ from torch import nn
 from services.denoiser.lora.adapter import LoraAdapter
 
 
-def lora_delta(module: nn.Module, pieces: list[torch.Tensor]) -> torch.Tensor | None:
-    """The unmerged update of `module` for its input x [B, ..., in] given as pieces of its
-    features ([x], or RowParallelLinear.forward_pieces' pieces), or None without LoRA."""
+def add_lora(module: nn.Module, pieces: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """y plus the unmerged update of `module` for its input x [B, ..., in], given as pieces of
+    its features ([x], or RowParallelLinear.forward_pieces' pieces); y itself without LoRA.
+    The add rides in the up-projection's GEMM (baddbmm, beta 1) rather than a second pass over
+    the [tokens, out] output."""
     down, up = getattr(module, "lora_down", None), getattr(module, "lora_up", None)
     if down is None:  # no LoRA this batch (or a model without prepare_model)
-        return None
-    x0 = pieces[0]
+        return y
     downs = down.split([p.shape[-1] for p in pieces], dim=2) if len(pieces) > 1 else [down]
     low = sum(torch.bmm(p.reshape(p.shape[0], -1, p.shape[-1]).to(down.dtype), d.transpose(1, 2))
               for p, d in zip(pieces, downs))
-    out = torch.bmm(low, up.transpose(1, 2))
-    return out.reshape(*x0.shape[:-1], up.shape[1]).to(x0.dtype)
+    out = torch.baddbmm(y.reshape(low.shape[0], -1, y.shape[-1]), low.to(y.dtype), up.transpose(1, 2).to(y.dtype))
+    return out.reshape(y.shape)
 
 
 # One adapter of a sample: (adapter, strength).
@@ -49,8 +50,7 @@ SampleLoras = Sequence[tuple[LoraAdapter, float]]
 
 
 def _plain_linear_hook(module: nn.Linear, args, output):
-    delta = lora_delta(module, [args[0]])
-    return output if delta is None else output + delta
+    return add_lora(module, [args[0]], output)
 
 
 def prepare_model(model: nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from services.denoiser.lora.apply import lora_delta
+from services.denoiser.lora.apply import add_lora
 from services.denoiser.quant import linear
 
 
@@ -44,8 +44,7 @@ class ColumnParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, getattr(self, "weight_scale", None))
-        delta = lora_delta(self, [x])  # unmerged LoRA (lora/apply.py)
-        return y if delta is None else y + delta
+        return add_lora(self, [x], y)  # unmerged LoRA (lora/apply.py)
 
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(tanh)(x W^T + b). On CUDA in bf16/fp16, cuBLASLt applies the GELU in the GEMM's
@@ -94,9 +93,7 @@ class RowParallelLinear(nn.Linear):
         y = linear(pieces[0], weights[0], bias, scale)
         for piece, weight in zip(pieces[1:], weights[1:]):
             y = y + linear(piece, weight, None, scale)
-        delta = lora_delta(self, pieces)  # partial under TP, like y
-        if delta is not None:
-            y = y + delta
+        y = add_lora(self, pieces, y)  # partial under TP, like y
         if self.tp is None:
             return y
         dist.all_reduce(y, group=self.tp.group)
