@@ -33,16 +33,18 @@ from services.denoiser.lora.adapter import LoraAdapter
 def add_lora(module: nn.Module, pieces: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
     """y plus the unmerged update of `module` for its input x [B, ..., in], given as pieces of
     its features ([x], or RowParallelLinear.forward_pieces' pieces); y itself without LoRA.
-    The add rides in the up-projection's GEMM (baddbmm, beta 1) rather than a second pass over
-    the [tokens, out] output."""
+    The up-projection is a plain bmm and the add a separate op on purpose: putting the add in
+    the GEMM (baddbmm, beta 1) measured slower on H200, Flux.1-dev 1024x1024, rank 64 (mixed
+    batch of 4: +17.3% over no LoRA against +12.1%), since inductor fuses the plain add into
+    the kernels around it."""
     down, up = getattr(module, "lora_down", None), getattr(module, "lora_up", None)
     if down is None:  # no LoRA this batch (or a model without prepare_model)
         return y
     downs = down.split([p.shape[-1] for p in pieces], dim=2) if len(pieces) > 1 else [down]
     low = sum(torch.bmm(p.reshape(p.shape[0], -1, p.shape[-1]).to(down.dtype), d.transpose(1, 2))
               for p, d in zip(pieces, downs))
-    out = torch.baddbmm(y.reshape(low.shape[0], -1, y.shape[-1]), low.to(y.dtype), up.transpose(1, 2).to(y.dtype))
-    return out.reshape(y.shape)
+    delta = torch.bmm(low, up.transpose(1, 2))
+    return y + delta.reshape(y.shape).to(y.dtype)
 
 
 # One adapter of a sample: (adapter, strength).
