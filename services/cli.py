@@ -44,10 +44,17 @@ def _add_generate(sub) -> None:
     _add_cache_flags(p, "this request")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
+    _add_backend_flag(p)
     _add_denoiser_flags(p)
     p.add_argument("--output", "-o", default="out.png", help="output file (.png, .jpg, .webp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
+
+
+def _add_backend_flag(p) -> None:
+    p.add_argument("--backend", choices=["auto", "native", "diffusers"],
+                   help="auto (default): the native family where one matches the pipeline class, else the whole "
+                        "diffusers pipeline in the denoiser worker; diffusers forces that")
 
 
 def _add_denoiser_flags(p) -> None:
@@ -156,13 +163,14 @@ def _generate(args) -> int:
         lora=_lora_refs(args.lora_path, args.lora_scale),
         cache=_cache_policy(args),
     )
-    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype)
+    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype,
+                         backend=args.backend or "auto")
 
     from services.gateway.images import encode_image
     from services.router.requests import resolve_request
     from services.runtime.registry import resolve
 
-    model, spec = resolve(config.model_path)
+    model, spec = resolve(config.model_path, config.backend)
     resolve_request(request, model, spec)  # size / length errors before the slow loads
     router = build_in_process_router(config, denoiser_options=_denoiser_options(args))
 
@@ -214,6 +222,7 @@ def _add_worker(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="0 picks a free port (printed when ready)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    _add_backend_flag(p)
     _add_denoiser_flags(p)
     p.set_defaults(func=_worker)
 
@@ -226,7 +235,7 @@ def _worker(args) -> int:
     from services.runtime.config import DenoiserConfig, stage_config_class
     from services.runtime.grpc_server import start_server
 
-    base = dict(model_path=args.model_path, device=args.device, dtype=args.dtype)
+    base = dict(model_path=args.model_path, device=args.device, dtype=args.dtype, backend=args.backend or "auto")
     options = _denoiser_options(args)
     if args.role == "vae":  # the VAE decodes the warm-up sizes once; every other option is the DiT's
         base["warmup_resolutions"] = options.pop("warmup_resolutions", [])
@@ -260,6 +269,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--grpc-port", type=int)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    _add_backend_flag(p)
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
     p.add_argument("--no-ray", action="store_true", help="no Ray: router in this process, stages in-process or --*-address")
     for stage in ("encoder", "denoiser", "vae"):
@@ -284,7 +294,8 @@ def serve_config_from_args(args):
         data = _from_ray_serve_config(data)
     if args.no_ray:
         data["ray"] = False
-    for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype", "ray_address"):
+    for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype", "backend",
+                "ray_address"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if _denoiser_options(args):
@@ -331,11 +342,13 @@ def build_router(config, allow_any_lora_path: bool = False):
     from services.runtime import grpc_client, stage_client
     from services.runtime.registry import resolve
 
-    model, spec = resolve(config.model_path)
+    model, spec = resolve(config.model_path, config.backend)
     clients = {}
     for role, (stage_cls, _, grpc_name) in _ROLES.items():
         endpoint = getattr(config, role)
-        if endpoint.address:
+        if role not in spec.stages:  # e.g. the diffusers backend: the denoiser runs it all
+            clients[role] = None
+        elif endpoint.address:
             clients[role] = getattr(grpc_client, f"Grpc{grpc_name}Client")(endpoint.address)
         else:
             stage = getattr(importlib.import_module(f"services.{role}.stage"), stage_cls)(config.stage_config(role))
@@ -363,7 +376,7 @@ def run_ray_server(config) -> int:
     from services.ray_app import GRPC_SERVICER_FUNCTIONS, app_builder
     from services.runtime.registry import resolve
 
-    model, _ = resolve(config.model_path)  # fail fast on a bad path, before starting Ray
+    model, _ = resolve(config.model_path, config.backend)  # fail fast on a bad path, before starting Ray
     t0 = time.perf_counter()
     ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING",
              configure_logging=True, namespace="ditserve")
@@ -433,7 +446,7 @@ def build_in_process_router(config, router_config=None, denoiser_options: dict |
     from services.runtime.config import RouterConfig, ServeConfig
 
     return build_router(
-        ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype,
+        ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype, backend=config.backend,
                     router=router_config or RouterConfig(), denoiser=denoiser_options or {},
                     vae={"warmup_resolutions": (denoiser_options or {}).get("warmup_resolutions", [])}),
         allow_any_lora_path=True,

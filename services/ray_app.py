@@ -71,13 +71,13 @@ class RouterDeployment:
         from services.runtime.registry import resolve
 
         cfg = ServeConfig(**config)
-        model, spec = resolve(cfg.model_path)
+        model, spec = resolve(cfg.model_path, cfg.backend)
         self.router = Router(
             model,
             spec,
-            RayStageClient("encoder", encoder),
+            RayStageClient("encoder", encoder) if encoder is not None else None,
             RayStageClient("denoiser", denoiser),
-            RayStageClient("vae", vae),
+            RayStageClient("vae", vae) if vae is not None else None,
             cfg.router,
             lora_resolver(model, spec, cfg.denoiser.lora_dir),
         )
@@ -129,7 +129,7 @@ class GatewayDeployment:
         from services.runtime.registry import resolve
 
         cfg = ServeConfig(**config)
-        model, spec = resolve(cfg.model_path)  # metadata only: the gateway loads no weights
+        model, spec = resolve(cfg.model_path, cfg.backend)  # metadata only: the gateway loads no weights
         self.card = ModelCard(cfg.served_model_name or model.path.name, spec.family, model.pipeline_class,
                               int(time.time()))
         self.router = RayRouterClient(router)
@@ -176,12 +176,15 @@ GRPC_SERVICER_FUNCTIONS = [
 
 def app_builder(args: dict):
     """Ray Serve application builder: `import_path: services.ray_app:app_builder`, args = ServeConfig."""
+    from services.runtime.registry import resolve
+
     cfg = ServeConfig(**(args or {}))
     config = cfg.model_dump(mode="json")
+    _, spec = resolve(cfg.model_path, cfg.backend)  # which pools the model needs (the diffusers backend: one)
     stages = {
         role: serve.deployment(StageDeployment, name=role, **getattr(cfg, role).ray_options()).bind(
             role, cfg.stage_config(role).model_dump(mode="json")
-        )
+        ) if role in spec.stages else None
         for role in _STAGES
     }
     router = serve.deployment(RouterDeployment, name="router", **cfg.router.ray_options()).bind(

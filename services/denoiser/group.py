@@ -112,7 +112,7 @@ class ProcessRanks:
 
 def check_degrees(config: DenoiserConfig) -> None:
     """Refuse, before any process starts, a layout the model cannot be split into."""
-    model, _ = resolve(config.model_path)
+    model, _ = resolve(config.model_path, config.backend)
     heads = model.component_config("transformer").get("num_attention_heads", 1)
     if heads % config.tp_size:
         raise InvalidRequestError(f"--tp-size {config.tp_size} does not divide the model's {heads} attention heads",

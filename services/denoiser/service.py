@@ -46,8 +46,12 @@ class DenoiserService(stages_pb2_grpc.DenoiserServicer):
             if isinstance(item, stages_pb2.DenoiseEvent):
                 yield item
                 continue
-            for chunk in tensor_chunks(item.latents):
-                yield stages_pb2.DenoiseEvent(latents=chunk)
+            if item.latents is not None:
+                for chunk in tensor_chunks(item.latents):
+                    yield stages_pb2.DenoiseEvent(latents=chunk)
+            if item.images is not None:  # a whole pipeline ran here (the diffusers backend)
+                for chunk in tensor_chunks(item.images):
+                    yield stages_pb2.DenoiseEvent(images=chunk)
             if item.cache_stats is not None:
                 yield stages_pb2.DenoiseEvent(cache_stats=wire.cache_stats_to_proto(item.cache_stats))
             yield stages_pb2.DenoiseEvent(metrics=wire.metrics_to_proto(item.metrics))

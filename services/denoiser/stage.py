@@ -32,6 +32,11 @@ from services.runtime.registry import resolve
 
 class DenoiserStage:
     def __new__(cls, config: StageConfig, mesh: ParallelMesh | None = None):
+        if resolve(config.model_path, config.backend)[1].whole_pipeline:
+            from services.denoiser.diffusers_backend import DiffusersPipelineStage
+
+            return DiffusersPipelineStage(DenoiserConfig(**config.model_dump()) if not isinstance(
+                config, DenoiserConfig) else config)
         if mesh is None and isinstance(config, DenoiserConfig) and config.world_size > 1:
             from services.denoiser.group import DenoiserGroup
 
@@ -42,7 +47,7 @@ class DenoiserStage:
         if not isinstance(config, DenoiserConfig):
             config = DenoiserConfig(**config.model_dump())
         self.config = config
-        self.model, self.spec = resolve(config.model_path)
+        self.model, self.spec = resolve(config.model_path, config.backend)
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         tp = TensorParallel(mesh.group("tp")) if mesh is not None and mesh.degrees.tp > 1 else None
@@ -104,7 +109,7 @@ def warm_up(stage, config: DenoiserConfig) -> None:
     length), so compiling and autotuning happen before the replica takes traffic."""
     if not config.warmup_resolutions:
         return
-    model, spec = resolve(config.model_path)
+    model, spec = resolve(config.model_path, config.backend)
     transformer = model.component_config("transformer")
     multiple = spec.size_multiple(model)
     text_len = spec.defaults(model).max_sequence_length

@@ -15,7 +15,9 @@ PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder}
 
 class EncoderStage:
     def __init__(self, config: StageConfig):
-        self.model, self.spec = resolve(config.model_path)
+        self.model, self.spec = resolve(config.model_path, config.backend)
+        if self.spec.whole_pipeline:
+            raise UnsupportedModelError(f"{self.spec.family} runs whole in the denoiser worker: it has no encoder worker")
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         impl = PROMPT_ENCODERS.get(self.spec.prompt_encoder)

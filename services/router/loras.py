@@ -100,9 +100,11 @@ class LoraResolver:
                 self._checked.popitem(last=False)
 
 
-def lora_resolver(model, spec, lora_dir: Path | None, allow_any_path: bool = False) -> LoraResolver:
+def lora_resolver(model, spec, lora_dir: Path | None, allow_any_path: bool = False) -> LoraResolver | None:
     """A resolver whose check parses a file and matches it against `model`'s DiT shapes (from
-    its config: no weights are read)."""
+    its config: no weights are read); None for a family without per-request LoRA."""
+    if "lora" not in spec.features:
+        return None
     from services.denoiser.lora.formats import flux_module_shapes, read_lora
     from services.denoiser.models import FAMILIES
 

@@ -51,6 +51,7 @@ class ResolvedRequest:
             self.num_inference_steps,
             self.guidance_scale,
             self.true_cfg_scale if self.true_cfg else None,
+            self.negative_prompt is not None,
             self.max_sequence_length,
             # A batch shares its caching decisions (services/denoiser/cache.py): one policy each.
             self.cache.key() if self.cache is not None else None,
@@ -89,6 +90,12 @@ def resolve_request(
             f"max_sequence_length {max_seq} exceeds {spec.max_sequence_length_limit} for {spec.family}",
             "max_sequence_length",
         )
+    for feature, asked in (("lora", bool(req.lora)), ("cache", req.cache is not None and req.cache.enabled),
+                           ("negative_prompt", req.negative_prompt is not None)):
+        if asked and feature not in spec.features:
+            raise InvalidRequestError(f"{feature} is not available for {spec.family}", feature)
+    if "cache" not in spec.features:
+        default_cache = None  # the server's default policy applies where caching exists
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     return ResolvedRequest(
         prompt=req.prompt,

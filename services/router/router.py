@@ -36,9 +36,9 @@ class Router:
         self,
         model: ModelDir,
         spec: PipelineSpec,
-        encoder: EncoderClient,
+        encoder: EncoderClient | None,
         denoiser: DenoiserClient,
-        vae: VaeClient,
+        vae: VaeClient | None,
         config: RouterConfig | None = None,
         loras: LoraResolver | None = None,
     ):
@@ -113,13 +113,16 @@ class Router:
         return metrics.router_exposition()
 
     async def ready(self) -> dict[str, bool]:
-        checks = await asyncio.gather(self.encoder.ready(), self.denoiser.ready(), self.vae.ready())
-        return dict(zip(("encoder", "denoiser", "vae"), checks))
+        clients = {role: getattr(self, role) for role in self.spec.stages}
+        checks = await asyncio.gather(*(c.ready() for c in clients.values()))
+        return dict(zip(clients, checks))
 
     async def _run_batch(self, jobs: list[_Job]) -> list[GenerateResult]:
         """One encoder call for every prompt of the batch, one denoiser call for every image,
         one VAE call; results are split back per request."""
         t_batch = time.perf_counter()
+        if self.spec.whole_pipeline:
+            return await self._run_whole_pipeline(jobs, t_batch)
         first = jobs[0].request
         true_cfg = first.true_cfg
         timeout = max(j.deadline for j in jobs) - time.monotonic()
@@ -165,11 +168,44 @@ class Router:
         stages = {"encoder": enc.metrics, "denoiser": den.metrics, "vae": dec.metrics}
         metrics.observe_batch(stages, sum(counts), first.num_inference_steps, den.cache_stats,
                               time.perf_counter() - t_batch)
-        results, start = [], 0
-        for job, n in zip(jobs, counts):
-            pixels = dec.images[start : start + n].numpy()
-            images = [GeneratedImage(pixels=pixels[i], seed=s) for i, s in enumerate(job.request.seeds)]
-            results.append(GenerateResult(job.request, images, stages, batch_size=sum(counts),
-                                          cache_stats=den.cache_stats))
-            start += n
-        return results
+        return _split(jobs, dec.images, stages, den.cache_stats)
+
+    async def _run_whole_pipeline(self, jobs: list[_Job], t_batch: float) -> list[GenerateResult]:
+        """The diffusers backend: one denoiser call runs the whole pipeline for every image of
+        the batch (one prompt per image) and returns pixels."""
+        first = jobs[0].request
+
+        def on_step(done: int, total: int) -> None:
+            for j in jobs:
+                if j.on_step is not None:
+                    j.on_step(done, total)
+
+        per_image = [(j.request, s) for j in jobs for s in j.request.seeds]
+        den = await self.denoiser.denoise(
+            DenoiseRequest(
+                positive=None, negative=None, height=first.height, width=first.width,
+                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                true_cfg_scale=first.true_cfg_scale, seeds=[s for _, s in per_image],
+                prompts=[r.prompt for r, _ in per_image],
+                # the batch key keeps requests with and without a negative prompt apart
+                negative_prompts=[r.negative_prompt for r, _ in per_image] if first.negative_prompt is not None else [],
+                max_sequence_length=first.max_sequence_length,
+            ),
+            on_step=on_step,
+            timeout_s=max(j.deadline for j in jobs) - time.monotonic(),
+        )
+        stages = {"denoiser": den.metrics}
+        metrics.observe_batch(stages, len(per_image), first.num_inference_steps, None, time.perf_counter() - t_batch)
+        return _split(jobs, den.images, stages, None)
+
+
+def _split(jobs: list[_Job], images: torch.Tensor, stages: dict, cache_stats) -> list[GenerateResult]:
+    """A batch's uint8 [B, H, W, 3] pixels back into one result per request, in order."""
+    counts = [len(j.request.seeds) for j in jobs]
+    results, start = [], 0
+    for job, n in zip(jobs, counts):
+        pixels = images[start : start + n].numpy()
+        out = [GeneratedImage(pixels=pixels[i], seed=s) for i, s in enumerate(job.request.seeds)]
+        results.append(GenerateResult(job.request, out, stages, batch_size=sum(counts), cache_stats=cache_stats))
+        start += n
+    return results

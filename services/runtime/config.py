@@ -16,6 +16,7 @@ from services.runtime.errors import InvalidRequestError
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_SIDE_PX = 4096
+Backend = Literal["auto", "native", "diffusers"]
 _SIZE = re.compile(r"(\d+)x(\d+)")
 
 
@@ -96,6 +97,9 @@ class StageConfig(BaseModel):
     model_path: Path | None = None  # None: the embedded default model
     device: str | None = None  # None: cuda if available, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: per device
+    # native: a native family only; diffusers: the whole diffusers pipeline in the denoiser
+    # worker; auto: native where a family matches the pipeline class, else diffusers.
+    backend: Backend = "auto"
 
 
 class DenoiserOptions(BaseModel):
@@ -246,6 +250,7 @@ class ServeConfig(BaseModel):
     grpc_port: int = Field(9000, ge=0, lt=65536)
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    backend: Backend = "auto"  # as StageConfig.backend
     # Ray Serve (the default) deploys every pool on a Ray cluster: a new local one when
     # ray_address is None. ray=False runs the router in this process, each stage in-process or
     # at its gRPC `address`.
@@ -264,7 +269,7 @@ class ServeConfig(BaseModel):
         return self
 
     def stage_config(self, role: str = "encoder") -> StageConfig:
-        base = dict(model_path=self.model_path, device=self.device, dtype=self.dtype)
+        base = dict(model_path=self.model_path, device=self.device, dtype=self.dtype, backend=self.backend)
         if role == "denoiser":
             return DenoiserConfig(**base, **self.denoiser.options())
         if role == "vae":

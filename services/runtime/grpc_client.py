@@ -95,7 +95,7 @@ class GrpcDenoiserClient(_GrpcStage):
     async def denoise(
         self, request: DenoiseRequest, on_step: StepCallback | None = None, timeout_s: float | None = None
     ) -> DenoiseResponse:
-        latents = TensorAssembler()
+        latents, images = TensorAssembler(), TensorAssembler()
         metrics = cache_stats = None
         call = self.stub.Denoise(wire.denoise_request_to_proto(request), timeout=timeout_s)
         try:
@@ -105,6 +105,8 @@ class GrpcDenoiserClient(_GrpcStage):
                     on_step(event.progress.step, event.progress.total)
                 elif kind == "latents":
                     latents.add(event.latents)
+                elif kind == "images":
+                    images.add(event.images)
                 elif kind == "metrics":
                     metrics = wire.metrics_from_proto(event.metrics)
                 elif kind == "cache_stats":
@@ -113,7 +115,8 @@ class GrpcDenoiserClient(_GrpcStage):
             raise _typed_error(self.stage, self.address, err) from None
         if metrics is None:
             raise StageUnavailableError(f"denoiser at {self.address} ended its stream without a result")
-        return DenoiseResponse(latents=latents.tensor(), metrics=metrics, cache_stats=cache_stats)
+        return DenoiseResponse(latents=latents.tensor() if latents.header is not None else None, metrics=metrics,
+                               cache_stats=cache_stats, images=images.tensor() if images.header is not None else None)
 
 
 class GrpcVaeClient(_GrpcStage):

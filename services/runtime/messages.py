@@ -49,8 +49,9 @@ class CacheStats:
 
 @dataclass
 class DenoiseRequest:
-    # Batch size B = len(seeds); conditioning rows are already repeated to B.
-    positive: Conditioning
+    # Batch size B = len(seeds); conditioning rows are already repeated to B. positive is None
+    # in a whole-pipeline request (the diffusers backend), which carries the prompts instead.
+    positive: Conditioning | None
     negative: Conditioning | None
     height: int
     width: int
@@ -62,14 +63,21 @@ class DenoiseRequest:
     loras: list[list[AdapterRef]] = field(default_factory=list)
     # CachePolicy fields (services/runtime/cache_policy.py) shared by the whole batch; None: off.
     cache: dict | None = None
+    # A whole-pipeline request: one prompt per image, negative prompts empty or one per image;
+    # the worker encodes and decodes itself.
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    max_sequence_length: int = 0
 
 
 @dataclass
 class DenoiseResponse:
-    # Unpacked latents [B, C, H/f, W/f] in the DiT's latent space (VAE scaling not undone).
-    latents: torch.Tensor
+    # Unpacked latents [B, C, H/f, W/f] in the DiT's latent space (VAE scaling not undone);
+    # None when the worker ran the whole pipeline and returns `images` instead.
+    latents: torch.Tensor | None
     metrics: StageMeasurement = field(default_factory=StageMeasurement)
     cache_stats: CacheStats | None = None
+    images: torch.Tensor | None = None  # uint8 [B, H, W, 3], as DecodeResponse.images
 
 
 @dataclass

@@ -66,13 +66,31 @@ class ModelDir:
         return 2 ** (len(self.component_config("vae")["block_out_channels"]) - 1)
 
 
-def resolve(path: str | Path | None) -> tuple[ModelDir, PipelineSpec]:
-    """Open a model directory (the embedded default when `path` is None) and find its spec."""
+BACKENDS = ("auto", "native", "diffusers")
+
+
+def resolve(path: str | Path | None, backend: str = "auto") -> tuple[ModelDir, PipelineSpec]:
+    """Open a model directory (the embedded default when `path` is None) and find its spec:
+    the native family of its pipeline class, else (backend "auto" or "diffusers") the
+    diffusers backend's spec for any diffusers pipeline class."""
+    if backend not in BACKENDS:
+        raise UnsupportedModelError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     model = ModelDir(DEFAULT_MODEL_PATH if path is None else path)
-    spec = _SPECS_BY_CLASS.get(model.pipeline_class)
-    if spec is None:
-        known = ", ".join(sorted(_SPECS_BY_CLASS))
+    native = _SPECS_BY_CLASS.get(model.pipeline_class)
+    if native is not None and backend != "diffusers":
+        return model, native
+    known = ", ".join(sorted(_SPECS_BY_CLASS))
+    if backend == "native":
         raise UnsupportedModelError(
-            f"unsupported pipeline class '{model.pipeline_class}' in {model.path} (supported: {known})"
+            f"no native family for pipeline class '{model.pipeline_class}' in {model.path} (native: {known}); "
+            "--backend diffusers serves it through diffusers"
+        )
+    from services.runtime.pipelines.diffusers_any import diffusers_spec
+
+    spec = diffusers_spec(model)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"unsupported pipeline class '{model.pipeline_class}' in {model.path}: neither a native family "
+            f"({known}) nor a diffusers pipeline"
         )
     return model, spec

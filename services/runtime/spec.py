@@ -39,6 +39,15 @@ class PipelineSpec:
     latent_patch: int
     max_sequence_length_limit: int
     defaults: Callable[["ModelDir"], GenerationDefaults]
+    # The workers a request goes through, in order. ("denoiser",): the denoiser worker runs the
+    # whole pipeline (the diffusers backend) and returns pixels.
+    stages: tuple[str, ...] = ("encoder", "denoiser", "vae")
+    # Per-request options the family serves; a request that asks for another gets a 400.
+    features: frozenset[str] = frozenset({"lora", "cache", "negative_prompt"})
 
     def size_multiple(self, model: "ModelDir") -> int:
         return model.vae_scale_factor * self.latent_patch
+
+    @property
+    def whole_pipeline(self) -> bool:
+        return self.stages == ("denoiser",)

@@ -68,14 +68,18 @@ def _cond_from_proto(m: stages_pb2.Conditioning) -> Conditioning:
 
 def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
     m = stages_pb2.DenoiseRequest(
-        positive=_cond_to_proto(r.positive),
         height=r.height,
         width=r.width,
         num_inference_steps=r.num_inference_steps,
         guidance_scale=r.guidance_scale,
         true_cfg_scale=r.true_cfg_scale,
         seeds=r.seeds,
+        prompts=r.prompts,
+        negative_prompts=r.negative_prompts,
+        max_sequence_length=r.max_sequence_length,
     )
+    if r.positive is not None:
+        m.positive.CopyFrom(_cond_to_proto(r.positive))
     if r.negative is not None:
         m.negative.CopyFrom(_cond_to_proto(r.negative))
     for refs in r.loras:
@@ -109,7 +113,7 @@ def cache_stats_from_proto(m: common_pb2.CacheStats) -> CacheStats:
 
 def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
     return DenoiseRequest(
-        positive=_cond_from_proto(m.positive),
+        positive=_cond_from_proto(m.positive) if m.HasField("positive") else None,
         negative=_cond_from_proto(m.negative) if m.HasField("negative") else None,
         height=m.height,
         width=m.width,
@@ -119,6 +123,9 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         seeds=list(m.seeds),
         loras=[[AdapterRef(a.name, a.path, a.strength) for a in sample.adapters] for sample in m.sample_loras],
         cache=cache_policy_from_proto(m.cache) if m.HasField("cache") else None,
+        prompts=list(m.prompts),
+        negative_prompts=list(m.negative_prompts),
+        max_sequence_length=m.max_sequence_length,
     )
 
 

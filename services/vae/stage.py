@@ -16,6 +16,7 @@ from services.runtime.components import load_component
 from services.runtime.config import StageConfig, VaeConfig, parse_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.messages import DecodeRequest, DecodeResponse
+from services.runtime.errors import UnsupportedModelError
 from services.runtime.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 
 class VaeStage:
     def __init__(self, config: StageConfig):
-        self.model, self.spec = resolve(config.model_path)
+        self.model, self.spec = resolve(config.model_path, config.backend)
+        if self.spec.whole_pipeline:
+            raise UnsupportedModelError(f"{self.spec.family} runs whole in the denoiser worker: it has no VAE worker")
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         (name,) = self.spec.vae_components

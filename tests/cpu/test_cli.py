@@ -63,12 +63,15 @@ def test_same_seed_same_file(flux_dev_dir, tmp_path):
 def _bad_model_dirs(tmp_path, flux_dev_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    unsupported = tmp_path / "sd3"
-    shutil.copytree(flux_dev_dir, unsupported)
-    index = json.loads((unsupported / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusion3Pipeline"
-    (unsupported / "model_index.json").write_text(json.dumps(index))
-    return {"missing": tmp_path / "nope", "empty": empty, "unsupported": unsupported}
+    dirs = {"missing": tmp_path / "nope", "empty": empty}
+    # an unknown class; a diffusers class whose components are not in the directory
+    for case, cls in (("unsupported", "NoSuchPipeline"), ("mismatched", "StableDiffusion3Pipeline")):
+        dirs[case] = tmp_path / case
+        shutil.copytree(flux_dev_dir, dirs[case])
+        index = json.loads((dirs[case] / "model_index.json").read_text())
+        index["_class_name"] = cls
+        (dirs[case] / "model_index.json").write_text(json.dumps(index))
+    return dirs
 
 
 @pytest.mark.parametrize(
@@ -76,7 +79,8 @@ def _bad_model_dirs(tmp_path, flux_dev_dir):
     [
         ("missing", [], "model path does not exist"),
         ("empty", [], "no model_index.json"),
-        ("unsupported", [], "unsupported pipeline class 'StableDiffusion3Pipeline'"),
+        ("unsupported", [], "unsupported pipeline class 'NoSuchPipeline'"),
+        ("mismatched", [], "StableDiffusion3Pipeline needs components text_encoder_3, tokenizer_3"),
         (None, ["--height", "100"], "height 100 is not a multiple of 16"),
         (None, ["--width", "24"], "width 24 is not a multiple of 16"),
         (None, ["--num-inference-steps", "0"], "num_inference_steps"),

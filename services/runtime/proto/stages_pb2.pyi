@@ -34,7 +34,7 @@ class Conditioning(_message.Message):
     def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache")
+    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,9 @@ class DenoiseRequest(_message.Message):
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_LORAS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     positive: Conditioning
     negative: Conditioning
     height: int
@@ -55,19 +58,24 @@ class DenoiseRequest(_message.Message):
     seeds: _containers.RepeatedScalarFieldContainer[int]
     sample_loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.SampleLoras]
     cache: _common_pb2.CachePolicy
-    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ...) -> None: ...
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    negative_prompts: _containers.RepeatedScalarFieldContainer[str]
+    max_sequence_length: int
+    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
-    __slots__ = ("progress", "latents", "metrics", "cache_stats")
+    __slots__ = ("progress", "latents", "metrics", "cache_stats", "images")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     progress: _common_pb2.Progress
     latents: _common_pb2.TensorChunk
     metrics: _common_pb2.StageMetrics
     cache_stats: _common_pb2.CacheStats
-    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ..., cache_stats: _Optional[_Union[_common_pb2.CacheStats, _Mapping]] = ...) -> None: ...
+    images: _common_pb2.TensorChunk
+    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., latents: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ..., cache_stats: _Optional[_Union[_common_pb2.CacheStats, _Mapping]] = ..., images: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("latents",)

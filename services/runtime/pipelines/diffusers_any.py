@@ -1,0 +1,92 @@
+"""The diffusers backend's spec: any diffusers pipeline that no native family serves.
+
+The whole pipeline runs in one denoiser worker (services/denoiser/diffusers_backend.py): no
+encoder or VAE worker, no sequence parallelism, no per-request LoRA or DiT cache. The spec is
+built per model directory, since the defaults come from that pipeline: its own `__call__`
+defaults for steps, guidance and text length, and its DiT's sample_size x the VAE's scale
+factor for the size (what the pipeline itself uses when height / width are not given)."""
+
+from __future__ import annotations
+
+import inspect
+
+from services.runtime.spec import GenerationDefaults, PipelineSpec
+
+# The DiT / UNet component of a diffusers pipeline, by the names pipelines use.
+DENOISER_COMPONENTS = ("transformer", "unet", "prior")
+# Text length when the pipeline has no max_sequence_length argument (CLIP's 77 tokens).
+CLIP_LENGTH = 77
+
+
+def pipeline_class(name: str):
+    """The diffusers pipeline class called `name`, or None (diffusers imports it lazily)."""
+    if not name.endswith("Pipeline"):
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline) else None
+
+
+def diffusers_spec(model) -> PipelineSpec | None:
+    cls = pipeline_class(model.pipeline_class)
+    if cls is None:
+        return None
+    _check_components(model, cls)
+    params = inspect.signature(cls.__call__).parameters
+    denoiser = next((c for c in DENOISER_COMPONENTS if c in model.index), None)
+    config = model.component_config(denoiser) if denoiser else {}
+    patch = config.get("patch_size") or 1
+    patch = patch if isinstance(patch, int) else max(patch[-2:])  # video DiTs: (t, h, w)
+    max_seq = _default(params, "max_sequence_length", CLIP_LENGTH)
+
+    def defaults(model) -> GenerationDefaults:
+        sample = config.get("sample_size")
+        sample = sample if isinstance(sample, int) else (sample or [128])[-1]
+        size = sample * _vae_scale_factor(model)
+        return GenerationDefaults(
+            num_inference_steps=_default(params, "num_inference_steps", 28),
+            guidance_scale=float(_default(params, "guidance_scale", 5.0)),
+            height=size, width=size, max_sequence_length=max_seq,
+        )
+
+    return PipelineSpec(
+        family=f"diffusers:{model.pipeline_class}",
+        pipeline_classes=(model.pipeline_class,),
+        prompt_encoder="",
+        encoder_components=(),
+        denoiser="diffusers",
+        denoiser_components=tuple(k for k in model.index if not k.startswith("_")),
+        vae_components=(),
+        latent_patch=patch,
+        # A request may ask for more text than the default only where the pipeline takes it.
+        max_sequence_length_limit=max(max_seq, 512) if "max_sequence_length" in params else max_seq,
+        defaults=defaults,
+        stages=("denoiser",),
+        features=frozenset({"negative_prompt"} if "negative_prompt" in params else ()),
+    )
+
+
+def _check_components(model, cls) -> None:
+    """Fail at start, naming them, when the directory lacks components the class requires."""
+    from services.runtime.errors import UnsupportedModelError
+
+    required = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    missing = [name for name in required if name not in model.index]
+    if missing:
+        raise UnsupportedModelError(f"{model.path}: {cls.__name__} needs components {', '.join(missing)}, which "
+                                    "model_index.json does not name")
+
+
+def _default(params, name: str, fallback):
+    p = params.get(name)
+    return p.default if p is not None and p.default not in (inspect.Parameter.empty, None) else fallback
+
+
+def _vae_scale_factor(model) -> int:
+    try:
+        return model.vae_scale_factor
+    except Exception:  # a VAE without AutoencoderKL's block_out_channels (e.g. DC-AE): diffusers' usual 8
+        return 8

@@ -1,0 +1,86 @@
+"""Tiny checkpoints of diffusers pipelines that ditserve has no native family for (served by the
+diffusers backend, services/denoiser/diffusers_backend.py): Stable Diffusion 3 and PixArt-Sigma.
+Built offline like tests/tiny_checkpoints.py: seeded random weights, tokenizers trained with the
+`tokenizers` library, every component written with `save_pretrained`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.tiny_checkpoints import build_clip_tokenizer, build_t5_tokenizer
+
+
+def _clip_with_projection(tok, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
+def _t5(tok, seed: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+
+
+def _vae(seed: int, **extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16],
+                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64, **extra)
+
+
+def _widen(model: torch.nn.Module) -> None:
+    # Zero-initialised gates and output layers make random DiTs output ~constants; widen them.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
+    """StableDiffusion3Pipeline: CLIP-L, CLIP-G (with projection), T5, an MMDiT, AutoencoderKL."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2, tok3 = build_clip_tokenizer(seed), build_clip_tokenizer(seed + 1), build_t5_tokenizer(seed)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=4)
+    _widen(transformer)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip_with_projection(tok, seed), tokenizer=tok,
+        text_encoder_2=_clip_with_projection(tok2, seed + 1), tokenizer_2=tok2,
+        text_encoder_3=_t5(tok3, seed), tokenizer_3=tok3)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def build_tiny_pixart_sigma(out_dir: str | Path, seed: int = 0) -> Path:
+    """PixArtSigmaPipeline: T5, a PixArt DiT (AdaLN-single, cross-attention), AutoencoderKL."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tok = build_t5_tokenizer(seed)
+    torch.manual_seed(seed)
+    # sample_size 32: the pipeline's resolution binning knows 32 (256 px), 64, 128 and 256.
+    transformer = PixArtTransformer2DModel(
+        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    _widen(transformer)
+    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=_t5(tok, seed), vae=_vae(seed, scaling_factor=0.13025),
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
