@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
 from services.runtime.config import DenoiserConfig
 from services.runtime.errors import InvalidRequestError, RequestCancelledError, StageUnavailableError
-from services.runtime.registry import resolve
 from services.runtime.messages import DenoiseRequest, DenoiseResponse
+from services.runtime.registry import resolve
 
 log = logging.getLogger(__name__)
 

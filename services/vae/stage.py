@@ -15,8 +15,8 @@ import torch
 from services.runtime.components import load_component
 from services.runtime.config import StageConfig, VaeConfig, parse_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
-from services.runtime.messages import DecodeRequest, DecodeResponse
 from services.runtime.errors import UnsupportedModelError
+from services.runtime.messages import DecodeRequest, DecodeResponse
 from services.runtime.registry import resolve
 
 log = logging.getLogger(__name__)
