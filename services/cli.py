@@ -46,7 +46,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
     _add_backend_flag(p)
     _add_denoiser_flags(p)
-    p.add_argument("--output", "-o", default="out.png", help="output file (.png, .jpg, .webp)")
+    p.add_argument("--num-frames", type=int, help="video models: frames per clip (default: the model's)")
+    p.add_argument("--fps", type=int, help="video models: the MP4's frame rate (default: the model's)")
+    p.add_argument("--output", "-o", default="out.png",
+                   help="output file (.png, .jpg, .webp; video: .mp4, or DIR/ for numbered PNG frames)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
 
@@ -117,13 +120,22 @@ def _denoiser_options(args) -> dict:
     return {k: getattr(args, k) for k in _DENOISER_FLAGS if getattr(args, k) is not None}
 
 
-def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
+def _output_paths(output: str, n: int, video: bool = False) -> tuple[list[Path], str]:
+    """The files (or, for video frames, directories) to write, and the format: an image
+    format, "mp4", or "frames" (a directory of numbered PNGs)."""
     from services.gateway.images import format_for_path
 
     path = Path(output)
-    fmt = format_for_path(path.suffix)
-    if fmt is None:
-        raise InvalidRequestError(f"unsupported output extension '{path.suffix}' (use .png, .jpg or .webp)", "output")
+    if video:
+        fmt = "frames" if output.endswith(("/", os.sep)) or path.is_dir() else "mp4" if path.suffix == ".mp4" else None
+        if fmt is None:
+            raise InvalidRequestError(f"a video model writes .mp4, or a directory (ending in /) of PNG frames, not "
+                                      f"'{output}'", "output")
+    else:
+        fmt = format_for_path(path.suffix)
+        if fmt is None:
+            raise InvalidRequestError(f"unsupported output extension '{path.suffix}' (use .png, .jpg or .webp)",
+                                      "output")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InvalidRequestError(f"output directory does not exist: {parent}", "output")
@@ -131,7 +143,21 @@ def _output_paths(output: str, n: int) -> tuple[list[Path], str]:
         raise InvalidRequestError(f"output path is not writable: {path}", "output")
     if n == 1:
         return [path], fmt
+    if fmt == "frames":
+        return [path / f"video-{i}" for i in range(n)], fmt
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)], fmt
+
+
+def _write_output(path: Path, pixels, fmt: str, fps: int) -> None:
+    from services.gateway.images import encode_image
+    from services.gateway.video import encode_mp4, write_png_frames
+
+    if fmt == "frames":
+        write_png_frames(pixels, path)
+    elif fmt == "mp4":
+        path.write_bytes(encode_mp4(pixels, fps))
+    else:
+        path.write_bytes(encode_image(pixels, fmt))
 
 
 def _lora_refs(paths: list[str], scales: list[float]) -> list[dict]:
@@ -147,7 +173,14 @@ def _generate(args) -> int:
     # Check everything we can before loading weights, so bad input fails in milliseconds.
     from services.runtime.config import GenerateRequest, StageConfig
 
-    paths, fmt = _output_paths(args.output, args.num_images)
+    from services.router.requests import resolve_request
+    from services.runtime.registry import resolve
+
+    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype,
+                         backend=args.backend or "auto")
+    model, spec = resolve(config.model_path, config.backend)
+    video = "video" in spec.features
+    paths, fmt = _output_paths(args.output, args.num_images, video)
     request = GenerateRequest.parse(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -159,18 +192,12 @@ def _generate(args) -> int:
         guidance_scale=args.guidance_scale,
         max_sequence_length=args.max_sequence_length,
         n=args.num_images,
-        output_format=fmt,
+        output_format=fmt if not video else "png",
         lora=_lora_refs(args.lora_path, args.lora_scale),
         cache=_cache_policy(args),
+        num_frames=args.num_frames,
+        fps=args.fps,
     )
-    config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype,
-                         backend=args.backend or "auto")
-
-    from services.gateway.images import encode_image
-    from services.router.requests import resolve_request
-    from services.runtime.registry import resolve
-
-    model, spec = resolve(config.model_path, config.backend)
     resolve_request(request, model, spec)  # size / length errors before the slow loads
     router = build_in_process_router(config, denoiser_options=_denoiser_options(args))
 
@@ -190,12 +217,14 @@ def _generate(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    r = result.request
     for path, image in zip(paths, result.images):
         try:
-            path.write_bytes(encode_image(image.pixels, fmt))
+            _write_output(path, image.pixels, fmt, r.fps)
         except OSError as exc:
             raise InvalidRequestError(f"cannot write {path}: {exc.strerror}", "output") from None
-        print(f"{path}  seed={image.seed}  {result.request.width}x{result.request.height}")
+        frames = f"  {r.num_frames} frames at {r.fps} fps" if r.num_frames else ""
+        print(f"{path}  seed={image.seed}  {r.width}x{r.height}{frames}")
     stages = "  ".join(
         f"{name} {m.seconds:.2f}s peak {m.peak_memory_bytes / 2**20:.0f} MiB" for name, m in result.stages.items()
     )
@@ -270,6 +299,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     _add_backend_flag(p)
+    p.add_argument("--video-jobs-path", help="video models: SQLite file of /v1/videos jobs "
+                                             "(default ~/.cache/ditserve/videos.sqlite3)")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
     p.add_argument("--no-ray", action="store_true", help="no Ray: router in this process, stages in-process or --*-address")
     for stage in ("encoder", "denoiser", "vae"):
@@ -295,7 +326,7 @@ def serve_config_from_args(args):
     if args.no_ray:
         data["ray"] = False
     for key in ("model_path", "served_model_name", "host", "port", "grpc_port", "device", "dtype", "backend",
-                "ray_address"):
+                "ray_address", "video_jobs_path"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     if _denoiser_options(args):
@@ -409,6 +440,7 @@ async def run_server(config, ready: "asyncio.Event | None" = None) -> int:
 
     from services.gateway.grpc_api import start_public_grpc
     from services.gateway.rest import ModelCard, create_app
+    from services.gateway.videos import VideoJobs
 
     router = build_router(config)
     card = ModelCard(
@@ -416,10 +448,12 @@ async def run_server(config, ready: "asyncio.Event | None" = None) -> int:
         family=router.spec.family,
         pipeline_class=router.model.pipeline_class,
         created=int(time.time()),
+        video="video" in router.spec.features,
     )
+    videos = VideoJobs(router, card.id, config.video_jobs_file()) if card.video else None
     grpc_server, grpc_port = await start_public_grpc(router, card, config.host, config.grpc_port)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(router, card), host=config.host, port=config.port, log_level="warning")
+        uvicorn.Config(create_app(router, card, videos=videos), host=config.host, port=config.port, log_level="warning")
     )
     server.install_signal_handlers = lambda: None
     loop = asyncio.get_running_loop()

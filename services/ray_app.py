@@ -88,6 +88,9 @@ class RouterDeployment:
     async def lora_admin(self, op: str, **fields) -> dict:
         return await self.router.lora_admin(op, **fields)
 
+    async def check(self, request):
+        return await self.router.check(request)
+
     async def metrics_text(self) -> str:
         return await self.router.metrics_text()
 
@@ -131,14 +134,18 @@ class GatewayDeployment:
         cfg = ServeConfig(**config)
         model, spec = resolve(cfg.model_path, cfg.backend)  # metadata only: the gateway loads no weights
         self.card = ModelCard(cfg.served_model_name or model.path.name, spec.family, model.pipeline_class,
-                              int(time.time()))
+                              int(time.time()), video="video" in spec.features)
+        self.video_jobs_path = cfg.video_jobs_file()
         self.router = RayRouterClient(router)
         self.grpc = GenerationService(self.router, self.card)
 
     def __serve_build_asgi_app__(self):
         from services.gateway.rest import create_app
 
-        return create_app(self.router, self.card)
+        from services.gateway.videos import VideoJobs
+
+        videos = VideoJobs(self.router, self.card.id, self.video_jobs_path) if self.card.video else None
+        return create_app(self.router, self.card, videos=videos)
 
     async def Generate(self, request, grpc_context):
         from services.runtime.proto import generation_pb2

@@ -69,7 +69,9 @@ class DiffusersPipelineStage:
         if on_step is not None:
             kwargs.update(self._step_callback(on_step, request.num_inference_steps))
         with measure(self.device) as metrics, torch.inference_mode():
-            images = self.pipe(**kwargs).images  # float [B, H, W, 3] in [0, 1]
+            out = self.pipe(**kwargs)
+            # float in [0, 1]: images [B, H, W, 3]; a video pipeline's frames [B, F, H, W, 3]
+            images = out.frames if request.num_frames else out.images
         # diffusers' numpy_to_pil rounding, so the bytes equal the pipeline's own PIL output
         pixels = torch.from_numpy((np.asarray(images) * 255).round().astype("uint8"))
         return DenoiseResponse(latents=None, images=pixels, metrics=metrics)
@@ -107,6 +109,8 @@ class DiffusersPipelineStage:
             kwargs["negative_prompt"] = request.negative_prompts
             if "true_cfg_scale" in self.params:  # Flux-style true CFG through diffusers
                 kwargs["true_cfg_scale"] = request.true_cfg_scale
+        if request.num_frames:
+            kwargs["num_frames"] = request.num_frames
         if request.max_sequence_length and "max_sequence_length" in self.params:
             kwargs["max_sequence_length"] = request.max_sequence_length
         return {k: v for k, v in kwargs.items() if k in self.params or k == "prompt"}

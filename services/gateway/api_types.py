@@ -39,12 +39,7 @@ class ImageGenerationBody(BaseModel):
     cache: CachePolicy | None = None
 
     def to_generate_request(self) -> GenerateRequest:
-        width = height = None
-        if self.size not in (None, "auto"):
-            m = _SIZE.match(self.size)
-            if not m:
-                raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' or 'auto', got '{self.size}'", "size")
-            width, height = int(m.group(1)), int(m.group(2))
+        width, height = _parse_size(self.size)
         return GenerateRequest.parse(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -59,6 +54,42 @@ class ImageGenerationBody(BaseModel):
             output_format=self.output_format,
             lora=self.lora,
             cache=self.cache,
+        )
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size in (None, "auto"):
+        return None, None
+    m = _SIZE.match(size)
+    if not m:
+        raise InvalidRequestError(f"size must be 'WIDTHxHEIGHT' or 'auto', got '{size}'", "size")
+    return int(m.group(1)), int(m.group(2))
+
+
+class VideoBody(BaseModel):
+    """POST /v1/videos (JSON, or multipart as the openai client sends it): OpenAI's fields plus
+    ditserve's extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    seconds: float | None = None
+    size: str | None = None
+    # ditserve extensions
+    num_frames: int | None = None
+    fps: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+
+    def to_generate_request(self) -> GenerateRequest:
+        width, height = _parse_size(self.size)
+        return GenerateRequest.parse(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, width=width, height=height,
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, seed=self.seed,
+            num_frames=self.num_frames, fps=self.fps, seconds=self.seconds,
         )
 
 

@@ -18,7 +18,7 @@ from services.gateway.images import MIME_TYPES, encode_images
 from services.runtime import metrics, wire
 from services.runtime.codec import GRPC_OPTIONS
 from services.runtime.config import GenerateRequest
-from services.runtime.errors import DitserveError, ModelNotFoundError
+from services.runtime.errors import DitserveError, InvalidRequestError, ModelNotFoundError
 from services.runtime.grpc_server import ERROR_CODE_KEY, status_for
 from services.runtime.proto import common_pb2, generation_pb2, generation_pb2_grpc
 from services.runtime.streams import with_progress
@@ -78,6 +78,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     def _check_model(self, m) -> None:
         if m.model not in ("", self.card.id):
             raise ModelNotFoundError(f"model '{m.model}' is not served here (serving '{self.card.id}')")
+        if self.card.video:  # not built yet: a video reply would stream MP4 bytes
+            raise InvalidRequestError(f"model '{self.card.id}' makes video, which the gRPC API does not serve yet: "
+                                      "use POST /v1/videos", "model")
 
     async def _abort(self, context, exc: Exception):
         if not isinstance(exc, DitserveError):

@@ -9,19 +9,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway.api_types import ImageGenerationBody, SetLoraBody
+from services.gateway.api_types import ImageGenerationBody, SetLoraBody, VideoBody
 from services.gateway.images import MIME_TYPES, encode_images
 from services.gateway.store import ImageStore
+from services.gateway.video import MP4_MIME
+from services.gateway.videos import POLL_AFTER_MS, VideoJobs
 from services.runtime import metrics
-from services.runtime.errors import HTTP_STATUS, DitserveError, ModelNotFoundError, RequestCancelledError, lookup
+from services.runtime.config import invalid_request_from
+from services.runtime.errors import (
+    HTTP_STATUS,
+    DitserveError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestCancelledError,
+    lookup,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class ModelCard:
     family: str
     pipeline_class: str
     created: int
+    video: bool = False  # a video model: POST /v1/videos, not /v1/images/generations
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -55,8 +69,14 @@ async def _until_disconnect(request: Request, coro):
             raise RequestCancelledError("client disconnected")
 
 
-def create_app(router, card: ModelCard, store: ImageStore | None = None) -> FastAPI:
-    app = FastAPI(title="ditserve", version="v1")
+def create_app(router, card: ModelCard, store: ImageStore | None = None, videos: VideoJobs | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_):
+        if videos is not None:
+            videos.resume()  # jobs a previous gateway process accepted
+        yield
+
+    app = FastAPI(title="ditserve", version="v1", lifespan=lifespan)
     store = store or ImageStore()
 
     @app.exception_handler(RequestValidationError)
@@ -84,6 +104,8 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
         try:
             if body.model not in (None, "", card.id):
                 raise ModelNotFoundError(f"model '{body.model}' is not served here (serving '{card.id}')")
+            if card.video:
+                raise InvalidRequestError(f"model '{card.id}' makes video: use POST /v1/videos", "model")
             req = body.to_generate_request()
             result = await _until_disconnect(request, router.generate(req, timeout_s=body.timeout_s))
             data = []
@@ -116,6 +138,8 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
         finally:
             metrics.REQUESTS.labels("images.generations", card.id, status).inc()
             metrics.REQUEST_SECONDS.labels("images.generations", card.id, status).observe(time.perf_counter() - t0)
+
+    add_video_routes(app, card, videos)
 
     @app.post("/v1/set_lora")
     async def set_lora(body: SetLoraBody):
@@ -162,3 +186,52 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None) -> Fast
         return Response(metrics.exposition(router_text), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def add_video_routes(app: FastAPI, card: ModelCard, videos: VideoJobs | None) -> None:
+    """OpenAI's videos API over the job store (services/gateway/videos.py)."""
+    poll = {"openai-poll-after-ms": str(POLL_AFTER_MS)}
+
+    def jobs() -> VideoJobs:
+        if videos is None or not card.video:
+            raise InvalidRequestError(f"model '{card.id}' makes images: use POST /v1/images/generations", "model")
+        return videos
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request):
+        store = jobs()
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            if "input_reference" in form:
+                raise InvalidRequestError(f"input_reference: {card.family} is a text-to-video model; it takes no "
+                                          "image", "input_reference")
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        else:
+            try:
+                fields = await request.json()
+            except ValueError:
+                raise InvalidRequestError("the body is not JSON or multipart form data") from None
+        try:
+            body = VideoBody.model_validate(fields)
+        except ValidationError as exc:
+            raise invalid_request_from(exc) from None
+        return JSONResponse(await store.create(body), headers=poll)
+
+    @app.get("/v1/videos")
+    async def list_videos(after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc"):
+        return jobs().list(after, limit, order)
+
+    @app.get("/v1/videos/{video_id}")
+    async def retrieve_video(video_id: str):
+        return JSONResponse(jobs().get(video_id), headers=poll)
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(video_id: str):
+        return jobs().delete(video_id)
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def video_content(video_id: str, variant: str = "video"):
+        if variant != "video":
+            raise InvalidRequestError(f"variant '{variant}': only 'video' (the MP4) is stored", "variant")
+        return Response(content=jobs().content(video_id), media_type=MP4_MIME)

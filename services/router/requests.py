@@ -36,6 +36,8 @@ class ResolvedRequest:
     loras: tuple[AdapterRef, ...] = ()
     # The DiT cache policy (the request's or the server's); None: no caching.
     cache: CachePolicy | None = None
+    num_frames: int = 0  # > 0: a video clip of this many frames
+    fps: int = 0
 
     @property
     def true_cfg(self) -> bool:
@@ -52,6 +54,7 @@ class ResolvedRequest:
             self.guidance_scale,
             self.true_cfg_scale if self.true_cfg else None,
             self.negative_prompt is not None,
+            self.num_frames,
             self.max_sequence_length,
             # A batch shares its caching decisions (services/denoiser/cache.py): one policy each.
             self.cache.key() if self.cache is not None else None,
@@ -97,6 +100,7 @@ def resolve_request(
     if "cache" not in spec.features:
         default_cache = None  # the server's default policy applies where caching exists
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+    num_frames, fps = _frames(req, spec, defaults)
     return ResolvedRequest(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -110,7 +114,29 @@ def resolve_request(
         seeds=tuple(seed + i for i in range(req.n)),
         output_format=req.output_format,
         cache=_cache_policy(req.cache if req.cache is not None else default_cache),
+        num_frames=num_frames,
+        fps=fps,
     )
+
+
+def _frames(req: GenerateRequest, spec: PipelineSpec, defaults) -> tuple[int, int]:
+    """(num_frames, fps) of a video model's request, (0, 0) for an image model."""
+    if "video" not in spec.features:
+        for name in ("num_frames", "fps", "seconds"):
+            if getattr(req, name) is not None:
+                raise InvalidRequestError(f"{name}: {spec.family} makes images, not video", name)
+        return 0, 0
+    m, fps = spec.frame_multiple, req.fps if req.fps is not None else defaults.fps
+    n = req.num_frames if req.num_frames is not None else defaults.num_frames
+    if req.num_frames is None and req.seconds is not None:  # the nearest clip length the VAE takes
+        n = 1 + m * max(round((req.seconds * fps - 1) / m), 0)
+    if (n - 1) % m:
+        lower = n - (n - 1) % m
+        valid = f"{lower} or {lower + m}" if lower >= 1 else f"{lower + m}"
+        raise InvalidRequestError(
+            f"num_frames {n} does not fit {spec.family}'s VAE, which folds {m} frames into one: use 1 + {m}k "
+            f"frames (e.g. {valid})", "num_frames")
+    return n, fps
 
 
 def _cache_policy(policy: CachePolicy | None) -> CachePolicy | None:

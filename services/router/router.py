@@ -56,6 +56,11 @@ class Router:
     def resolve(self, req: GenerateRequest) -> ResolvedRequest:
         return resolve_request(req, self.model, self.spec, self.config.cache)
 
+    async def check(self, req: GenerateRequest) -> ResolvedRequest:
+        """The request as it would run (defaults filled in), or its InvalidRequestError, without
+        running it: what an API that queues work (POST /v1/videos) answers at once."""
+        return self.resolve(req)
+
     async def generate(
         self, req: GenerateRequest, on_step: StepCallback | None = None, timeout_s: float | None = None
     ) -> GenerateResult:
@@ -190,6 +195,7 @@ class Router:
                 # the batch key keeps requests with and without a negative prompt apart
                 negative_prompts=[r.negative_prompt for r, _ in per_image] if first.negative_prompt is not None else [],
                 max_sequence_length=first.max_sequence_length,
+                num_frames=first.num_frames,
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),

@@ -15,6 +15,7 @@ from services.runtime.cache_policy import CachePolicy
 from services.runtime.errors import InvalidRequestError
 
 MAX_IMAGES_PER_REQUEST = 16
+MAX_FRAMES = 1025
 MAX_SIDE_PX = 4096
 Backend = Literal["auto", "native", "diffusers"]
 _SIZE = re.compile(r"(\d+)x(\d+)")
@@ -56,6 +57,11 @@ class GenerateRequest(BaseModel):
     lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
     # DiT caching for this request (services/denoiser/cache.py); None: the server's default.
     cache: CachePolicy | None = None
+    # Video models: frames per clip (None: the model's default) and the MP4's frame rate.
+    num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
+    fps: int | None = Field(None, ge=1, le=120)
+    # Video length as OpenAI's videos API gives it; num_frames, when given, wins.
+    seconds: float | None = Field(None, gt=0, le=120)
 
     @field_validator("prompt")
     @classmethod
@@ -251,6 +257,9 @@ class ServeConfig(BaseModel):
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     backend: Backend = "auto"  # as StageConfig.backend
+    # Video models: the SQLite file of /v1/videos jobs (kept across restarts); None:
+    # ~/.cache/ditserve/videos.sqlite3. Mount a volume there in a container.
+    video_jobs_path: Path | None = None
     # Ray Serve (the default) deploys every pool on a Ray cluster: a new local one when
     # ray_address is None. ray=False runs the router in this process, each stage in-process or
     # at its gRPC `address`.
@@ -267,6 +276,9 @@ class ServeConfig(BaseModel):
         if self.ray and any(getattr(self, r).address for r in ("encoder", "denoiser", "vae")):
             raise ValueError("stage addresses are for ray: false (standalone workers); Ray places the pools itself")
         return self
+
+    def video_jobs_file(self) -> Path:
+        return self.video_jobs_path or Path.home() / ".cache" / "ditserve" / "videos.sqlite3"
 
     def stage_config(self, role: str = "encoder") -> StageConfig:
         base = dict(model_path=self.model_path, device=self.device, dtype=self.dtype, backend=self.backend)

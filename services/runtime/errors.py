@@ -22,6 +22,12 @@ class InvalidRequestError(DitserveError):
         self.param = param
 
 
+class NotFoundError(InvalidRequestError):
+    """The request names something that does not exist (a video job id, ...)."""
+
+    code = "not_found"
+
+
 class ModelNotFoundError(DitserveError):
     """The model path does not exist or holds no diffusers pipeline."""
 
@@ -68,6 +74,7 @@ class RequestCancelledError(DitserveError):
 # Anything not listed is an internal error: 500 / INTERNAL.
 HTTP_STATUS = {
     InvalidRequestError: (400, "invalid_request_error"),
+    NotFoundError: (404, "invalid_request_error"),
     ModelNotFoundError: (404, "invalid_request_error"),
     UnsupportedModelError: (400, "invalid_request_error"),
     ModelLoadError: (500, "server_error"),
@@ -78,6 +85,7 @@ HTTP_STATUS = {
 }
 GRPC_STATUS = {
     InvalidRequestError: "INVALID_ARGUMENT",
+    NotFoundError: "NOT_FOUND",
     ModelNotFoundError: "NOT_FOUND",
     UnsupportedModelError: "INVALID_ARGUMENT",
     ModelLoadError: "INTERNAL",

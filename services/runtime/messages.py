@@ -68,6 +68,7 @@ class DenoiseRequest:
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] = field(default_factory=list)
     max_sequence_length: int = 0
+    num_frames: int = 0  # > 0: a video pipeline's clip length (images come back [B, F, H, W, 3])
 
 
 @dataclass
@@ -77,7 +78,7 @@ class DenoiseResponse:
     latents: torch.Tensor | None
     metrics: StageMeasurement = field(default_factory=StageMeasurement)
     cache_stats: CacheStats | None = None
-    images: torch.Tensor | None = None  # uint8 [B, H, W, 3], as DecodeResponse.images
+    images: torch.Tensor | None = None  # uint8 [B, H, W, 3] (video: [B, F, H, W, 3]), as DecodeResponse.images
 
 
 @dataclass

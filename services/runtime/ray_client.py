@@ -128,6 +128,9 @@ class RayRouterClient:
     async def lora_admin(self, op: str, **fields) -> dict:
         return await _call("router", self.handle.lora_admin.remote(op, **fields), 60)
 
+    async def check(self, request):
+        return await _call("router", self.handle.check.remote(request), 30)
+
     async def ready(self) -> dict[str, bool]:
         try:
             return await _call("router", self.handle.ready.remote(), 10)

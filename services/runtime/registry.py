@@ -62,8 +62,15 @@ class ModelDir:
 
     @property
     def vae_scale_factor(self) -> int:
-        # Same rule as diffusers' pipelines: one 2x downsample between consecutive VAE blocks.
-        return 2 ** (len(self.component_config("vae")["block_out_channels"]) - 1)
+        """Pixels per latent, per side: the rules diffusers' pipelines use for their VAEs."""
+        vae = self.component_config("vae")
+        if "block_out_channels" in vae:  # AutoencoderKL: one 2x downsample between consecutive blocks
+            return 2 ** (len(vae["block_out_channels"]) - 1)
+        if "temperal_downsample" in vae:  # Wan's video VAE: one spatial 2x per stage
+            return 2 ** len(vae["temperal_downsample"])
+        if "encoder_block_out_channels" in vae:  # DC-AE (Sana)
+            return 2 ** (len(vae["encoder_block_out_channels"]) - 1)
+        return 8  # diffusers' own fallback
 
 
 BACKENDS = ("auto", "native", "diffusers")

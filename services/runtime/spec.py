@@ -20,6 +20,8 @@ class GenerationDefaults:
     height: int
     width: int
     max_sequence_length: int
+    num_frames: int = 0  # > 0: a video model's default clip length
+    fps: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class PipelineSpec:
     stages: tuple[str, ...] = ("encoder", "denoiser", "vae")
     # Per-request options the family serves; a request that asks for another gets a 400.
     features: frozenset[str] = frozenset({"lora", "cache", "negative_prompt"})
+    # Video: the VAE compresses time by this factor, so clips have 1 + k * frame_multiple frames.
+    frame_multiple: int = 1
 
     def size_multiple(self, model: "ModelDir") -> int:
         return model.vae_scale_factor * self.latent_patch

@@ -77,6 +77,7 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
         prompts=r.prompts,
         negative_prompts=r.negative_prompts,
         max_sequence_length=r.max_sequence_length,
+        num_frames=r.num_frames,
     )
     if r.positive is not None:
         m.positive.CopyFrom(_cond_to_proto(r.positive))
@@ -126,6 +127,7 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         prompts=list(m.prompts),
         negative_prompts=list(m.negative_prompts),
         max_sequence_length=m.max_sequence_length,
+        num_frames=m.num_frames,
     )
 
 

@@ -5,6 +5,7 @@ pixels of diffusers' own pipeline on the same directory and seeds."""
 import asyncio
 import base64
 import io
+import sqlite3
 
 import httpx
 import numpy as np
@@ -20,7 +21,7 @@ from services.runtime.config import DenoiserConfig, GenerateRequest, StageConfig
 from services.runtime.errors import InvalidRequestError, UnsupportedModelError
 from services.runtime.registry import resolve
 from tests.servers import start_serve, start_worker
-from tests.tiny_families import build_tiny_pixart_sigma, build_tiny_sd3
+from tests.tiny_families import build_tiny_pixart_sigma, build_tiny_sd3, build_tiny_wan
 
 STEPS = 3
 
@@ -148,3 +149,88 @@ def test_ray_deployment_runs_only_the_denoiser_pool(sd3_dir):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"
     finally:
         serve.stop()
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "model")
+
+
+def diffusers_frames(path, prompt: str, seed: int, **kwargs) -> np.ndarray:
+    import torch
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(prompt=[prompt], generator=[torch.Generator("cpu").manual_seed(seed)], num_inference_steps=STEPS,
+                  output_type="np", **kwargs).frames[0]
+    return (frames * 255).round().astype("uint8")
+
+
+def mp4_frames(data: bytes) -> tuple[np.ndarray, float]:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)]), float(stream.average_rate)
+
+
+def test_video_frames_equal_diffusers_and_cli_writes_mp4_and_frames(wan_dir, tmp_path, capsys):
+    _, result, steps = generate(wan_dir, prompt="a red circle", width=48, height=32, num_frames=9, seed=5)
+    expected = diffusers_frames(wan_dir, "a red circle", 5, width=48, height=32, num_frames=9)
+    np.testing.assert_array_equal(result.images[0].pixels, expected)
+    assert (result.request.num_frames, result.request.fps) == (9, 16) and len(steps) == STEPS
+    args = ["generate", "--model-path", str(wan_dir), "--prompt", "a red circle", "--width", "48", "--height", "32",
+            "--num-frames", "9", "--num-inference-steps", str(STEPS), "--seed", "5", "--no-progress"]
+    assert main([*args, "--fps", "8", "-o", str(tmp_path / "clip.mp4")]) == 0
+    frames, rate = mp4_frames((tmp_path / "clip.mp4").read_bytes())
+    assert frames.shape == (9, 32, 48, 3) and rate == 8
+    assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 12  # H.264 at CRF 18: close, not exact
+    assert main([*args, "-o", str(tmp_path / "frames") + "/"]) == 0
+    pngs = sorted((tmp_path / "frames").glob("frame_*.png"))
+    assert len(pngs) == 9 and np.array_equal(np.asarray(Image.open(pngs[4]).convert("RGB")), expected[4])
+    capsys.readouterr()
+    assert main([*args[:-7], "--num-frames", "10", "-o", str(tmp_path / "x.mp4")]) == 2
+    assert "num_frames 10 does not fit diffusers:WanPipeline's VAE, which folds 4 frames into one: use 1 + 4k " \
+           "frames (e.g. 9 or 13)" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
+    assert "a video model writes .mp4, or a directory" in capsys.readouterr().err
+
+
+def test_videos_api_with_the_openai_client_survives_a_gateway_restart(wan_dir, tmp_path):
+    db = tmp_path / "videos.sqlite3"
+    serve, http_port, _ = start_serve(wan_dir, "--video-jobs-path", str(db))
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        extra = {"num_inference_steps": STEPS, "seed": 9, "fps": 8}
+        video = client.videos.create_and_poll(prompt="a blue square", size="48x32", seconds="1", extra_body=extra,
+                                              poll_interval_ms=100)
+        assert video.status == "completed" and video.progress == 100 and video.size == "48x32"
+        assert video.model_extra["num_frames"] == 9 and video.seconds == "1.125"  # 1 s at 8 fps -> 1 + 4k = 9
+        frames, rate = mp4_frames(client.videos.download_content(video.id).read())
+        expected = diffusers_frames(wan_dir, "a blue square", 9, width=48, height=32, num_frames=9)
+        assert frames.shape == expected.shape and rate == 8
+        assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 12
+        # JSON body too; a bad frame count is a 400 at once, not a failed job
+        bad = httpx.post(url + "/v1/videos", json={"prompt": "x", "num_frames": 10})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_frames"
+        assert httpx.post(url + "/v1/images/generations", json={"prompt": "x"}).status_code == 400
+        assert httpx.get(url + "/v1/videos/video_nope").status_code == 404
+        # a job the gateway was running when it died runs again after the restart
+        queued = httpx.post(url + "/v1/videos", json={"prompt": "a green triangle", "size": "48x32",
+                                                      "num_frames": 5, **extra})
+        assert queued.status_code == 200 and queued.headers["openai-poll-after-ms"]
+        serve.kill()
+        with sqlite3.connect(db) as conn:  # the tiny model may have finished it already: make it unfinished
+            conn.execute("UPDATE videos SET status = 'in_progress', progress = 37, content = NULL, completed_at = NULL "
+                         "WHERE id = ?", (queued.json()["id"],))
+        serve, http_port, _ = start_serve(wan_dir, "--video-jobs-path", str(db))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused")
+        again = client.videos.poll(queued.json()["id"], poll_interval_ms=100)
+        assert again.status == "completed" and again.model_extra["num_frames"] == 5
+        listed = client.videos.list()
+        assert {v.id for v in listed.data} == {video.id, again.id}  # the first one is still there
+        assert client.videos.delete(video.id).deleted
+        assert [v.id for v in client.videos.list().data] == [again.id]
+    finally:
+        serve.kill()

@@ -16,6 +16,9 @@ from services.runtime.spec import GenerationDefaults, PipelineSpec
 DENOISER_COMPONENTS = ("transformer", "unet", "prior")
 # Text length when the pipeline has no max_sequence_length argument (CLIP's 77 tokens).
 CLIP_LENGTH = 77
+# Frame rate of the MP4s of video pipelines (diffusers' pipelines leave it to export_to_video;
+# 16 is what Wan's examples use).
+VIDEO_FPS = 16
 
 
 def pipeline_class(name: str):
@@ -39,15 +42,17 @@ def diffusers_spec(model) -> PipelineSpec | None:
     patch = config.get("patch_size") or 1
     patch = patch if isinstance(patch, int) else max(patch[-2:])  # video DiTs: (t, h, w)
     max_seq = _default(params, "max_sequence_length", CLIP_LENGTH)
+    video = "num_frames" in params
 
     def defaults(model) -> GenerationDefaults:
         sample = config.get("sample_size")
         sample = sample if isinstance(sample, int) else (sample or [128])[-1]
-        size = sample * _vae_scale_factor(model)
+        size = sample * model.vae_scale_factor
         return GenerationDefaults(
             num_inference_steps=_default(params, "num_inference_steps", 28),
             guidance_scale=float(_default(params, "guidance_scale", 5.0)),
-            height=size, width=size, max_sequence_length=max_seq,
+            height=_default(params, "height", size), width=_default(params, "width", size), max_sequence_length=max_seq,
+            num_frames=_default(params, "num_frames", 49) if video else 0, fps=VIDEO_FPS if video else 0,
         )
 
     return PipelineSpec(
@@ -63,7 +68,8 @@ def diffusers_spec(model) -> PipelineSpec | None:
         max_sequence_length_limit=max(max_seq, 512) if "max_sequence_length" in params else max_seq,
         defaults=defaults,
         stages=("denoiser",),
-        features=frozenset({"negative_prompt"} if "negative_prompt" in params else ()),
+        features=frozenset({"negative_prompt"} & set(params) | ({"video"} if video else set())),
+        frame_multiple=_temporal_factor(model) if video else 1,
     )
 
 
@@ -85,8 +91,13 @@ def _default(params, name: str, fallback):
     return p.default if p is not None and p.default not in (inspect.Parameter.empty, None) else fallback
 
 
-def _vae_scale_factor(model) -> int:
+def _temporal_factor(model) -> int:
+    """How many frames a video VAE folds into one latent frame (from its config, as the
+    pipelines compute it): Wan's temperal_downsample flags, LTX's temporal_compression_ratio."""
     try:
-        return model.vae_scale_factor
-    except Exception:  # a VAE without AutoencoderKL's block_out_channels (e.g. DC-AE): diffusers' usual 8
-        return 8
+        config = model.component_config("vae")
+    except Exception:
+        return 1
+    if "temperal_downsample" in config:  # diffusers' spelling, Wan
+        return 2 ** sum(bool(x) for x in config["temperal_downsample"])
+    return int(config.get("temporal_compression_ratio") or config.get("scale_factor_temporal") or 1)
