@@ -46,6 +46,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
     _add_backend_flag(p)
     _add_denoiser_flags(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="input image of edit / image-to-image / image-to-video models (repeat for several)")
+    p.add_argument("--mask", metavar="PATH", help="inpainting mask (white = repaint)")
     p.add_argument("--num-frames", type=int, help="video models: frames per clip (default: the model's)")
     p.add_argument("--fps", type=int, help="video models: the MP4's frame rate (default: the model's)")
     p.add_argument("--output", "-o", default="out.png",
@@ -148,6 +151,13 @@ def _output_paths(output: str, n: int, video: bool = False) -> tuple[list[Path],
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)], fmt
 
 
+def _read_input(path: str, param: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read --{param} {path}: {exc.strerror}", param) from None
+
+
 def _write_output(path: Path, pixels, fmt: str, fps: int) -> None:
     from services.gateway.images import encode_image
     from services.gateway.video import encode_mp4, write_png_frames
@@ -171,9 +181,8 @@ def _lora_refs(paths: list[str], scales: list[float]) -> list[dict]:
 
 def _generate(args) -> int:
     # Check everything we can before loading weights, so bad input fails in milliseconds.
-    from services.runtime.config import GenerateRequest, StageConfig
-
     from services.router.requests import resolve_request
+    from services.runtime.config import GenerateRequest, StageConfig
     from services.runtime.registry import resolve
 
     config = StageConfig(model_path=args.model_path, device=args.device, dtype=args.dtype,
@@ -197,6 +206,8 @@ def _generate(args) -> int:
         cache=_cache_policy(args),
         num_frames=args.num_frames,
         fps=args.fps,
+        images=[_read_input(p, "image") for p in args.image],
+        mask=_read_input(args.mask, "mask") if args.mask else None,
     )
     resolve_request(request, model, spec)  # size / length errors before the slow loads
     router = build_in_process_router(config, denoiser_options=_denoiser_options(args))

@@ -109,3 +109,29 @@ def build_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0) -> Path:
+    """WanImageToVideoPipeline without a CLIP image encoder (the Wan 2.2 layout): the first frame
+    is VAE-encoded and joins the noise as 16 latent + 4 mask channels (in_channels 36)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = build_t5_tokenizer(seed)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    _widen(transformer)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanImageToVideoPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -111,6 +111,15 @@ class DiffusersPipelineStage:
                 kwargs["true_cfg_scale"] = request.true_cfg_scale
         if request.num_frames:
             kwargs["num_frames"] = request.num_frames
+        if request.input_images:
+            from PIL import Image
+
+            images = [Image.fromarray(t.numpy()) for t in request.input_images]
+            kwargs["image"] = images[0] if len(images) == 1 else images  # several: e.g. Qwen-Image-Edit-Plus
+        if request.mask is not None:
+            from PIL import Image
+
+            kwargs["mask_image"] = Image.fromarray(request.mask.numpy())
         if request.max_sequence_length and "max_sequence_length" in self.params:
             kwargs["max_sequence_length"] = request.max_sequence_length
         return {k: v for k, v in kwargs.items() if k in self.params or k == "prompt"}

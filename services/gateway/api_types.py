@@ -84,12 +84,12 @@ class VideoBody(BaseModel):
     negative_prompt: str | None = None
     seed: int | None = None
 
-    def to_generate_request(self) -> GenerateRequest:
+    def to_generate_request(self, images: list[bytes] = ()) -> GenerateRequest:
         width, height = _parse_size(self.size)
         return GenerateRequest.parse(
             prompt=self.prompt, negative_prompt=self.negative_prompt, width=width, height=height,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, seed=self.seed,
-            num_frames=self.num_frames, fps=self.fps, seconds=self.seconds,
+            num_frames=self.num_frames, fps=self.fps, seconds=self.seconds, images=list(images),
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -69,6 +70,31 @@ async def _until_disconnect(request: Request, coro):
             raise RequestCancelledError("client disconnected")
 
 
+async def multipart_form(request: Request):
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequestError("this endpoint takes multipart/form-data")
+    return await request.form()
+
+
+def form_model(model_cls, form, exclude=()):
+    """A pydantic body from multipart text fields; list / object fields (lora, cache) arrive as
+    JSON text."""
+    fields = {}
+    for key, value in form.multi_items():
+        if key in exclude or not isinstance(value, str):
+            continue
+        if key in ("lora", "cache"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidRequestError(f"{key}: not JSON", key) from None
+        fields[key] = value
+    try:
+        return model_cls.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid_request_from(exc) from None
+
+
 def create_app(router, card: ModelCard, store: ImageStore | None = None, videos: VideoJobs | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_):
@@ -97,8 +123,7 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None, videos:
     async def _ditserve(_, exc: DitserveError):
         return _error_response(exc)
 
-    @app.post("/v1/images/generations")
-    async def generations(body: ImageGenerationBody, request: Request):
+    async def images_response(body: ImageGenerationBody, request: Request, endpoint: str, images=(), mask=None):
         t0 = time.perf_counter()
         status = "error"
         try:
@@ -106,7 +131,7 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None, videos:
                 raise ModelNotFoundError(f"model '{body.model}' is not served here (serving '{card.id}')")
             if card.video:
                 raise InvalidRequestError(f"model '{card.id}' makes video: use POST /v1/videos", "model")
-            req = body.to_generate_request()
+            req = body.to_generate_request().model_copy(update={"images": list(images), "mask": mask})
             result = await _until_disconnect(request, router.generate(req, timeout_s=body.timeout_s))
             data = []
             blobs = await encode_images([image.pixels for image in result.images], req.output_format)
@@ -136,8 +161,29 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None, videos:
             status = getattr(exc, "code", "internal_error")
             return _error_response(exc)
         finally:
-            metrics.REQUESTS.labels("images.generations", card.id, status).inc()
-            metrics.REQUEST_SECONDS.labels("images.generations", card.id, status).observe(time.perf_counter() - t0)
+            metrics.REQUESTS.labels(endpoint, card.id, status).inc()
+            metrics.REQUEST_SECONDS.labels(endpoint, card.id, status).observe(time.perf_counter() - t0)
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageGenerationBody, request: Request):
+        return await images_response(body, request, "images.generations")
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        """multipart: `image` and/or repeated `image[]`, optional `mask`, and the generation
+        fields (OpenAI's and ditserve's, as form values; `lora` / `cache` as JSON text)."""
+        try:
+            form = await multipart_form(request)
+            images = [await f.read() for key in ("image", "image[]") for f in form.getlist(key) if not isinstance(f, str)]
+            if not images:
+                raise InvalidRequestError("image: an edit needs at least one input image", "image")
+            mask = form.get("mask")
+            mask = await mask.read() if mask is not None and not isinstance(mask, str) else None
+            body = form_model(ImageGenerationBody, form, exclude=("image", "image[]", "mask"))
+        except DitserveError as exc:
+            metrics.REQUESTS.labels("images.edits", card.id, exc.code).inc()
+            return _error_response(exc)
+        return await images_response(body, request, "images.edits", images, mask)
 
     add_video_routes(app, card, videos)
 
@@ -200,22 +246,23 @@ def add_video_routes(app: FastAPI, card: ModelCard, videos: VideoJobs | None) ->
     @app.post("/v1/videos")
     async def create_video(request: Request):
         store = jobs()
+        images = []
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form()
-            if "input_reference" in form:
-                raise InvalidRequestError(f"input_reference: {card.family} is a text-to-video model; it takes no "
-                                          "image", "input_reference")
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            ref = form.get("input_reference")
+            if ref is not None and not isinstance(ref, str):  # image-to-video
+                images.append(await ref.read())
+            body = form_model(VideoBody, form, exclude=("input_reference",))
         else:
             try:
                 fields = await request.json()
             except ValueError:
                 raise InvalidRequestError("the body is not JSON or multipart form data") from None
-        try:
-            body = VideoBody.model_validate(fields)
-        except ValidationError as exc:
-            raise invalid_request_from(exc) from None
-        return JSONResponse(await store.create(body), headers=poll)
+            try:
+                body = VideoBody.model_validate(fields)
+            except ValidationError as exc:
+                raise invalid_request_from(exc) from None
+        return JSONResponse(await store.create(body, images), headers=poll)
 
     @app.get("/v1/videos")
     async def list_videos(after: str | None = None, limit: int = Query(20, ge=1, le=100),

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 POLL_AFTER_MS = 1000  # the openai-poll-after-ms header: how soon a client should ask again
 _SCHEMA = """CREATE TABLE IF NOT EXISTS videos (
     id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, status TEXT NOT NULL, progress INTEGER NOT NULL,
-    completed_at INTEGER, body TEXT NOT NULL, info TEXT NOT NULL, error TEXT, content BLOB)"""
+    completed_at INTEGER, body TEXT NOT NULL, info TEXT NOT NULL, error TEXT, content BLOB,
+    input_image BLOB)"""
 
 
 class VideoJobs:
@@ -42,17 +43,22 @@ class VideoJobs:
         self.tasks: dict[str, asyncio.Task] = {}
 
     # -- the API -------------------------------------------------------------------------
-    async def create(self, body: VideoBody) -> dict:
+    async def create(self, body: VideoBody, images: list[bytes] = ()) -> dict:
+        """`images`: input_reference, for image-to-video models."""
         if body.model not in (None, "", self.model_id):
             raise InvalidRequestError(f"model '{body.model}' is not served here (serving '{self.model_id}')", "model")
-        resolved = await self.router.check(body.to_generate_request())  # 400s now, not failed jobs later
+        if len(images) > 1:
+            raise InvalidRequestError("input_reference: one image", "input_reference")
+        # 400s now, not failed jobs later
+        resolved = await self.router.check(body.to_generate_request(list(images)))
         seed = resolved.seeds[0]
         info = {"size": f"{resolved.width}x{resolved.height}", "num_frames": resolved.num_frames,
                 "fps": resolved.fps, "seed": seed, "seconds": f"{resolved.num_frames / resolved.fps:g}"}
         job_id = "video_" + secrets.token_hex(12)
         stored = body.model_copy(update={"seed": seed})  # a rerun after a restart makes the same clip
-        self._write("INSERT INTO videos (id, created_at, status, progress, body, info) VALUES (?, ?, ?, 0, ?, ?)",
-                    job_id, int(time.time()), "queued", stored.model_dump_json(), json.dumps(info))
+        self._write("INSERT INTO videos (id, created_at, status, progress, body, info, input_image) "
+                    "VALUES (?, ?, ?, 0, ?, ?, ?)", job_id, int(time.time()), "queued", stored.model_dump_json(),
+                    json.dumps(info), images[0] if images else None)
         self._start(job_id)
         return self.get(job_id)
 
@@ -99,7 +105,8 @@ class VideoJobs:
         self.tasks[job_id] = asyncio.get_running_loop().create_task(self._run(job_id))
 
     async def _run(self, job_id: str) -> None:
-        body = VideoBody.model_validate_json(self._read("SELECT body FROM videos WHERE id = ?", job_id)[0][0])
+        body_json, image = self._read("SELECT body, input_image FROM videos WHERE id = ?", job_id)[0]
+        body = VideoBody.model_validate_json(body_json)
         last = [-1]
 
         def on_step(done: int, total: int) -> None:
@@ -110,7 +117,7 @@ class VideoJobs:
 
         try:
             self._write("UPDATE videos SET status = 'in_progress' WHERE id = ?", job_id)
-            result = await self.router.generate(body.to_generate_request(), on_step=on_step)
+            result = await self.router.generate(body.to_generate_request([image] if image else []), on_step=on_step)
             r = result.request
             mp4 = await asyncio.to_thread(encode_mp4, result.images[0].pixels, r.fps)
             self._write("UPDATE videos SET status = 'completed', progress = 100, completed_at = ?, content = ? "

@@ -4,6 +4,8 @@ CPU bookkeeping only: nothing here touches a device or a stage."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import secrets
 from dataclasses import dataclass, field
 
@@ -16,6 +18,8 @@ from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import AdapterRef, CacheStats
 from services.runtime.registry import ModelDir
 from services.runtime.spec import PipelineSpec
+
+MAX_INPUT_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class ResolvedRequest:
     cache: CachePolicy | None = None
     num_frames: int = 0  # > 0: a video clip of this many frames
     fps: int = 0
+    # Decoded input images (uint8 [H, W, 3]) and mask (uint8 [H, W]); a digest keys batching.
+    images: tuple[np.ndarray, ...] = ()
+    mask: np.ndarray | None = None
+    inputs_digest: str = ""
 
     @property
     def true_cfg(self) -> bool:
@@ -55,6 +63,7 @@ class ResolvedRequest:
             self.true_cfg_scale if self.true_cfg else None,
             self.negative_prompt is not None,
             self.num_frames,
+            self.inputs_digest,  # one batch shares its input images
             self.max_sequence_length,
             # A batch shares its caching decisions (services/denoiser/cache.py): one policy each.
             self.cache.key() if self.cache is not None else None,
@@ -101,6 +110,7 @@ def resolve_request(
         default_cache = None  # the server's default policy applies where caching exists
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     num_frames, fps = _frames(req, spec, defaults)
+    images, mask = _input_images(req, spec)
     return ResolvedRequest(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -116,7 +126,35 @@ def resolve_request(
         cache=_cache_policy(req.cache if req.cache is not None else default_cache),
         num_frames=num_frames,
         fps=fps,
+        images=images,
+        mask=mask,
+        inputs_digest=hashlib.sha1(b"".join(req.images) + (req.mask or b"")).hexdigest() if images else "",
     )
+
+
+def _input_images(req: GenerateRequest, spec: PipelineSpec) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+    for name, given, feature in (("image", bool(req.images), "image"), ("mask", req.mask is not None, "mask")):
+        if given and feature not in spec.features:
+            raise InvalidRequestError(f"{name}: {spec.family} takes no input {name}", name)
+        if not given and f"{feature}_required" in spec.features:
+            raise InvalidRequestError(f"{name}: {spec.family} needs an input {name}", name)
+    images = tuple(_decode(data, "RGB", "image") for data in req.images)
+    mask = _decode(req.mask, "L", "mask") if req.mask is not None else None
+    return images, mask
+
+
+def _decode(data: bytes, mode: str, param: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.width * image.height > MAX_INPUT_PIXELS:
+                raise InvalidRequestError(f"{param}: {image.width}x{image.height} is larger than the "
+                                          f"{MAX_INPUT_PIXELS} pixels an input image may have", param)
+            return np.asarray(image.convert(mode))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise InvalidRequestError(f"{param}: not an image this server can read (PNG, JPEG, WebP, ...)", param) from None
 
 
 def _frames(req: GenerateRequest, spec: PipelineSpec, defaults) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.router.batcher import Batcher
@@ -196,6 +197,8 @@ class Router:
                 negative_prompts=[r.negative_prompt for r, _ in per_image] if first.negative_prompt is not None else [],
                 max_sequence_length=first.max_sequence_length,
                 num_frames=first.num_frames,
+                input_images=[torch.from_numpy(np.ascontiguousarray(im)) for im in first.images],
+                mask=torch.from_numpy(np.ascontiguousarray(first.mask)) if first.mask is not None else None,
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),

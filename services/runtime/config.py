@@ -16,6 +16,7 @@ from services.runtime.errors import InvalidRequestError
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_FRAMES = 1025
+MAX_INPUT_IMAGES = 4
 MAX_SIDE_PX = 4096
 Backend = Literal["auto", "native", "diffusers"]
 _SIZE = re.compile(r"(\d+)x(\d+)")
@@ -62,6 +63,10 @@ class GenerateRequest(BaseModel):
     fps: int | None = Field(None, ge=1, le=120)
     # Video length as OpenAI's videos API gives it; num_frames, when given, wins.
     seconds: float | None = Field(None, gt=0, le=120)
+    # Edit / image-to-image / image-to-video pipelines: the input images and mask, as file bytes
+    # (PNG, JPEG, WebP, ...); decoded and checked by the router.
+    images: list[bytes] = Field(default_factory=list, max_length=MAX_INPUT_IMAGES)
+    mask: bytes | None = None
 
     @field_validator("prompt")
     @classmethod

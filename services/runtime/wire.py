@@ -78,7 +78,10 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
         negative_prompts=r.negative_prompts,
         max_sequence_length=r.max_sequence_length,
         num_frames=r.num_frames,
+        input_images=[tensor_to_proto(t) for t in r.input_images],
     )
+    if r.mask is not None:
+        m.mask.CopyFrom(tensor_to_proto(r.mask))
     if r.positive is not None:
         m.positive.CopyFrom(_cond_to_proto(r.positive))
     if r.negative is not None:
@@ -128,6 +131,8 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         negative_prompts=list(m.negative_prompts),
         max_sequence_length=m.max_sequence_length,
         num_frames=m.num_frames,
+        input_images=[tensor_from_proto(t) for t in m.input_images],
+        mask=tensor_from_proto(m.mask) if m.HasField("mask") else None,
     )
 
 

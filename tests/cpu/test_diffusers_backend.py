@@ -234,3 +234,85 @@ def test_videos_api_with_the_openai_client_survives_a_gateway_restart(wan_dir, t
         assert [v.id for v in client.videos.list().data] == [again.id]
     finally:
         serve.kill()
+
+
+@pytest.fixture(scope="module")
+def img2img_dir(flux_dev_dir, tmp_path_factory):
+    """The tiny Flux checkpoint as FluxImg2ImgPipeline (same components; it needs an input image)."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("img2img") / "model"
+    shutil.copytree(flux_dev_dir, path)
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxImg2ImgPipeline"}))
+    return path
+
+
+def _input_png() -> bytes:
+    pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+    pixels[8:40, 16:48] = (220, 30, 30)  # a red square on black
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_edits_with_the_openai_client(img2img_dir):
+    serve, http_port, _ = start_serve(img2img_dir)
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        resp = client.images.edit(image=("in.png", _input_png(), "image/png"), prompt="a blue square", size="64x48",
+                                  response_format="b64_json",
+                                  extra_body={"seed": 3, "num_inference_steps": STEPS, "guidance_scale": 2.5})
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json))).convert("RGB"))
+        expected = diffusers_pixels(img2img_dir, "a blue square", [3], image=Image.open(io.BytesIO(_input_png())),
+                                    width=64, height=48, guidance_scale=2.5, max_sequence_length=512)
+        np.testing.assert_array_equal(got, expected[0])
+        # what such a model cannot do without its image, and what is not an image
+        no_image = httpx.post(url + "/v1/images/generations", json={"prompt": "x", "size": "64x48"})
+        assert no_image.status_code == 400 and "needs an input image" in no_image.json()["error"]["message"]
+        junk = httpx.post(url + "/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", b"not a png")})
+        assert junk.status_code == 400 and junk.json()["error"]["param"] == "image"
+        assert "not an image" in junk.json()["error"]["message"]
+        none = httpx.post(url + "/v1/images/edits", data={"prompt": "x"}, files={"other": ("a.txt", b"x")})
+        assert none.status_code == 400 and none.json()["error"]["param"] == "image"
+    finally:
+        serve.kill()
+
+
+def test_input_images_reach_only_models_that_take_them(flux_dev_dir, img2img_dir, tmp_path, capsys):
+    with pytest.raises(InvalidRequestError, match="image: flux takes no input image"):
+        generate(flux_dev_dir, prompt="x", images=[_input_png()])
+    (tmp_path / "in.png").write_bytes(_input_png())
+    args = ["generate", "--model-path", str(img2img_dir), "--prompt", "a blue square", "--width", "64", "--height",
+            "48", "--num-inference-steps", str(STEPS), "--seed", "3", "--no-progress", "-o", str(tmp_path / "o.png")]
+    assert main([*args, "--image", str(tmp_path / "in.png")]) == 0
+    assert Image.open(tmp_path / "o.png").size == (64, 48)
+    capsys.readouterr()
+    assert main(args) == 2 and "image: diffusers:FluxImg2ImgPipeline needs an input image" in capsys.readouterr().err
+
+
+def test_image_to_video_with_input_reference(wan_dir, tmp_path):
+    from tests.tiny_families import build_tiny_wan_i2v
+
+    i2v_dir = build_tiny_wan_i2v(tmp_path / "wan-i2v")
+    serve, http_port, _ = start_serve(i2v_dir, "--video-jobs-path", str(tmp_path / "v.sqlite3"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused")
+        video = client.videos.create_and_poll(prompt="the square moves", size="64x48",
+                                              input_reference=("first.png", _input_png(), "image/png"),
+                                              extra_body={"num_frames": 5, "seed": 2, "num_inference_steps": STEPS},
+                                              poll_interval_ms=100)
+        assert video.status == "completed", video.error
+        frames, _ = mp4_frames(client.videos.download_content(video.id).read())
+        expected = diffusers_frames(i2v_dir, "the square moves", 2, image=Image.open(io.BytesIO(_input_png())),
+                                    width=64, height=48, num_frames=5)
+        assert frames.shape == expected.shape
+        assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 12  # H.264: close, not exact
+        missing = httpx.post(f"http://127.0.0.1:{http_port}/v1/videos", json={"prompt": "x", "num_frames": 5})
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
+    finally:
+        serve.kill()
+    with pytest.raises(InvalidRequestError, match="image: diffusers:WanPipeline takes no input image"):
+        generate(wan_dir, prompt="x", num_frames=5, images=[_input_png()])

@@ -9,6 +9,7 @@ factor for the size (what the pipeline itself uses when height / width are not g
 from __future__ import annotations
 
 import inspect
+import re
 
 from services.runtime.spec import GenerationDefaults, PipelineSpec
 
@@ -68,9 +69,26 @@ def diffusers_spec(model) -> PipelineSpec | None:
         max_sequence_length_limit=max(max_seq, 512) if "max_sequence_length" in params else max_seq,
         defaults=defaults,
         stages=("denoiser",),
-        features=frozenset({"negative_prompt"} & set(params) | ({"video"} if video else set())),
+        features=frozenset({"negative_prompt"} & set(params) | ({"video"} if video else set())
+                           | _image_features(cls, params)),
         frame_multiple=_temporal_factor(model) if video else 1,
     )
+
+
+def _image_features(cls, params) -> set[str]:
+    """image / mask inputs the pipeline takes, and whether it cannot run without them (an edit,
+    image-to-image or image-to-video pipeline; diffusers gives most of them a None default)."""
+    out = set()
+    needs_image = re.search(r"Edit|ImageToVideo|Img2Img|Inpaint|Fill", cls.__name__) is not None
+    if "image" in params:
+        out.add("image")
+        if needs_image or params["image"].default is inspect.Parameter.empty:
+            out.add("image_required")
+    if "mask_image" in params:
+        out.add("mask")
+        if re.search(r"Inpaint|Fill", cls.__name__):
+            out.add("mask_required")
+    return out
 
 
 def _check_components(model, cls) -> None:
