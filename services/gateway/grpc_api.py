@@ -15,10 +15,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.gateway.images import MIME_TYPES, encode_images
+from services.gateway.video import MP4_MIME, encode_mp4
 from services.runtime import metrics, wire
 from services.runtime.codec import GRPC_OPTIONS
 from services.runtime.config import GenerateRequest
-from services.runtime.errors import DitserveError, InvalidRequestError, ModelNotFoundError
+from services.runtime.errors import DitserveError, ModelNotFoundError
 from services.runtime.grpc_server import ERROR_CODE_KEY, status_for
 from services.runtime.proto import common_pb2, generation_pb2, generation_pb2_grpc
 from services.runtime.streams import with_progress
@@ -46,23 +47,34 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
         output_format=m.output_format or "png",
         lora=lora,
         cache=wire.cache_policy_from_proto(m.cache) if m.HasField("cache") else None,
+        num_frames=opt("num_frames"),
+        fps=opt("fps"),
+        seconds=opt("seconds"),
+        images=list(m.input_images),
+        mask=opt("mask"),
     )
 
 
 async def response_to_proto(result, model_id: str) -> generation_pb2.GenerateResponse:
     r = result.request
-    blobs = await encode_images([img.pixels for img in result.images], r.output_format)
+    images, videos = [], []
+    if r.num_frames:  # a video model: one MP4 per seed
+        blobs = await asyncio.to_thread(lambda: [encode_mp4(img.pixels, r.fps) for img in result.images])
+        videos = [generation_pb2.Video(data=blob, mime_type=MP4_MIME, width=r.width, height=r.height, seed=img.seed,
+                                       num_frames=r.num_frames, fps=r.fps)
+                  for img, blob in zip(result.images, blobs)]
+    else:
+        blobs = await encode_images([img.pixels for img in result.images], r.output_format)
+        images = [generation_pb2.Image(data=blob, mime_type=MIME_TYPES[r.output_format], width=r.width,
+                                       height=r.height, seed=img.seed)
+                  for img, blob in zip(result.images, blobs)]
     return generation_pb2.GenerateResponse(
         id=uuid.uuid4().hex,
         model=model_id,
         created=int(time.time()),
         total_seconds=result.total_seconds,
-        images=[
-            generation_pb2.Image(
-                data=blob, mime_type=MIME_TYPES[r.output_format], width=r.width, height=r.height, seed=img.seed
-            )
-            for img, blob in zip(result.images, blobs)
-        ],
+        images=images,
+        videos=videos,
         stages=[
             generation_pb2.StageReport(stage=k, seconds=m.seconds, peak_memory_bytes=m.peak_memory_bytes)
             for k, m in result.stages.items()
@@ -78,9 +90,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     def _check_model(self, m) -> None:
         if m.model not in ("", self.card.id):
             raise ModelNotFoundError(f"model '{m.model}' is not served here (serving '{self.card.id}')")
-        if self.card.video:  # not built yet: a video reply would stream MP4 bytes
-            raise InvalidRequestError(f"model '{self.card.id}' makes video, which the gRPC API does not serve yet: "
-                                      "use POST /v1/videos", "model")
+
 
     async def _abort(self, context, exc: Exception):
         if not isinstance(exc, DitserveError):

@@ -7,6 +7,7 @@ import base64
 import io
 import sqlite3
 
+import grpc
 import httpx
 import numpy as np
 import openai
@@ -19,6 +20,7 @@ from services.denoiser.stage import DenoiserStage
 from services.encoder.stage import EncoderStage
 from services.runtime.config import DenoiserConfig, GenerateRequest, StageConfig
 from services.runtime.errors import InvalidRequestError, UnsupportedModelError
+from services.runtime.proto import generation_pb2, generation_pb2_grpc
 from services.runtime.registry import resolve
 from tests.servers import start_serve, start_worker
 from tests.tiny_families import build_tiny_pixart_sigma, build_tiny_sd3, build_tiny_wan
@@ -198,8 +200,16 @@ def test_video_frames_equal_diffusers_and_cli_writes_mp4_and_frames(wan_dir, tmp
 
 def test_videos_api_with_the_openai_client_survives_a_gateway_restart(wan_dir, tmp_path):
     db = tmp_path / "videos.sqlite3"
-    serve, http_port, _ = start_serve(wan_dir, "--video-jobs-path", str(db))
+    serve, http_port, grpc_port = start_serve(wan_dir, "--video-jobs-path", str(db))
     try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # gRPC: the MP4 in the reply
+            reply = generation_pb2_grpc.GenerationStub(channel).Generate(generation_pb2.GenerateRequest(
+                prompt="a blue square", width=48, height=32, num_frames=5, fps=8, seed=9, num_inference_steps=STEPS))
+        assert not reply.images and (reply.videos[0].num_frames, reply.videos[0].fps) == (5, 8)
+        frames, rate = mp4_frames(reply.videos[0].data)
+        expected = diffusers_frames(wan_dir, "a blue square", 9, width=48, height=32, num_frames=5)
+        assert frames.shape == (5, 32, 48, 3) and rate == 8
+        assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 12
         url = f"http://127.0.0.1:{http_port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         extra = {"num_inference_steps": STEPS, "seed": 9, "fps": 8}
@@ -258,7 +268,7 @@ def _input_png() -> bytes:
 
 
 def test_image_edits_with_the_openai_client(img2img_dir):
-    serve, http_port, _ = start_serve(img2img_dir)
+    serve, http_port, grpc_port = start_serve(img2img_dir)
     try:
         url = f"http://127.0.0.1:{http_port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
@@ -269,6 +279,12 @@ def test_image_edits_with_the_openai_client(img2img_dir):
         expected = diffusers_pixels(img2img_dir, "a blue square", [3], image=Image.open(io.BytesIO(_input_png())),
                                     width=64, height=48, guidance_scale=2.5, max_sequence_length=512)
         np.testing.assert_array_equal(got, expected[0])
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # the same edit over gRPC
+            reply = generation_pb2_grpc.GenerationStub(channel).Generate(generation_pb2.GenerateRequest(
+                prompt="a blue square", width=64, height=48, seed=3, num_inference_steps=STEPS, guidance_scale=2.5,
+                input_images=[_input_png()]))
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(reply.images[0].data)).convert("RGB")),
+                                      expected[0])
         # what such a model cannot do without its image, and what is not an image
         no_image = httpx.post(url + "/v1/images/generations", json={"prompt": "x", "size": "64x48"})
         assert no_image.status_code == 400 and "needs an input image" in no_image.json()["error"]["message"]
