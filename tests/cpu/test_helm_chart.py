@@ -301,3 +301,27 @@ def test_standalone_denoiser_flags_carry_every_denoiser_option(tmp_path):
     options = DenoiserConfig(**_denoiser_options(parsed)).options()
     assert options == ServeConfig(denoiser=EVERY_DENOISER_OPTION).denoiser.options()
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 16  # one GPU per rank: 2 x 2 x 2 x 2
+
+
+def test_standalone_diffusers_backend_runs_only_the_denoiser_and_keeps_video_jobs(tmp_path):
+    values = CHART / "ci" / "diffusers-video-values.yaml"
+    docs = render(values)
+    deployments = containers(docs)
+    assert set(deployments) == {f"{FULLNAME}-gateway", f"{FULLNAME}-denoiser"}
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(one(docs, "ConfigMap", f"{FULLNAME}-serve")["data"]["serve.yaml"])
+    gateway = deployments[f"{FULLNAME}-gateway"]
+    args = [a if a != "/etc/ditserve/serve.yaml" else str(config_file) for a in gateway["args"]]
+    config = serve_config_from_args(build_parser().parse_args(args))
+    assert config.backend == "diffusers" and config.encoder.address is None and config.vae.address is None
+    assert config.denoiser.address.startswith(f"{FULLNAME}-denoiser:")
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    assert mounts["video-jobs"] == str(config.video_jobs_file().parent)
+    worker = build_parser().parse_args(deployments[f"{FULLNAME}-denoiser"]["args"])
+    assert (worker.role, worker.backend) == ("denoiser", "diffusers")
+
+
+def test_standalone_vae_worker_warms_up_the_serve_config_sizes():
+    docs = render(CHART / "ci" / "standalone-values.yaml")
+    vae = build_parser().parse_args(containers(docs)[f"{FULLNAME}-vae"]["args"])
+    assert vae.warmup_resolutions == ["1024x1024", "768x1344"]

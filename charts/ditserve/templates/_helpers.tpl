@@ -109,14 +109,15 @@ volume without that path is an error, as is setting both claimName and hostPath.
 {{- define "ditserve.volumeSpecs" -}}
 {{- $d := .Values.serve.denoiser | default dict }}
 {{- $specs := list }}
-{{- range $key, $path := dict "model" .Values.serve.model_path "compileCache" $d.compile_cache_dir "lora" $d.lora_dir }}
+{{- $videoDir := "" }}{{- with .Values.serve.video_jobs_path }}{{ $videoDir = dir (toString .) }}{{ end }}
+{{- range $key, $path := dict "model" .Values.serve.model_path "compileCache" $d.compile_cache_dir "lora" $d.lora_dir "videoJobs" $videoDir }}
 {{- $v := get $.Values.volumes $key }}
 {{- if and $v.claimName $v.hostPath }}
 {{- fail (printf "volumes.%s: set claimName or hostPath, not both" $key) }}
 {{- end }}
 {{- if or $v.claimName $v.hostPath }}
 {{- if not $path }}
-{{- fail (printf "volumes.%s is set but its mount path is not: set %s" $key (get (dict "model" "serve.model_path" "compileCache" "serve.denoiser.compile_cache_dir" "lora" "serve.denoiser.lora_dir") $key)) }}
+{{- fail (printf "volumes.%s is set but its mount path is not: set %s" $key (get (dict "model" "serve.model_path" "compileCache" "serve.denoiser.compile_cache_dir" "lora" "serve.denoiser.lora_dir" "videoJobs" "serve.video_jobs_path") $key)) }}
 {{- end }}
 {{- $specs = append $specs (dict "key" $key "name" (kebabcase $key) "path" $path "volume" $v) }}
 {{- end }}
@@ -184,6 +185,10 @@ back with the CLI's own parser and compares with the serve values). */}}
 {{- with $s.model_path }}{{ $args = concat $args (list "--model-path" (toString .)) }}{{ end }}
 {{- with $s.device }}{{ $args = concat $args (list "--device" .) }}{{ end }}
 {{- with $s.dtype }}{{ $args = concat $args (list "--dtype" .) }}{{ end }}
+{{- with $s.backend }}{{ $args = concat $args (list "--backend" .) }}{{ end }}
+{{- if eq .pool "vae" }}
+{{- with ($s.vae | default dict).warmup_resolutions }}{{ $args = concat $args (list "--warmup-resolutions") . }}{{ end }}
+{{- end }}
 {{- if eq .pool "denoiser" }}
 {{- $d := $s.denoiser | default dict }}
 {{- range $field, $flag := dict "ulysses_degree" "--ulysses-degree" "ring_degree" "--ring-degree" "tp_size" "--tp-size" "offload_prefetch" "--offload-prefetch" "max_loras" "--max-loras" }}
@@ -199,4 +204,10 @@ back with the CLI's own parser and compares with the serve values). */}}
 {{- with $d.warmup_resolutions }}{{ $args = concat $args (list "--warmup-resolutions") . }}{{ end }}
 {{- end }}
 {{- toYaml $args }}
+{{- end }}
+
+{{/* The stage workers a standalone install runs: the diffusers backend runs whole pipelines in
+the denoiser worker alone (set serve.backend: diffusers for a model without a native family). */}}
+{{- define "ditserve.standaloneStages" -}}
+{{- toYaml (dict "stages" (ternary (list "denoiser") (list "encoder" "denoiser" "vae") (eq (toString .Values.serve.backend) "diffusers"))) }}
 {{- end }}
