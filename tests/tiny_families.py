@@ -135,3 +135,53 @@ def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0) -> Path:
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+# Qwen's chat format, as Qwen3's tokenizer_config.json has it (the part the pipelines use).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_qwen_tokenizer(seed: int = 0, vocab_size: int = 500):
+    """A byte-level BPE with Qwen's special tokens and chat template, as `Qwen2TokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_checkpoints import _corpus
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(seed + 2), trainer=BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=QWEN_CHAT_TEMPLATE, model_max_length=32768)
+
+
+def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """ZImagePipeline (Z-Image Turbo's layout): a Qwen3 text encoder, the single-stream Z-Image
+    DiT with its noise / context refiners, AutoencoderKL."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = build_qwen_tokenizer(seed)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=tok.pad_token_id))
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    _widen(transformer)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(seed, scaling_factor=0.3611,
+                          shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+                          text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

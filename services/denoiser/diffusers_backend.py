@@ -60,7 +60,9 @@ class DiffusersPipelineStage:
         self.params = inspect.signature(self.pipe.__call__).parameters
         denoiser = next((getattr(self.pipe, c) for c in DENOISER_COMPONENTS if getattr(self.pipe, c, None) is not None),
                         None)
-        if should_compile(config.compile, self.device) and hasattr(denoiser, "compile_repeated_blocks"):
+        # Regional compile where the model names its repeated blocks (diffusers' DiTs do; UNets
+        # do not, and run eager): the same static-shape, per-block compile as the native path.
+        if should_compile(config.compile, self.device) and getattr(denoiser, "_repeated_blocks", None):
             use_compile_cache(config.compile_cache_dir)
             denoiser.compile_repeated_blocks(fullgraph=True)
 

@@ -1,4 +1,4 @@
-"""The diffusers backend: pipelines with no native family (tiny SD3 and PixArt-Sigma here) run
+"""The diffusers backend: pipelines with no native family (tiny SD3, PixArt-Sigma, Z-Image and Wan 2.1 here) run
 whole in the denoiser worker, behind the same router, CLI, REST and gRPC, and give exactly the
 pixels of diffusers' own pipeline on the same directory and seeds."""
 
@@ -23,7 +23,7 @@ from services.runtime.errors import InvalidRequestError, UnsupportedModelError
 from services.runtime.proto import generation_pb2, generation_pb2_grpc
 from services.runtime.registry import resolve
 from tests.servers import start_serve, start_worker
-from tests.tiny_families import build_tiny_pixart_sigma, build_tiny_sd3, build_tiny_wan
+from tests.tiny_families import build_tiny_pixart_sigma, build_tiny_sd3, build_tiny_wan, build_tiny_z_image
 
 STEPS = 3
 
@@ -59,9 +59,14 @@ def generate(path, backend: str = "auto", **fields):
     return router, result, steps
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart"])
-def test_pixels_equal_diffusers_pipeline(family, sd3_dir, pixart_dir):
-    path = {"sd3": sd3_dir, "pixart": pixart_dir}[family]
+@pytest.fixture(scope="module")
+def z_image_dir(tmp_path_factory):
+    return build_tiny_z_image(tmp_path_factory.mktemp("z-image") / "model")
+
+
+@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir", "z_image_dir"])
+def test_pixels_equal_diffusers_pipeline(family, request):
+    path = request.getfixturevalue(family)
     router, result, steps = generate(path, prompt="a red circle on a white background", negative_prompt="blurry",
                                      width=64, height=48, n=2, seed=7, guidance_scale=4.0)
     assert router.spec.whole_pipeline and router.encoder is None and router.vae is None

@@ -40,7 +40,7 @@ def diffusers_spec(model) -> PipelineSpec | None:
     params = inspect.signature(cls.__call__).parameters
     denoiser = next((c for c in DENOISER_COMPONENTS if c in model.index), None)
     config = model.component_config(denoiser) if denoiser else {}
-    patch = config.get("patch_size") or 1
+    patch = config.get("patch_size") or (config.get("all_patch_size") or [1])[0]  # Z-Image: all_patch_size
     patch = patch if isinstance(patch, int) else max(patch[-2:])  # video DiTs: (t, h, w)
     max_seq = _default(params, "max_sequence_length", CLIP_LENGTH)
     video = "num_frames" in params
