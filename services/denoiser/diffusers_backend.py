@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from services.denoiser.compile import should_compile, use_compile_cache
-from services.runtime.config import DenoiserConfig
+from services.runtime.config import DenoiserConfig, parse_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from services.runtime.messages import DenoiseRequest, DenoiseResponse
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Options of DenoiserOptions that only native models implement, with the value meaning "off".
 _NATIVE_ONLY = {"ulysses_degree": 1, "ring_degree": 1, "tp_size": 1, "cfg_parallel": False, "precision": "default",
-                "layerwise_offload": False, "warmup_resolutions": []}
+                "layerwise_offload": False}
 
 
 class DiffusersPipelineStage:
@@ -65,6 +65,27 @@ class DiffusersPipelineStage:
         if should_compile(config.compile, self.device) and getattr(denoiser, "_repeated_blocks", None):
             use_compile_cache(config.compile_cache_dir)
             denoiser.compile_repeated_blocks(fullgraph=True)
+        self.warm_up(config.warmup_resolutions)
+
+    def warm_up(self, sizes: list[str]) -> None:
+        """One single-step run of the whole pipeline per "WIDTHxHEIGHT" size (a video model at
+        its default clip length), so compiling and the first-call set-up happen before traffic."""
+        defaults = self.spec.defaults(self.model)
+        multiple = self.spec.size_multiple(self.model)
+        for size in sizes:
+            height, width = parse_size(size)
+            if height % multiple or width % multiple:
+                raise InvalidRequestError(f"warmup resolution {size}: sides must be multiples of {multiple}",
+                                          "warmup_resolutions")
+            self.denoise(DenoiseRequest(
+                positive=None, negative=None, height=height, width=width, num_inference_steps=1,
+                guidance_scale=defaults.guidance_scale, true_cfg_scale=1.0, seeds=[0], prompts=[""],
+                num_frames=defaults.num_frames, input_images=self._warm_up_images(height, width)))
+
+    def _warm_up_images(self, height: int, width: int) -> list[torch.Tensor]:
+        # a pipeline that cannot run without an input image gets a grey one of the output size
+        needs = "image_required" in self.spec.features
+        return [torch.full((height, width, 3), 128, dtype=torch.uint8)] if needs else []
 
     def denoise(self, request: DenoiseRequest, on_step=None) -> DenoiseResponse:
         kwargs = self._call_arguments(request)

@@ -337,3 +337,16 @@ def test_image_to_video_with_input_reference(wan_dir, tmp_path):
         serve.kill()
     with pytest.raises(InvalidRequestError, match="image: diffusers:WanPipeline takes no input image"):
         generate(wan_dir, prompt="x", num_frames=5, images=[_input_png()])
+
+
+def test_warm_up_runs_the_pipeline_once_per_size(sd3_dir, monkeypatch):
+    from services.denoiser.diffusers_backend import DiffusersPipelineStage
+
+    seen = []
+    original = DiffusersPipelineStage.denoise
+    monkeypatch.setattr(DiffusersPipelineStage, "denoise", lambda self, req, on_step=None: seen.append(
+        (req.width, req.height, req.num_inference_steps)) or original(self, req, on_step))
+    DenoiserStage(DenoiserConfig(model_path=sd3_dir, device="cpu", warmup_resolutions=["64x32", "48x48"]))
+    assert seen == [(64, 32, 1), (48, 48, 1)]
+    with pytest.raises(InvalidRequestError, match="warmup resolution 40x40: sides must be multiples of 16"):
+        DenoiserStage(DenoiserConfig(model_path=sd3_dir, device="cpu", warmup_resolutions=["40x40"]))
