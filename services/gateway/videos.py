@@ -26,6 +26,11 @@ from services.runtime.errors import DitserveError, InvalidRequestError, NotFound
 log = logging.getLogger(__name__)
 
 POLL_AFTER_MS = 1000  # the openai-poll-after-ms header: how soon a client should ask again
+# Jobs handed to the router at once; the rest wait here as "queued" instead of filling the
+# router's queue (whose overflow is a 429, which would fail an accepted job).
+MAX_RUNNING = 4
+# A job's deadline in the router: a clip of a 14B model takes minutes, not the 600 s default.
+JOB_TIMEOUT_S = 6 * 3600
 _SCHEMA = """CREATE TABLE IF NOT EXISTS videos (
     id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, status TEXT NOT NULL, progress INTEGER NOT NULL,
     completed_at INTEGER, body TEXT NOT NULL, info TEXT NOT NULL, error TEXT, content BLOB,
@@ -41,6 +46,7 @@ class VideoJobs:
         self.db.execute(_SCHEMA)
         self.lock = threading.Lock()
         self.tasks: dict[str, asyncio.Task] = {}
+        self._slots: asyncio.Semaphore | None = None  # made in the serving loop
 
     # -- the API -------------------------------------------------------------------------
     async def create(self, body: VideoBody, images: list[bytes] = ()) -> dict:
@@ -105,8 +111,16 @@ class VideoJobs:
         self.tasks[job_id] = asyncio.get_running_loop().create_task(self._run(job_id))
 
     async def _run(self, job_id: str) -> None:
-        body_json, image = self._read("SELECT body, input_image FROM videos WHERE id = ?", job_id)[0]
-        body = VideoBody.model_validate_json(body_json)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(MAX_RUNNING)
+        async with self._slots:
+            await self._run_now(job_id)
+
+    async def _run_now(self, job_id: str) -> None:
+        rows = self._read("SELECT body, input_image FROM videos WHERE id = ?", job_id)
+        if not rows:  # deleted while it waited
+            return
+        body, image = VideoBody.model_validate_json(rows[0][0]), rows[0][1]
         last = [-1]
 
         def on_step(done: int, total: int) -> None:
@@ -117,7 +131,8 @@ class VideoJobs:
 
         try:
             self._write("UPDATE videos SET status = 'in_progress' WHERE id = ?", job_id)
-            result = await self.router.generate(body.to_generate_request([image] if image else []), on_step=on_step)
+            result = await self.router.generate(body.to_generate_request([image] if image else []), on_step=on_step,
+                                                timeout_s=JOB_TIMEOUT_S)
             r = result.request
             mp4 = await asyncio.to_thread(encode_mp4, result.images[0].pixels, r.fps)
             self._write("UPDATE videos SET status = 'completed', progress = 100, completed_at = ?, content = ? "
