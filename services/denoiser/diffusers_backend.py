@@ -80,7 +80,9 @@ class DiffusersPipelineStage:
             self.denoise(DenoiseRequest(
                 positive=None, negative=None, height=height, width=width, num_inference_steps=1,
                 guidance_scale=defaults.guidance_scale, true_cfg_scale=1.0, seeds=[0], prompts=[""],
-                num_frames=defaults.num_frames, input_images=self._warm_up_images(height, width)))
+                num_frames=defaults.num_frames, fps=defaults.fps, input_images=self._warm_up_images(height, width),
+                mask=torch.full((height, width), 255, dtype=torch.uint8) if "mask_required" in self.spec.features
+                else None))
 
     def _warm_up_images(self, height: int, width: int) -> list[torch.Tensor]:
         # a pipeline that cannot run without an input image gets a grey one of the output size
@@ -134,6 +136,7 @@ class DiffusersPipelineStage:
                 kwargs["true_cfg_scale"] = request.true_cfg_scale
         if request.num_frames:
             kwargs["num_frames"] = request.num_frames
+            kwargs["frame_rate"] = request.fps  # LTX conditions on it; dropped below where not taken
         if request.input_images:
             from PIL import Image
 

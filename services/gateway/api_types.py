@@ -38,7 +38,8 @@ class ImageGenerationBody(BaseModel):
     lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
     cache: CachePolicy | None = None
 
-    def to_generate_request(self) -> GenerateRequest:
+    def to_generate_request(self, images: list[bytes] = (), mask: bytes | None = None) -> GenerateRequest:
+        """`images` / `mask`: the files of an edit (POST /v1/images/edits), validated with the rest."""
         width, height = _parse_size(self.size)
         return GenerateRequest.parse(
             prompt=self.prompt,
@@ -54,6 +55,8 @@ class ImageGenerationBody(BaseModel):
             output_format=self.output_format,
             lora=self.lora,
             cache=self.cache,
+            images=list(images),
+            mask=mask,
         )
 
 

@@ -70,6 +70,16 @@ async def _until_disconnect(request: Request, coro):
             raise RequestCancelledError("client disconnected")
 
 
+MAX_UPLOAD_BYTES = 32 * 2**20  # one uploaded image or mask
+
+
+async def read_upload(upload, param: str) -> bytes:
+    if upload.size is not None and upload.size > MAX_UPLOAD_BYTES:
+        raise InvalidRequestError(f"{param}: {upload.size} bytes is more than the {MAX_UPLOAD_BYTES} an upload may "
+                                  "have", param)
+    return await upload.read()
+
+
 async def multipart_form(request: Request):
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequestError("this endpoint takes multipart/form-data")
@@ -131,7 +141,7 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None, videos:
                 raise ModelNotFoundError(f"model '{body.model}' is not served here (serving '{card.id}')")
             if card.video:
                 raise InvalidRequestError(f"model '{card.id}' makes video: use POST /v1/videos", "model")
-            req = body.to_generate_request().model_copy(update={"images": list(images), "mask": mask})
+            req = body.to_generate_request(list(images), mask)
             result = await _until_disconnect(request, router.generate(req, timeout_s=body.timeout_s))
             data = []
             blobs = await encode_images([image.pixels for image in result.images], req.output_format)
@@ -174,11 +184,12 @@ def create_app(router, card: ModelCard, store: ImageStore | None = None, videos:
         fields (OpenAI's and ditserve's, as form values; `lora` / `cache` as JSON text)."""
         try:
             form = await multipart_form(request)
-            images = [await f.read() for key in ("image", "image[]") for f in form.getlist(key) if not isinstance(f, str)]
+            images = [await read_upload(f, "image") for key in ("image", "image[]") for f in form.getlist(key)
+                      if not isinstance(f, str)]
             if not images:
                 raise InvalidRequestError("image: an edit needs at least one input image", "image")
             mask = form.get("mask")
-            mask = await mask.read() if mask is not None and not isinstance(mask, str) else None
+            mask = await read_upload(mask, "mask") if mask is not None and not isinstance(mask, str) else None
             body = form_model(ImageGenerationBody, form, exclude=("image", "image[]", "mask"))
         except DitserveError as exc:
             metrics.REQUESTS.labels("images.edits", card.id, exc.code).inc()
@@ -251,7 +262,7 @@ def add_video_routes(app: FastAPI, card: ModelCard, videos: VideoJobs | None) ->
             form = await request.form()
             ref = form.get("input_reference")
             if ref is not None and not isinstance(ref, str):  # image-to-video
-                images.append(await ref.read())
+                images.append(await read_upload(ref, "input_reference"))
             body = form_model(VideoBody, form, exclude=("input_reference",))
         else:
             try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from services.gateway.api_types import VideoBody
 from services.gateway.video import encode_mp4
-from services.runtime.errors import DitserveError, InvalidRequestError, NotFoundError
+from services.runtime.errors import DitserveError, InvalidRequestError, ModelNotFoundError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class VideoJobs:
     async def create(self, body: VideoBody, images: list[bytes] = ()) -> dict:
         """`images`: input_reference, for image-to-video models."""
         if body.model not in (None, "", self.model_id):
-            raise InvalidRequestError(f"model '{body.model}' is not served here (serving '{self.model_id}')", "model")
+            raise ModelNotFoundError(f"model '{body.model}' is not served here (serving '{self.model_id}')")
         if len(images) > 1:
             raise InvalidRequestError("input_reference: one image", "input_reference")
         # 400s now, not failed jobs later
@@ -117,10 +117,6 @@ class VideoJobs:
             await self._run_now(job_id)
 
     async def _run_now(self, job_id: str) -> None:
-        rows = self._read("SELECT body, input_image FROM videos WHERE id = ?", job_id)
-        if not rows:  # deleted while it waited
-            return
-        body, image = VideoBody.model_validate_json(rows[0][0]), rows[0][1]
         last = [-1]
 
         def on_step(done: int, total: int) -> None:
@@ -130,6 +126,11 @@ class VideoJobs:
                 self._write("UPDATE videos SET status = 'in_progress', progress = ? WHERE id = ?", progress, job_id)
 
         try:
+            rows = self._read("SELECT body, input_image FROM videos WHERE id = ?", job_id)
+            if not rows:  # deleted while it waited
+                return
+            # inside the try: a stored body this version cannot read fails its job, visibly
+            body, image = VideoBody.model_validate_json(rows[0][0]), rows[0][1]
             self._write("UPDATE videos SET status = 'in_progress' WHERE id = ?", job_id)
             result = await self.router.generate(body.to_generate_request([image] if image else []), on_step=on_step,
                                                 timeout_s=JOB_TIMEOUT_S)

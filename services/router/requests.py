@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.runtime.cache_policy import CachePolicy
-from services.runtime.config import GenerateRequest
+from services.runtime.config import MAX_FRAMES, GenerateRequest
 from services.runtime.device import StageMeasurement
 from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import AdapterRef, CacheStats
@@ -63,6 +63,7 @@ class ResolvedRequest:
             self.true_cfg_scale if self.true_cfg else None,
             self.negative_prompt is not None,
             self.num_frames,
+            self.fps,
             self.inputs_digest,  # one batch shares its input images
             self.max_sequence_length,
             # A batch shares its caching decisions (services/denoiser/cache.py): one policy each.
@@ -128,8 +129,20 @@ def resolve_request(
         fps=fps,
         images=images,
         mask=mask,
-        inputs_digest=hashlib.sha1(b"".join(req.images) + (req.mask or b"")).hexdigest() if images else "",
+        inputs_digest=_digest(req),
     )
+
+
+def _digest(req: GenerateRequest) -> str:
+    """Equal only for the same input files in the same roles (lengths included, so [A, B] and
+    [A + B] differ): the batch key, since a batch shares one set of inputs."""
+    if not req.images and req.mask is None:
+        return ""
+    h = hashlib.sha1()
+    for data in [*req.images, b"mask", req.mask or b""]:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
 
 
 def _input_images(req: GenerateRequest, spec: PipelineSpec) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
@@ -138,21 +151,30 @@ def _input_images(req: GenerateRequest, spec: PipelineSpec) -> tuple[tuple[np.nd
             raise InvalidRequestError(f"{name}: {spec.family} takes no input {name}", name)
         if not given and f"{feature}_required" in spec.features:
             raise InvalidRequestError(f"{name}: {spec.family} needs an input {name}", name)
-    images = tuple(_decode(data, "RGB", "image") for data in req.images)
-    mask = _decode(req.mask, "L", "mask") if req.mask is not None else None
+    if len(req.images) > 1 and "images" not in spec.features:
+        raise InvalidRequestError(f"image: {spec.family} takes one input image, got {len(req.images)}", "image")
+    images = tuple(_decode(data, "image") for data in req.images)
+    mask = _decode(req.mask, "mask") if req.mask is not None else None
     return images, mask
 
 
-def _decode(data: bytes, mode: str, param: str) -> np.ndarray:
+def _decode(data: bytes, param: str) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3]; a mask -> uint8 [H, W], white where to repaint. A mask
+    with transparency follows OpenAI's convention (transparent = edit) and becomes 255 - alpha;
+    an opaque one is read as grey levels, diffusers' convention."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.width * image.height > MAX_INPUT_PIXELS:
+            if image.width * image.height > MAX_INPUT_PIXELS:  # from the header, before decoding
                 raise InvalidRequestError(f"{param}: {image.width}x{image.height} is larger than the "
                                           f"{MAX_INPUT_PIXELS} pixels an input image may have", param)
-            return np.asarray(image.convert(mode))
+            image.load()
+            if param == "image":
+                return np.asarray(image.convert("RGB"))
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                return 255 - np.asarray(image.convert("RGBA"))[..., 3]
+            return np.asarray(image.convert("L"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise InvalidRequestError(f"{param}: not an image this server can read (PNG, JPEG, WebP, ...)", param) from None
 
@@ -168,6 +190,9 @@ def _frames(req: GenerateRequest, spec: PipelineSpec, defaults) -> tuple[int, in
     n = req.num_frames if req.num_frames is not None else defaults.num_frames
     if req.num_frames is None and req.seconds is not None:  # the nearest clip length the VAE takes
         n = 1 + m * max(round((req.seconds * fps - 1) / m), 0)
+        if n > MAX_FRAMES:
+            raise InvalidRequestError(f"seconds {req.seconds:g} at {fps} fps is {n} frames, more than {MAX_FRAMES}",
+                                      "seconds")
     if (n - 1) % m:
         lower = n - (n - 1) % m
         valid = f"{lower} or {lower + m}" if lower >= 1 else f"{lower + m}"

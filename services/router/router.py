@@ -197,6 +197,7 @@ class Router:
                 negative_prompts=[r.negative_prompt for r, _ in per_image] if first.negative_prompt is not None else [],
                 max_sequence_length=first.max_sequence_length,
                 num_frames=first.num_frames,
+                fps=first.fps,
                 input_images=[torch.from_numpy(np.ascontiguousarray(im)) for im in first.images],
                 mask=torch.from_numpy(np.ascontiguousarray(first.mask)) if first.mask is not None else None,
             ),

@@ -69,6 +69,7 @@ class DenoiseRequest:
     negative_prompts: list[str] = field(default_factory=list)
     max_sequence_length: int = 0
     num_frames: int = 0  # > 0: a video pipeline's clip length (images come back [B, F, H, W, 3])
+    fps: int = 0  # its frame rate (pipelines that condition on it, e.g. LTX)
     # Input images (uint8 [H, W, 3] each) and mask (uint8 [H, W]) shared by the batch.
     input_images: list[torch.Tensor] = field(default_factory=list)
     mask: torch.Tensor | None = None

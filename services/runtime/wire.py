@@ -78,6 +78,7 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
         negative_prompts=r.negative_prompts,
         max_sequence_length=r.max_sequence_length,
         num_frames=r.num_frames,
+        fps=r.fps,
         input_images=[tensor_to_proto(t) for t in r.input_images],
     )
     if r.mask is not None:
@@ -131,6 +132,7 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         negative_prompts=list(m.negative_prompts),
         max_sequence_length=m.max_sequence_length,
         num_frames=m.num_frames,
+        fps=m.fps,
         input_images=[tensor_from_proto(t) for t in m.input_images],
         mask=tensor_from_proto(m.mask) if m.HasField("mask") else None,
     )

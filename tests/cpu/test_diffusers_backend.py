@@ -350,3 +350,34 @@ def test_warm_up_runs_the_pipeline_once_per_size(sd3_dir, monkeypatch):
     assert seen == [(64, 32, 1), (48, 48, 1)]
     with pytest.raises(InvalidRequestError, match="warmup resolution 40x40: sides must be multiples of 16"):
         DenoiserStage(DenoiserConfig(model_path=sd3_dir, device="cpu", warmup_resolutions=["40x40"]))
+
+
+def test_input_files_are_checked_before_they_cost_anything(img2img_dir, wan_dir):
+    router = build_in_process_router(StageConfig(model_path=img2img_dir, device="cpu"))
+    with pytest.raises(InvalidRequestError, match="takes one input image, got 2"):
+        router.resolve(GenerateRequest.parse(prompt="x", images=[_input_png()] * 2))
+    huge = io.BytesIO()
+    Image.new("1", (4100, 4100)).save(huge, format="PNG")  # small file, 16.8M pixels: refused from its header
+    with pytest.raises(InvalidRequestError, match="4100x4100 is larger than"):
+        router.resolve(GenerateRequest.parse(prompt="x", images=[huge.getvalue()]))
+    with pytest.raises(InvalidRequestError, match="takes no input mask"):
+        router.resolve(GenerateRequest.parse(prompt="x", images=[_input_png()], mask=_input_png()))
+    video = build_in_process_router(StageConfig(model_path=wan_dir, device="cpu"))
+    with pytest.raises(InvalidRequestError, match="seconds 120 at 120 fps is 14401 frames") as err:
+        video.resolve(GenerateRequest.parse(prompt="x", seconds=120, fps=120))
+    assert err.value.param == "seconds"
+
+
+def test_mask_follows_openai_transparency_and_diffusers_grey_levels():
+    from services.router.requests import _decode
+
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:2, :, 3] = 0  # transparent top half: OpenAI's "edit here"
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    mask = _decode(buf.getvalue(), "mask")
+    assert mask.shape == (4, 4) and (mask[:2] == 255).all() and (mask[2:] == 0).all()
+    grey = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint8), "L").save(grey, format="PNG")
+    assert (_decode(grey.getvalue(), "mask") == 200).all()

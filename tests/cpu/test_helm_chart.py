@@ -158,6 +158,9 @@ def test_values_schema_rejects_bad_values(bad, where):
     (("serve.denoiser.ulysses_degree=2",), "serve.denoiser needs 2 GPUs per replica"),
     (("volumes.model.claimName=weights",), "set serve.model_path"),
     (("volumes.lora.hostPath=/l", "volumes.lora.claimName=l", "serve.denoiser.lora_dir=/l"), "not both"),
+    (("mode=standalone", "volumes.videoJobs.claimName=v", "serve.video_jobs_path=/v/jobs.db",
+      "standalone.gateway.replicas=2"), "one gateway replica owns the video job database"),
+    (("serve.video_jobs_path=jobs.db",), "serve.video_jobs_path must be an absolute path"),
 ])
 def test_chart_refuses_what_cannot_run(sets, message):
     out = helm("template", RELEASE, str(CHART), *(a for s in sets for a in ("--set", s)))

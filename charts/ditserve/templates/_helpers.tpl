@@ -109,7 +109,9 @@ volume without that path is an error, as is setting both claimName and hostPath.
 {{- define "ditserve.volumeSpecs" -}}
 {{- $d := .Values.serve.denoiser | default dict }}
 {{- $specs := list }}
-{{- $videoDir := "" }}{{- with .Values.serve.video_jobs_path }}{{ $videoDir = dir (toString .) }}{{ end }}
+{{- $videoDir := "" }}{{- with .Values.serve.video_jobs_path }}{{ $videoDir = dir (toString .) }}
+{{- if not (isAbs (toString .)) }}{{ fail "serve.video_jobs_path must be an absolute path (its directory is a mount point)" }}{{ end }}
+{{- end }}
 {{- range $key, $path := dict "model" .Values.serve.model_path "compileCache" $d.compile_cache_dir "lora" $d.lora_dir "videoJobs" $videoDir }}
 {{- $v := get $.Values.volumes $key }}
 {{- if and $v.claimName $v.hostPath }}

@@ -84,6 +84,8 @@ def _image_features(cls, params) -> set[str]:
         out.add("image")
         if needs_image or params["image"].default is inspect.Parameter.empty:
             out.add("image_required")
+        if "EditPlus" in cls.__name__:  # Qwen-Image-Edit-Plus conditions on several images
+            out.add("images")
     if "mask_image" in params:
         out.add("mask")
         if re.search(r"Inpaint|Fill", cls.__name__):
