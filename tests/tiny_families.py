@@ -86,8 +86,10 @@ def build_tiny_pixart_sigma(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def build_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
-    """WanPipeline (Wan 2.1 text-to-video): UMT5, a 3D DiT, Wan's causal video VAE (4x in time)."""
+def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False) -> Path:
+    """WanPipeline (Wan 2.1 text-to-video): UMT5, a 3D DiT, Wan's causal video VAE (4x in time).
+    `two_experts`: Wan 2.2 A14B's layout, a second DiT (transformer_2) for the low-noise steps
+    after the boundary timestep."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -105,8 +107,14 @@ def build_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
+    experts = {}
+    if two_experts:
+        torch.manual_seed(seed + 1)
+        second = WanTransformer3DModel(**transformer.config)
+        _widen(second)
+        experts = {"transformer_2": second, "boundary_ratio": 0.875}
     pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **experts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 

@@ -381,3 +381,14 @@ def test_mask_follows_openai_transparency_and_diffusers_grey_levels():
     grey = io.BytesIO()
     Image.fromarray(np.full((4, 4), 200, dtype=np.uint8), "L").save(grey, format="PNG")
     assert (_decode(grey.getvalue(), "mask") == 200).all()
+
+
+def test_wan22_two_experts_run_in_one_denoiser_worker(tmp_path):
+    """Wan 2.2 A14B's layout: transformer (high noise) and transformer_2 (after the boundary
+    timestep) both live in the one worker; the clip equals WanPipeline's."""
+    path = build_tiny_wan(tmp_path / "wan22", two_experts=True)
+    router, result, _ = generate(path, prompt="a red circle", width=48, height=32, num_frames=5, seed=2)
+    pipe = router.denoiser.stage.pipe
+    assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
+    expected = diffusers_frames(path, "a red circle", 2, width=48, height=32, num_frames=5)
+    np.testing.assert_array_equal(result.images[0].pixels, expected)
