@@ -29,7 +29,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--model-path", help="diffusers-format model directory (default: the embedded tiny model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", help="used for true CFG when --true-cfg-scale > 1")
-    p.add_argument("--true-cfg-scale", type=float, default=1.0)
+    p.add_argument("--true-cfg-scale", type=float, help="default: the model's (Flux 1.0: off)")
     p.add_argument("--seed", type=int, help="seed of the first image (image i uses seed + i); random if omitted")
     p.add_argument("--num-inference-steps", type=int, help="default: the model's (28 for Flux.1-dev)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")

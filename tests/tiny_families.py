@@ -193,3 +193,36 @@ def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
                           text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """QwenImagePipeline: a Qwen2.5-VL text encoder (its vision tower unused for text-to-image),
+    the Qwen-Image MMDiT, Qwen-Image's VAE. True CFG with a negative prompt is its default."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = build_qwen_tokenizer(seed)
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]  # ids the model config names
+    tok.add_special_tokens({"additional_special_tokens": vision})
+    start, end, pad = tok.convert_tokens_to_ids(vision)
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": len(tok),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "bos_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tok), vision_start_token_id=start, vision_end_token_id=end,
+        image_token_id=pad, vision_token_id=pad, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    _widen(transformer)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

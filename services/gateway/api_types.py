@@ -32,7 +32,7 @@ class ImageGenerationBody(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
-    true_cfg_scale: float = 1.0
+    true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
     timeout_s: float | None = Field(None, gt=0, description="per-request deadline")
     lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)

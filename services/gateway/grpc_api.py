@@ -40,7 +40,7 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
         height=opt("height"),
         num_inference_steps=opt("num_inference_steps"),
         guidance_scale=opt("guidance_scale"),
-        true_cfg_scale=opt("true_cfg_scale") if m.HasField("true_cfg_scale") else 1.0,
+        true_cfg_scale=opt("true_cfg_scale"),
         seed=opt("seed"),
         n=m.n or 1,
         max_sequence_length=opt("max_sequence_length"),

@@ -119,7 +119,7 @@ def resolve_request(
         width=width,
         num_inference_steps=req.num_inference_steps or defaults.num_inference_steps,
         guidance_scale=req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale,
-        true_cfg_scale=req.true_cfg_scale,
+        true_cfg_scale=req.true_cfg_scale if req.true_cfg_scale is not None else defaults.true_cfg_scale,
         max_sequence_length=max_seq,
         # Image i of a request uses seed + i, so each image is reproducible on its own.
         seeds=tuple(seed + i for i in range(req.n)),

@@ -49,7 +49,7 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0)
     # Real classifier-free guidance against negative_prompt; applies only when > 1 and a
     # negative prompt is given (diffusers' FluxPipeline rule).
-    true_cfg_scale: float = Field(1.0, ge=0.0)
+    true_cfg_scale: float | None = Field(None, ge=0.0)  # None: the model's default (Flux 1.0, Qwen-Image 4.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     max_sequence_length: int | None = Field(None, ge=1)

@@ -20,6 +20,7 @@ class GenerationDefaults:
     height: int
     width: int
     max_sequence_length: int
+    true_cfg_scale: float = 1.0  # real CFG against a negative prompt applies when > 1
     num_frames: int = 0  # > 0: a video model's default clip length
     fps: int = 0
 

@@ -23,7 +23,13 @@ from services.runtime.errors import InvalidRequestError, UnsupportedModelError
 from services.runtime.proto import generation_pb2, generation_pb2_grpc
 from services.runtime.registry import resolve
 from tests.servers import start_serve, start_worker
-from tests.tiny_families import build_tiny_pixart_sigma, build_tiny_sd3, build_tiny_wan, build_tiny_z_image
+from tests.tiny_families import (
+    build_tiny_pixart_sigma,
+    build_tiny_qwen_image,
+    build_tiny_sd3,
+    build_tiny_wan,
+    build_tiny_z_image,
+)
 
 STEPS = 3
 
@@ -64,7 +70,12 @@ def z_image_dir(tmp_path_factory):
     return build_tiny_z_image(tmp_path_factory.mktemp("z-image") / "model")
 
 
-@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir", "z_image_dir"])
+@pytest.fixture(scope="module")
+def qwen_image_dir(tmp_path_factory):
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("qwen-image") / "model")
+
+
+@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir", "z_image_dir", "qwen_image_dir"])
 def test_pixels_equal_diffusers_pipeline(family, request):
     path = request.getfixturevalue(family)
     router, result, steps = generate(path, prompt="a red circle on a white background", negative_prompt="blurry",

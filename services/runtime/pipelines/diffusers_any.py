@@ -52,6 +52,7 @@ def diffusers_spec(model) -> PipelineSpec | None:
         return GenerationDefaults(
             num_inference_steps=_default(params, "num_inference_steps", 28),
             guidance_scale=float(_default(params, "guidance_scale", 5.0)),
+            true_cfg_scale=float(_default(params, "true_cfg_scale", 1.0)),
             height=_default(params, "height", size), width=_default(params, "width", size), max_sequence_length=max_seq,
             num_frames=_default(params, "num_frames", 49) if video else 0, fps=VIDEO_FPS if video else 0,
         )
