@@ -226,3 +226,29 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
                              tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0) -> Path:
+    """Flux2KleinPipeline (Flux.2 [klein]): a Qwen3 causal LM whose layers 9 / 18 / 27 feed the
+    DiT (so 28 tiny layers), the Flux.2 MMDiT, Flux.2's VAE (2x2 latent patches)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_qwen_tokenizer(seed)
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_hidden_layers=28, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=tok.pad_token_id))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    _widen(transformer)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                              text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

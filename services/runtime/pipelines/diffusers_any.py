@@ -42,6 +42,7 @@ def diffusers_spec(model) -> PipelineSpec | None:
     config = model.component_config(denoiser) if denoiser else {}
     patch = config.get("patch_size") or (config.get("all_patch_size") or [1])[0]  # Z-Image: all_patch_size
     patch = patch if isinstance(patch, int) else max(patch[-2:])  # video DiTs: (t, h, w)
+    patch = _latent_patch(model, denoiser, patch)
     max_seq = _default(params, "max_sequence_length", CLIP_LENGTH)
     video = "num_frames" in params
 
@@ -74,6 +75,22 @@ def diffusers_spec(model) -> PipelineSpec | None:
                            | _image_features(cls, params)),
         frame_multiple=_temporal_factor(model) if video else 1,
     )
+
+
+def _latent_patch(model, denoiser: str | None, patch: int) -> int:
+    """Latents per side of one DiT token. DiT pipelines work on 2x2 latent patches even where
+    the transformer's config says patch_size 1: Flux, Qwen-Image and Z-Image pack them in the
+    pipeline, Flux.2 in its VAE (its own patch_size). A DC-AE (Sana: 32x, encoder_block_out_channels)
+    is the exception whose DiT takes single latents; UNets take single latents too."""
+    try:
+        vae = model.component_config("vae")
+    except Exception:
+        vae = {}
+    vae_patch = vae.get("patch_size") or 1
+    vae_patch = vae_patch if isinstance(vae_patch, int) else max(vae_patch)
+    if denoiser != "transformer" or "encoder_block_out_channels" in vae:
+        return max(patch, vae_patch)
+    return max(patch, vae_patch, 2)
 
 
 def _image_features(cls, params) -> set[str]:
