@@ -141,7 +141,6 @@ class GatewayDeployment:
 
     def __serve_build_asgi_app__(self):
         from services.gateway.rest import create_app
-
         from services.gateway.videos import VideoJobs
 
         videos = VideoJobs(self.router, self.card.id, self.video_jobs_path) if self.card.video else None

@@ -86,11 +86,9 @@ def build_tiny_pixart_sigma(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False) -> Path:
-    """WanPipeline (Wan 2.1 text-to-video): UMT5, a 3D DiT, Wan's causal video VAE (4x in time).
-    `two_experts`: Wan 2.2 A14B's layout, a second DiT (transformer_2) for the low-noise steps
-    after the boundary timestep."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _wan_components(seed: int, in_channels: int = 16) -> dict:
+    """Tokenizer, UMT5 text encoder, one Wan 3D DiT and Wan's causal video VAE (4x in time)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     tok = build_t5_tokenizer(seed)
@@ -100,21 +98,28 @@ def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     _widen(transformer)
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
-    experts = {}
+    return {"tokenizer": tok, "text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+
+
+def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False) -> Path:
+    """WanPipeline (Wan 2.1 text-to-video). `two_experts`: Wan 2.2 A14B's layout, a second DiT
+    (transformer_2) for the low-noise steps after the boundary timestep."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    parts = _wan_components(seed)
     if two_experts:
         torch.manual_seed(seed + 1)
-        second = WanTransformer3DModel(**transformer.config)
-        _widen(second)
-        experts = {"transformer_2": second, "boundary_ratio": 0.875}
-    pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **experts)
+        parts["transformer_2"] = WanTransformer3DModel(**parts["transformer"].config)
+        _widen(parts["transformer_2"])
+        parts["boundary_ratio"] = 0.875
+    pipe = WanPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 
@@ -122,25 +127,10 @@ def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False
 def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0) -> Path:
     """WanImageToVideoPipeline without a CLIP image encoder (the Wan 2.2 layout): the first frame
     is VAE-encoded and joins the noise as 16 latent + 4 mask channels (in_channels 36)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
-    tok = build_t5_tokenizer(seed)
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    _widen(transformer)
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    pipe = WanImageToVideoPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe = WanImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                   **_wan_components(seed, in_channels=36))
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 
@@ -198,8 +188,12 @@ def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     """QwenImagePipeline: a Qwen2.5-VL text encoder (its vision tower unused for text-to-image),
     the Qwen-Image MMDiT, Qwen-Image's VAE. True CFG with a negative prompt is its default."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok = build_qwen_tokenizer(seed)
@@ -231,8 +225,12 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
 def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0) -> Path:
     """Flux2KleinPipeline (Flux.2 [klein]): a Qwen3 causal LM whose layers 9 / 18 / 27 feed the
     DiT (so 28 tiny layers), the Flux.2 MMDiT, Flux.2's VAE (2x2 latent patches)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-    from diffusers import Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_qwen_tokenizer(seed)
