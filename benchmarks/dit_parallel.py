@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from benchmarks.dit_step import MODELS, build_models, make_inputs, step_flops, timed
+from benchmarks.dit_step import MODELS, build_models, diffusers_forward, make_inputs, step_flops, timed
 from services.denoiser.compile import compile_blocks
 from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.models.flux import FluxConfig, FluxTransformer
@@ -235,16 +235,11 @@ def run_diffusers(runs: Runs, cfg_dict: dict, ref, inp: dict, negative: Conditio
                     print(f"{name} {mode}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 continue
 
-            def forward(ctx, pooled, model=model):
-                with torch.inference_mode():
-                    return model(hidden_states=inp["x"], encoder_hidden_states=ctx, pooled_projections=pooled,
-                                 timestep=inp["t"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"],
-                                 guidance=inp["guidance"], return_dict=False)[0]
-
-            ok = runs.run(f"{name} {mode}", lambda: forward(inp["ctx"], inp["pooled"]), world, False)
+            ok = runs.run(f"{name} {mode}", lambda model=model: diffusers_forward(model, inp), world, False)
             if ok and with_cfg:  # the Flux pipeline's true CFG: positive, then negative
                 runs.run(f"{name} true-CFG {mode}",
-                         lambda: [forward(inp["ctx"], inp["pooled"]),
-                                  forward(negative.prompt_embeds, negative.pooled_prompt_embeds)], world, True)
+                         lambda model=model: [diffusers_forward(model, inp),
+                                              diffusers_forward(model, inp, negative.prompt_embeds,
+                                                                negative.pooled_prompt_embeds)], world, True)
             if ok:
                 break

@@ -83,6 +83,16 @@ def make_inputs(cfg: FluxConfig, height: int, width: int, text_len: int, batch: 
     )
 
 
+def diffusers_forward(ref, inp: dict, ctx=None, pooled=None) -> torch.Tensor:
+    """diffusers' FluxTransformer2DModel on make_inputs' tensors (another prompt's ctx / pooled if given)."""
+    with torch.inference_mode():
+        return ref(
+            hidden_states=inp["x"], encoder_hidden_states=inp["ctx"] if ctx is None else ctx,
+            pooled_projections=inp["pooled"] if pooled is None else pooled, timestep=inp["t"],
+            img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"], return_dict=False,
+        )[0]
+
+
 def timed(fn, device: torch.device, warmup: int, iters: int) -> tuple[float, int, torch.Tensor]:
     """Median ms per call, peak bytes allocated during the timed calls, and the last output."""
     for _ in range(warmup):
@@ -245,12 +255,7 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
     table = Table(device, args.iters, step_flops(cfg, n_img, args.text_len, args.batch), matmul_ceiling(device))
 
     def diffusers_step():
-        with torch.inference_mode():
-            return ref(
-                hidden_states=inp["x"], encoder_hidden_states=inp["ctx"], pooled_projections=inp["pooled"],
-                timestep=inp["t"], img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"],
-                return_dict=False,
-            )[0]
+        return diffusers_forward(ref, inp)
 
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])  # once per request in the runner

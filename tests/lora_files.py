@@ -133,6 +133,16 @@ def write_lora(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[
     return path
 
 
+def write_style_lora(directory: Path, model_dir: Path, layout: str) -> Path:
+    """directory/style.safetensors: a rank-4 LoRA in `layout` for the model's transformer (the
+    serving tests' adapter); returns the directory."""
+    from services.runtime.registry import ModelDir
+
+    config = ModelDir(model_dir).component_config("transformer")
+    write_lora(directory / "style.safetensors", flux_lora_state(config, layout, rank=4, seed=4))
+    return directory
+
+
 def text_encoder_lora_state(hidden: int, intermediate: int, *, rank: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
     """kohya `lora_te1_` keys for layer 0 of a CLIP text encoder (the DiT loader skips them)."""
     g = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from services.denoiser.compile import should_compile, use_compile_cache
-from services.runtime.config import DenoiserConfig, parse_size
+from services.runtime.config import DenoiserConfig, warmup_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from services.runtime.messages import DenoiseRequest, DenoiseResponse
@@ -73,10 +73,7 @@ class DiffusersPipelineStage:
         defaults = self.spec.defaults(self.model)
         multiple = self.spec.size_multiple(self.model)
         for size in sizes:
-            height, width = parse_size(size)
-            if height % multiple or width % multiple:
-                raise InvalidRequestError(f"warmup resolution {size}: sides must be multiples of {multiple}",
-                                          "warmup_resolutions")
+            height, width = warmup_size(size, multiple)
             self.denoise(DenoiseRequest(
                 positive=None, negative=None, height=height, width=width, num_inference_steps=1,
                 guidance_scale=defaults.guidance_scale, true_cfg_scale=1.0, seeds=[0], prompts=[""],

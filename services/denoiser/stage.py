@@ -23,7 +23,7 @@ from services.denoiser.runner import DenoiserRunner
 from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
 from services.runtime.cache_policy import CachePolicy
-from services.runtime.config import DenoiserConfig, StageConfig, parse_size
+from services.runtime.config import DenoiserConfig, StageConfig, warmup_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import Conditioning, DenoiseRequest, DenoiseResponse
@@ -114,10 +114,7 @@ def warm_up(stage, config: DenoiserConfig) -> None:
     multiple = spec.size_multiple(model)
     text_len = spec.defaults(model).max_sequence_length
     for size in config.warmup_resolutions:
-        height, width = parse_size(size)
-        if height % multiple or width % multiple:
-            raise InvalidRequestError(f"warmup resolution {size}: sides must be multiples of {multiple}",
-                                      "warmup_resolutions")
+        height, width = warmup_size(size, multiple)
         cond = Conditioning(
             prompt_embeds=torch.zeros(1, text_len, transformer["joint_attention_dim"]),
             pooled_prompt_embeds=torch.zeros(1, transformer["pooled_projection_dim"]),

@@ -18,7 +18,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway.api_types import ImageGenerationBody, SetLoraBody, VideoBody
@@ -27,7 +26,7 @@ from services.gateway.store import ImageStore
 from services.gateway.video import MP4_MIME
 from services.gateway.videos import POLL_AFTER_MS, VideoJobs
 from services.runtime import metrics
-from services.runtime.config import invalid_request_from
+from services.runtime.config import validated
 from services.runtime.errors import (
     HTTP_STATUS,
     DitserveError,
@@ -99,10 +98,7 @@ def form_model(model_cls, form, exclude=()):
             except ValueError:
                 raise InvalidRequestError(f"{key}: not JSON", key) from None
         fields[key] = value
-    try:
-        return model_cls.model_validate(fields)
-    except ValidationError as exc:
-        raise invalid_request_from(exc) from None
+    return validated(model_cls, fields)
 
 
 def create_app(router, card: ModelCard, store: ImageStore | None = None, videos: VideoJobs | None = None) -> FastAPI:
@@ -269,10 +265,7 @@ def add_video_routes(app: FastAPI, card: ModelCard, videos: VideoJobs | None) ->
                 fields = await request.json()
             except ValueError:
                 raise InvalidRequestError("the body is not JSON or multipart form data") from None
-            try:
-                body = VideoBody.model_validate(fields)
-            except ValidationError as exc:
-                raise invalid_request_from(exc) from None
+            body = validated(VideoBody, fields)
         return JSONResponse(await store.create(body, images), headers=poll)
 
     @app.get("/v1/videos")

@@ -78,10 +78,7 @@ class GenerateRequest(BaseModel):
     @classmethod
     def parse(cls, **fields) -> "GenerateRequest":
         """Validate, turning pydantic's multi-line report into one InvalidRequestError."""
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            raise invalid_request_from(exc) from None
+        return validated(cls, fields)
 
 
 def _check_sizes(sizes: list[str]) -> list[str]:
@@ -97,6 +94,15 @@ WarmupSizes = Annotated[list[str], AfterValidator(_check_sizes)]
 def parse_size(size: str) -> tuple[int, int]:
     """"WIDTHxHEIGHT" -> (height, width)."""
     width, height = (int(x) for x in size.split("x"))
+    return height, width
+
+
+def warmup_size(size: str, multiple: int) -> tuple[int, int]:
+    """(height, width) of a warm-up size, whose sides the stage needs in multiples of `multiple`."""
+    height, width = parse_size(size)
+    if height % multiple or width % multiple:
+        raise InvalidRequestError(f"warmup resolution {size}: sides must be multiples of {multiple}",
+                                  "warmup_resolutions")
     return height, width
 
 
@@ -170,6 +176,14 @@ class VaeOptions(BaseModel):
 
 class VaeConfig(StageConfig, VaeOptions):
     """The VAE stage."""
+
+
+def validated(model_cls: type[BaseModel], fields: dict):
+    """`model_cls` built from `fields`, or one InvalidRequestError naming the first bad field."""
+    try:
+        return model_cls.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid_request_from(exc) from None
 
 
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from services.runtime.components import load_component
-from services.runtime.config import StageConfig, VaeConfig, parse_size
+from services.runtime.config import StageConfig, VaeConfig, warmup_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import UnsupportedModelError
 from services.runtime.messages import DecodeRequest, DecodeResponse
@@ -41,9 +41,7 @@ class VaeStage:
         a size is where cuDNN picks its convolution algorithms and the allocator grows."""
         factor = self.model.vae_scale_factor
         for size in sizes:
-            height, width = parse_size(size)
-            if height % factor or width % factor:
-                raise ValueError(f"warmup resolution {size}: sides must be multiples of {factor}")
+            height, width = warmup_size(size, factor)
             t0 = time.perf_counter()
             latents = torch.zeros(1, self.vae.config.latent_channels, height // factor, width // factor)
             self.decode(DecodeRequest(latents=latents))

@@ -27,6 +27,13 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _diffusers_forward(ref, inputs) -> torch.Tensor:
+    """diffusers' FluxTransformer2DModel on _inputs' tuple."""
+    x, ctx, pooled, t, guidance, img_ids, txt_ids = inputs
+    return ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t, img_ids=img_ids,
+               txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 @pytest.mark.parametrize("h,w,text_len", [(8, 8, 16), (6, 10, 13), (14, 4, 7)])
 def test_matches_diffusers_fp32(variant, h, w, text_len, request):
@@ -35,16 +42,7 @@ def test_matches_diffusers_fp32(variant, h, w, text_len, request):
     native = load_native_transformer(ModelDir(path), "flux", dtype=torch.float32, device=torch.device("cpu"))
     x, ctx, pooled, t, guidance, img_ids, txt_ids = _inputs(native.config, 2, h, w, text_len)
     with torch.no_grad():
-        expected = ref(
-            hidden_states=x,
-            encoder_hidden_states=ctx,
-            pooled_projections=pooled,
-            timestep=t,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        expected = _diffusers_forward(ref, (x, ctx, pooled, t, guidance, img_ids, txt_ids))
         got = native(x, ctx, pooled, t, native.rope(txt_ids, img_ids), guidance)
     assert expected.std() > 0.1, "outputs too small to be a meaningful comparison"
     assert _rel_err(got, expected) <= 1e-5

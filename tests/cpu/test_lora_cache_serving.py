@@ -12,9 +12,8 @@ import pytest
 from services.cli import build_in_process_router
 from services.runtime.config import GenerateRequest, StageConfig
 from services.runtime.proto import common_pb2, generation_pb2, generation_pb2_grpc
-from services.runtime.registry import ModelDir
 from tests.cpu.test_serving import _assert_equal_up_to_rounding, _png_pixels
-from tests.lora_files import flux_lora_state, write_lora
+from tests.lora_files import write_style_lora
 from tests.servers import disaggregated
 
 BODY = dict(prompt="a red circle", size="48x32", seed=7, num_inference_steps=4)
@@ -22,10 +21,7 @@ BODY = dict(prompt="a red circle", size="48x32", seed=7, num_inference_steps=4)
 
 @pytest.fixture(scope="module")
 def lora_dir(flux_dev_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("loras")
-    write_lora(d / "style.safetensors",
-               flux_lora_state(ModelDir(flux_dev_dir).component_config("transformer"), "kohya", rank=4, seed=4))
-    return d
+    return write_style_lora(tmp_path_factory.mktemp("loras"), flux_dev_dir, "kohya")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from services.denoiser.models.flux import FluxConfig
 from services.denoiser.weights import load_native_transformer
 from services.runtime.errors import InvalidRequestError
 from services.runtime.registry import ModelDir
-from tests.cpu.test_flux_module import _inputs, _rel_err
+from tests.cpu.test_flux_module import _diffusers_forward, _inputs, _rel_err
 from tests.lora_files import flux_lora_state, text_encoder_lora_state, write_lora
 
 STRENGTH = 0.7
@@ -72,21 +72,11 @@ def tiny_diffusers_converters(monkeypatch, native):
 
 def _diffusers_out(model_dir, lora, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(with the LoRA at STRENGTH, without it); `lora` a file or a state dict."""
-    x, ctx, pooled, t, guidance, img_ids, txt_ids = inputs
     pipe = FluxPipeline.from_pretrained(model_dir)
 
     def run():
         with torch.no_grad():
-            return pipe.transformer(
-                hidden_states=x,
-                encoder_hidden_states=ctx,
-                pooled_projections=pooled,
-                timestep=t,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-                guidance=guidance,
-                return_dict=False,
-            )[0]
+            return _diffusers_forward(pipe.transformer, inputs)
 
     base = run()
     pipe.load_lora_weights(lora, adapter_name="a")

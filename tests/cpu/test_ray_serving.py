@@ -20,17 +20,13 @@ from PIL import Image
 from services.cli import build_in_process_router
 from services.runtime.config import GenerateRequest, StageConfig
 from services.runtime.proto import generation_pb2, generation_pb2_grpc
-from services.runtime.registry import ModelDir
-from tests.lora_files import flux_lora_state, write_lora
+from tests.lora_files import write_style_lora
 from tests.servers import start_serve
 
 
 @pytest.fixture(scope="module")
 def lora_dir(flux_dev_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("loras")
-    write_lora(d / "style.safetensors",
-               flux_lora_state(ModelDir(flux_dev_dir).component_config("transformer"), "xlabs", rank=4, seed=4))
-    return d
+    return write_style_lora(tmp_path_factory.mktemp("loras"), flux_dev_dir, "xlabs")
 
 
 @pytest.fixture(scope="module")

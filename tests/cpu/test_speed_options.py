@@ -12,8 +12,8 @@ from services.denoiser.stage import DenoiserStage
 from services.denoiser.weights import load_native_transformer
 from services.encoder.stage import EncoderStage
 from services.runtime.config import DenoiserConfig, StageConfig, VaeConfig
-from services.vae.stage import VaeStage
 from services.runtime.registry import ModelDir
+from services.vae.stage import VaeStage
 from tests.cpu.test_flux_module import _inputs, _rel_err
 
 
