@@ -45,6 +45,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on cuda, else float32")
     _add_backend_flag(p)
+    _add_encoder_flags(p)
     _add_denoiser_flags(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="input image of edit / image-to-image / image-to-video models (repeat for several)")
@@ -63,12 +64,23 @@ def _add_backend_flag(p) -> None:
                         "diffusers pipeline in the denoiser worker; diffusers forces that")
 
 
+def _add_encoder_flags(p) -> None:
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder-tp-size", type=int,
+                   help="T5 tensor parallelism over this many ranks (must divide T5's heads and d_ff); CLIP stays whole")
+
+
+def _encoder_options(args) -> dict:
+    return {"tp_size": args.encoder_tp_size} if args.encoder_tp_size is not None else {}
+
+
 def _add_denoiser_flags(p) -> None:
     """The DenoiserOptions fields as flags; unset ones keep the config's value (serve) or the default."""
     g = p.add_argument_group("denoiser parallelism (ranks = cfg x ring x ulysses x tp; CPU processes without CUDA)")
     g.add_argument("--ulysses-degree", type=int, help="Ulysses sequence parallelism (all-to-all)")
     g.add_argument("--ring-degree", type=int, help="ring attention sequence parallelism")
-    g.add_argument("--tp-size", type=int, help="tensor parallelism (must divide the head count)")
+    g.add_argument("--tp-size", type=int, help="tensor parallelism (must divide the head count); `worker --role "
+                                               "encoder`: T5's, over that many ranks")
     g.add_argument("--cfg-parallel", action="store_true", default=None,
                    help="true-CFG branches on different ranks (x2 ranks)")
     g = p.add_argument_group("denoiser speed and memory")
@@ -210,7 +222,8 @@ def _generate(args) -> int:
         mask=_read_input(args.mask, "mask") if args.mask else None,
     )
     resolve_request(request, model, spec)  # size / length errors before the slow loads
-    router = build_in_process_router(config, denoiser_options=_denoiser_options(args))
+    router = build_in_process_router(config, denoiser_options=_denoiser_options(args),
+                                     encoder_options=_encoder_options(args))
 
     bar = None
     if not args.no_progress:
@@ -279,6 +292,8 @@ def _worker(args) -> int:
     options = _denoiser_options(args)
     if args.role == "vae":  # the VAE decodes the warm-up sizes once; every other option is the DiT's
         base["warmup_resolutions"] = options.pop("warmup_resolutions", [])
+    if args.role == "encoder" and "tp_size" in options:  # T5's tensor parallelism
+        base["tp_size"] = options.pop("tp_size")
     if args.role == "denoiser":
         config = DenoiserConfig(**base, **options)
     elif options:
@@ -316,6 +331,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-ray", action="store_true", help="no Ray: router in this process, stages in-process or --*-address")
     for stage in ("encoder", "denoiser", "vae"):
         p.add_argument(f"--{stage}-address", help=f"with --no-ray: host:port of a `ditserve worker --role {stage}`")
+    _add_encoder_flags(p)
     _add_denoiser_flags(p)
     _add_cache_flags(p, "the default of requests that set none")
     p.set_defaults(func=_serve)
@@ -342,6 +358,8 @@ def serve_config_from_args(args):
             data[key] = getattr(args, key)
     if _denoiser_options(args):
         data.setdefault("denoiser", {}).update(_denoiser_options(args))
+    if _encoder_options(args):
+        data.setdefault("encoder", {}).update(_encoder_options(args))
     if args.warmup_resolutions:
         data.setdefault("vae", {})["warmup_resolutions"] = args.warmup_resolutions
     if _cache_policy(args) is not None:
@@ -385,6 +403,7 @@ def build_router(config, allow_any_lora_path: bool = False):
     from services.runtime.registry import resolve
 
     model, spec = resolve(config.model_path, config.backend)
+    config.check_ranks(spec.stages, in_process=True)
     clients = {}
     for role, (stage_cls, _, grpc_name) in _ROLES.items():
         endpoint = getattr(config, role)
@@ -485,14 +504,16 @@ async def run_server(config, ready: "asyncio.Event | None" = None) -> int:
     return 0
 
 
-def build_in_process_router(config, router_config=None, denoiser_options: dict | None = None):
-    """All three stages in this process behind the router (`generate`, tests); a parallel
-    denoiser's extra ranks are processes of its own."""
+def build_in_process_router(config, router_config=None, denoiser_options: dict | None = None,
+                            encoder_options: dict | None = None):
+    """All three stages in this process behind the router (`generate`, tests); a multi-rank
+    stage's extra ranks are processes of its own."""
     from services.runtime.config import RouterConfig, ServeConfig
 
     return build_router(
         ServeConfig(model_path=config.model_path, device=config.device, dtype=config.dtype, backend=config.backend,
-                    router=router_config or RouterConfig(), denoiser=denoiser_options or {},
+                    router=router_config or RouterConfig(), encoder=encoder_options or {},
+                    denoiser=denoiser_options or {},
                     vae={"warmup_resolutions": (denoiser_options or {}).get("warmup_resolutions", [])}),
         allow_any_lora_path=True,
     )

@@ -34,8 +34,9 @@ class StageDeployment:
 
         module, stage_cls, client_cls = _STAGES[role]
         config = stage_config_class(role)(**stage_config)
-        # A multi-rank denoiser replica starts its other ranks as processes of this actor, one
-        # per GPU the actor was given (set the pool's num_gpus to the replica's rank count).
+        # A multi-rank replica (a parallel denoiser, a tensor-parallel encoder) owns a placement
+        # group of one bundle per rank (config.py, MultiRankEndpoint) and starts its other ranks
+        # as Ray actors in it (services/runtime/ray_ranks.py).
         stage = getattr(importlib.import_module(module), stage_cls)(config)
         self.client = getattr(stage_client, client_cls)(stage)
 
@@ -187,6 +188,7 @@ def app_builder(args: dict):
     cfg = ServeConfig(**(args or {}))
     config = cfg.model_dump(mode="json")
     _, spec = resolve(cfg.model_path, cfg.backend)  # which pools the model needs (the diffusers backend: one)
+    cfg.check_ranks(spec.stages, in_process=False)
     stages = {
         role: serve.deployment(StageDeployment, name=role, **getattr(cfg, role).ray_options()).bind(
             role, cfg.stage_config(role).model_dump(mode="json")

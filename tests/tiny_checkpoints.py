@@ -1,4 +1,4 @@
-"""Tiny diffusers-format checkpoints built offline, for tests and the embedded default model.
+"""Tiny diffusers-format checkpoints built offline, with random weights, for the tests.
 
 Nothing here downloads: the weights are random (seeded), the CLIP and T5 tokenizers are trained
 with the `tokenizers` library on a small generated corpus and wrapped in the transformers
@@ -11,11 +11,12 @@ library's own `save_pretrained`, so loading goes through exactly the code a real
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
 import torch
+
+from training.tokenizers import clip_tokenizer, t5_tokenizer
 
 _WORDS = (
     "a an the red green blue yellow white black purple orange circle square triangle cat dog "
@@ -30,57 +31,11 @@ def _corpus(seed: int, n: int = 400) -> list[str]:
 
 
 def build_clip_tokenizer(seed: int = 0, vocab_size: int = 600):
-    """A byte-level BPE with CLIP's pre-tokenization and `</w>` suffix, as `CLIPTokenizer`."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    from tokenizers.trainers import BpeTrainer
-    from transformers import CLIPTokenizer
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    tok = Tokenizer(BPE(end_of_word_suffix="</w>", unk_token=eos))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                behavior="removed",
-                invert=True,
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    trainer = BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[bos, eos],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+    return clip_tokenizer(_corpus(seed), vocab_size)
 
 
 def build_t5_tokenizer(seed: int = 0, vocab_size: int = 300):
-    """A Unigram model with T5's special-token layout (<pad>=0, </s>=1, <unk>=2), as `T5TokenizerFast`."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import Unigram
-    from tokenizers.trainers import UnigramTrainer
-    from transformers import T5TokenizerFast
-
-    tok = Tokenizer(Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    trainer = UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(_corpus(seed + 1), trainer=trainer)
-    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    return t5_tokenizer(_corpus(seed + 1), vocab_size)
 
 
 def tiny_transformer_config(guidance_embeds: bool = True) -> dict:
@@ -98,8 +53,9 @@ def tiny_transformer_config(guidance_embeds: bool = True) -> dict:
     )
 
 
-def build_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: int = 0) -> Path:
-    """Write a complete FluxPipeline directory (model_index.json + 7 components) and return it."""
+def build_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: int = 0, t5_d_ff: int = 37) -> Path:
+    """Write a complete FluxPipeline directory (model_index.json + 7 components) and return it.
+    `t5_d_ff`: T5's feed-forward width (37 is prime: no tensor-parallel degree splits it; 36 splits over 2)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -133,7 +89,7 @@ def build_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: 
             vocab_size=len(t5_tok),
             d_model=32,
             d_kv=8,
-            d_ff=37,
+            d_ff=t5_d_ff,
             num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,

@@ -21,7 +21,7 @@ CHART = Path(__file__).resolve().parent
 SCHEMA_FILE = CHART / "values.schema.json"
 PREFIX = "ditserve."
 CHART_OWNED = {"ServeConfig": ("host", "port", "grpc_port", "ray", "ray_address"),
-               "StageEndpoint": ("address",), "DenoiserEndpoint": ("address",)}
+               "EncoderEndpoint": ("address",), "DenoiserEndpoint": ("address",), "VaeEndpoint": ("address",)}
 
 
 def serve_defs() -> dict:

@@ -3,7 +3,10 @@
 Mirrors diffusers' FluxPipeline._get_clip_prompt_embeds / _get_t5_prompt_embeds exactly:
 both tokenizers pad to max_length and truncate, no attention mask reaches either encoder (Flux
 was trained that way, pad tokens included), CLIP's length is the tokenizer's model_max_length
-(77) and T5's the request's max_sequence_length."""
+(77) and T5's the request's max_sequence_length.
+
+With `tp` (encoder --tp-size), T5 is sharded over the rank group (t5_parallel.py); CLIP is small
+and stays whole on every rank."""
 
 from __future__ import annotations
 
@@ -11,19 +14,31 @@ import logging
 
 import torch
 
+from services.encoder.t5_parallel import check_t5_tp, shard_t5
 from services.runtime.components import load_component
 from services.runtime.registry import ModelDir
+from services.runtime.tensor_parallel import TensorParallel
 
 log = logging.getLogger(__name__)
 
 
 class ClipT5PromptEncoder:
-    def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
         self.device = device
         self.clip_tokenizer = load_component(model, "tokenizer")
         self.clip = load_component(model, "text_encoder", dtype=dtype, device=device)
         self.t5_tokenizer = load_component(model, "tokenizer_2")
-        self.t5 = load_component(model, "text_encoder_2", dtype=dtype, device=device)
+        if tp is None:
+            self.t5 = load_component(model, "text_encoder_2", dtype=dtype, device=device)
+        else:
+            # Loaded into host memory and sharded there, then moved: the device only ever holds
+            # this rank's shard (T5-XXL: ~1/T of its ~9.5 GB in bf16), which is the point of
+            # encoder TP. The host briefly holds one full copy per rank while they load.
+            self.t5 = shard_t5(load_component(model, "text_encoder_2", dtype=dtype, device="cpu"), tp).to(device)
+
+    @staticmethod
+    def check_tp(model: ModelDir, tp_size: int) -> None:
+        check_t5_tp(model.component_config("text_encoder_2"), tp_size)
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:

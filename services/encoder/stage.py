@@ -1,31 +1,51 @@
-"""The encoder stage: one object per worker, `encode(EncodeRequest) -> EncodeResponse`."""
+"""The encoder stage: one object per worker, `encode(EncodeRequest) -> EncodeResponse`.
+
+With an encoder tp_size > 1 `EncoderStage(config)` returns an EncoderGroup (group.py): the same
+interface, backed by that many ranks."""
 
 from __future__ import annotations
 
 from services.encoder.clip_t5 import ClipT5PromptEncoder
-from services.runtime.config import StageConfig
+from services.runtime.config import EncoderConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import UnsupportedModelError
 from services.runtime.messages import EncodeRequest, EncodeResponse
 from services.runtime.registry import resolve
+from services.runtime.spec import PipelineSpec
+from services.runtime.tensor_parallel import TensorParallel
 
-# Prompt-encoder kinds a pipeline spec may name.
+# Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=) and has
+# check_tp(model, tp_size), which refuses a degree the model cannot be split into.
 PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder}
 
 
+def prompt_encoder_class(spec: PipelineSpec):
+    if spec.whole_pipeline:
+        raise UnsupportedModelError(f"{spec.family} runs whole in the denoiser worker: it has no encoder worker")
+    impl = PROMPT_ENCODERS.get(spec.prompt_encoder)
+    if impl is None:
+        raise UnsupportedModelError(f"no prompt encoder '{spec.prompt_encoder}' for {spec.family}")
+    return impl
+
+
 class EncoderStage:
-    def __init__(self, config: StageConfig):
+    def __new__(cls, config: StageConfig, tp: TensorParallel | None = None):
+        if tp is None and isinstance(config, EncoderConfig) and config.tp_size > 1:
+            from services.encoder.group import EncoderGroup
+
+            return EncoderGroup(config)
+        return super().__new__(cls)
+
+    def __init__(self, config: StageConfig, tp: TensorParallel | None = None):
+        """`tp`: this rank's tensor-parallel group, on each rank of an EncoderGroup."""
         self.model, self.spec = resolve(config.model_path, config.backend)
-        if self.spec.whole_pipeline:
-            raise UnsupportedModelError(f"{self.spec.family} runs whole in the denoiser worker: it has no encoder worker")
+        impl = prompt_encoder_class(self.spec)
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
-        impl = PROMPT_ENCODERS.get(self.spec.prompt_encoder)
-        if impl is None:
-            raise UnsupportedModelError(f"no prompt encoder '{self.spec.prompt_encoder}' for {self.spec.family}")
-        self.encoder = impl(self.model, device=self.device, dtype=self.dtype)
+        self.encoder = impl(self.model, device=self.device, dtype=self.dtype, tp=tp)
         # One encode before the first request: on a GPU the first call pays for CUDA kernels'
-        # loading and cuBLAS's set-up (~0.3 s), which is not the first user's to wait for.
+        # loading and cuBLAS's set-up (~0.3 s), which is not the first user's to wait for. In a
+        # group every rank runs this same call while it starts, so their collectives pair up.
         self.encode(EncodeRequest(prompts=[""], max_sequence_length=self.spec.defaults(self.model).max_sequence_length))
 
     def encode(self, request: EncodeRequest) -> EncodeResponse:

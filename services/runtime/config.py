@@ -160,6 +160,28 @@ class DenoiserConfig(StageConfig, DenoiserOptions):
     """The denoiser stage: where it runs and how one replica spreads over ranks."""
 
 
+class EncoderOptions(BaseModel):
+    """How one encoder replica runs (shared by its stage config and the serve config's encoder pool)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Tensor parallelism of the T5 text encoder over this many ranks (one GPU each), for when its
+    # weights do not fit one GPU beside the rest (T5-XXL: ~9.5 GB in bf16). CLIP stays
+    # replicated (small). Must divide T5's head count and feed-forward width.
+    tp_size: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in EncoderOptions.model_fields}
+
+
+class EncoderConfig(StageConfig, EncoderOptions):
+    """The encoder stage."""
+
+
 class VaeOptions(BaseModel):
     """How one VAE worker runs (shared by its stage config and the serve config's vae pool)."""
 
@@ -242,8 +264,8 @@ class StageEndpoint(Deployment):
     address: str | None = None  # host:port of a `ditserve worker` (no-Ray mode only)
 
 
-class DenoiserEndpoint(StageEndpoint, DenoiserOptions):
-    """The denoiser pool; each replica may span several ranks (see DenoiserOptions)."""
+class MultiRankEndpoint(StageEndpoint):
+    """A pool whose replicas may span several ranks (`world_size`, from the pool's options)."""
 
     def ray_options(self) -> dict:
         """A multi-rank replica owns a placement group: one bundle per rank (num_cpus / num_gpus
@@ -257,6 +279,14 @@ class DenoiserEndpoint(StageEndpoint, DenoiserOptions):
             opts["placement_group_strategy"] = "STRICT_PACK"
             opts["ray_actor_options"] = {"num_cpus": bundle["CPU"], "num_gpus": self.num_gpus}
         return opts
+
+
+class EncoderEndpoint(MultiRankEndpoint, EncoderOptions):
+    """The encoder pool; each replica may span tp_size ranks (see EncoderOptions)."""
+
+
+class DenoiserEndpoint(MultiRankEndpoint, DenoiserOptions):
+    """The denoiser pool; each replica may span several ranks (see DenoiserOptions)."""
 
 
 class VaeEndpoint(StageEndpoint, VaeOptions):
@@ -286,7 +316,7 @@ class ServeConfig(BaseModel):
     ray_address: str | None = None
     gateway: Deployment = Field(default_factory=Deployment)
     router: RouterConfig = Field(default_factory=RouterConfig)
-    encoder: StageEndpoint = Field(default_factory=StageEndpoint)
+    encoder: EncoderEndpoint = Field(default_factory=EncoderEndpoint)
     denoiser: DenoiserEndpoint = Field(default_factory=DenoiserEndpoint)
     vae: VaeEndpoint = Field(default_factory=VaeEndpoint)
 
@@ -295,6 +325,21 @@ class ServeConfig(BaseModel):
         if self.ray and any(getattr(self, r).address for r in ("encoder", "denoiser", "vae")):
             raise ValueError("stage addresses are for ray: false (standalone workers); Ray places the pools itself")
         return self
+
+    def check_ranks(self, stages: tuple[str, ...], in_process: bool) -> None:
+        """Refuse, before any weights load, multi-rank settings this model or layout cannot take.
+        `stages`: the pipeline spec's stages; `in_process`: stages without an address run in this
+        process (no Ray)."""
+        if "encoder" not in stages and self.encoder.tp_size > 1:
+            raise InvalidRequestError("encoder tp_size: this model runs whole in the denoiser worker (no encoder "
+                                      "stage to split)", "encoder.tp_size")
+        local = [r for r in ("encoder", "denoiser") if r in stages and getattr(self, r).world_size > 1
+                 and not getattr(self, r).address]
+        if in_process and len(local) > 1:
+            # Each multi-rank stage owns its process's torch.distributed default group.
+            raise InvalidRequestError(
+                "a multi-rank encoder and a multi-rank denoiser cannot share one process: run the encoder as "
+                "`ditserve worker --role encoder --tp-size T` (--encoder-address), or serve with Ray", "encoder.tp_size")
 
     def video_jobs_file(self) -> Path:
         return self.video_jobs_path or Path.home() / ".cache" / "ditserve" / "videos.sqlite3"
@@ -305,9 +350,9 @@ class ServeConfig(BaseModel):
             return DenoiserConfig(**base, **self.denoiser.options())
         if role == "vae":
             return VaeConfig(**base, **self.vae.options())
-        return StageConfig(**base)
+        return EncoderConfig(**base, **self.encoder.options())
 
 
 def stage_config_class(role: str) -> type[StageConfig]:
     """The typed config of a stage worker of `role` (encoder / denoiser / vae)."""
-    return {"denoiser": DenoiserConfig, "vae": VaeConfig}.get(role, StageConfig)
+    return {"encoder": EncoderConfig, "denoiser": DenoiserConfig, "vae": VaeConfig}[role]

@@ -60,6 +60,16 @@ class ModelDir:
                     raise ModelNotFoundError(f"unreadable {f}: {exc}") from None
         raise ModelNotFoundError(f"{self.path}: component '{name}' has no config.json")
 
+    def tokenizer_max_length(self, name: str) -> int | None:
+        """A tokenizer folder's model_max_length, if it states a real one (transformers writes a
+        huge sentinel when unset)."""
+        f = self.path / name / "tokenizer_config.json"
+        try:
+            n = json.loads(f.read_text()).get("model_max_length") if f.is_file() else None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelNotFoundError(f"unreadable {f}: {exc}") from None
+        return int(n) if isinstance(n, (int, float)) and n < 1e6 else None
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent, per side: the rules diffusers' pipelines use for their VAEs."""

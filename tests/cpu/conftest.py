@@ -13,3 +13,9 @@ def flux_dev_dir(tmp_path_factory):
 def flux_schnell_dir(tmp_path_factory):
     """A tiny Flux.1-schnell layout (no guidance embedding)."""
     return build_tiny_flux(tmp_path_factory.mktemp("flux-schnell") / "model", guidance_embeds=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def flux_tp_dir(tmp_path_factory):
+    """The tiny Flux.1-dev layout with a T5 that splits over 2 ranks (4 heads, d_ff 36)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("flux-tp") / "model", guidance_embeds=True, seed=0, t5_d_ff=36)

@@ -156,6 +156,7 @@ def test_values_schema_rejects_bad_values(bad, where):
 
 @pytest.mark.parametrize("sets, message", [
     (("serve.denoiser.ulysses_degree=2",), "serve.denoiser needs 2 GPUs per replica"),
+    (("serve.encoder.tp_size=2",), "serve.encoder needs 2 GPUs per replica"),
     (("volumes.model.claimName=weights",), "set serve.model_path"),
     (("volumes.lora.hostPath=/l", "volumes.lora.claimName=l", "serve.denoiser.lora_dir=/l"), "not both"),
     (("mode=standalone", "volumes.videoJobs.claimName=v", "serve.video_jobs_path=/v/jobs.db",
@@ -304,6 +305,15 @@ def test_standalone_denoiser_flags_carry_every_denoiser_option(tmp_path):
     options = DenoiserConfig(**_denoiser_options(parsed)).options()
     assert options == ServeConfig(denoiser=EVERY_DENOISER_OPTION).denoiser.options()
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 16  # one GPU per rank: 2 x 2 x 2 x 2
+
+
+def test_standalone_encoder_worker_gets_its_tp_size_and_one_gpu_per_rank(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"mode": "standalone", "serve": {"encoder": {"num_gpus": 1, "tp_size": 2}}}))
+    worker = containers(render(values))[f"{FULLNAME}-encoder"]
+    parsed = build_parser().parse_args(worker["args"])
+    assert (parsed.role, parsed.tp_size) == ("encoder", 2)
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 2
 
 
 def test_standalone_diffusers_backend_runs_only_the_denoiser_and_keeps_video_jobs(tmp_path):

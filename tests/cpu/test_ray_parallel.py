@@ -1,5 +1,5 @@
-"""A multi-rank denoiser replica under Ray Serve: the replica owns a placement group and its
-second rank is a Ray actor in it."""
+"""Multi-rank replicas under Ray Serve (a Ulysses denoiser, a tensor-parallel T5 encoder): each
+replica owns a placement group and its second rank is a Ray actor in it."""
 
 import asyncio
 import subprocess
@@ -21,16 +21,18 @@ def _post(port, **body):
                       json={"prompt": "a cat", "size": "48x80", "num_inference_steps": 3, "seed": 5, **body})
 
 
-def test_ulysses_replica_under_ray_gives_single_rank_pixels(flux_dev_dir, tmp_path):
+def test_multi_rank_replicas_under_ray_give_single_rank_pixels(flux_tp_dir, tmp_path):
     config = tmp_path / "serve.yaml"
-    config.write_text("denoiser:\n  ulysses_degree: 2\n")
-    serve, http_port, _ = start_serve(flux_dev_dir, "--config", str(config), ray=True, timeout_s=180)
+    config.write_text("denoiser:\n  ulysses_degree: 2\nencoder:\n  tp_size: 2\n")
+    serve, http_port, _ = start_serve(flux_tp_dir, "--config", str(config), ray=True, timeout_s=180)
     try:
         r = _post(http_port)
         assert r.status_code == 200, r.text
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))).astype(int)
         ranks = subprocess.run(["pgrep", "-f", "DenoiserRank"], capture_output=True, text=True).stdout.split()
         assert len(ranks) == 1, "rank 1 should be a Ray actor of the replica's placement group"
+        encoder_ranks = subprocess.run(["pgrep", "-f", "EncoderRank"], capture_output=True, text=True).stdout.split()
+        assert len(encoder_ranks) == 1, "the encoder's rank 1 too"
 
         subprocess.run(["kill", "-9", *ranks])  # rank 1 dies between requests
         time.sleep(1)
@@ -39,7 +41,7 @@ def test_ulysses_replica_under_ray_gives_single_rank_pixels(flux_dev_dir, tmp_pa
         assert _post(http_port).status_code == 200  # served by the rebuilt replica
     finally:
         serve.stop()
-    router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"))
+    router = build_in_process_router(StageConfig(model_path=flux_tp_dir, device="cpu", dtype="float32"))
     expected = asyncio.run(router.generate(GenerateRequest(prompt="a cat", width=48, height=80, seed=5,
                                                            num_inference_steps=3))).images[0].pixels.astype(int)
     assert np.abs(got - expected).max() <= 1

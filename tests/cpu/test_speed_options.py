@@ -28,11 +28,13 @@ def _forward(model, seed=0):
 
 
 def test_quantize_rows_round_trip():
-    x = torch.randn(64, 128) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different scale
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different scale
     q, scale = quantize_rows(x)
     assert q.dtype == FP8 and scale.shape == (64, 1)
-    # e4m3 keeps 3 mantissa bits: per-element relative error <= 2^-4, whatever the row's scale
-    assert ((q.float() * scale - x).abs() <= x.abs() * 2**-4 + 1e-30).all()
+    # e4m3 keeps 3 mantissa bits: per-element relative error <= 2^-4, whatever the row's scale,
+    # down to the subnormals (below 2^-6 of the scale), where the step is a fixed 2^-9 of it.
+    assert ((q.float() * scale - x).abs() <= torch.maximum(x.abs() * 2**-4, scale * 2**-10)).all()
 
 
 def test_fp8_blocks_close_to_full_precision(flux_dev_dir):

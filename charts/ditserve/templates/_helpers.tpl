@@ -75,10 +75,15 @@ applications:
       {{- toYaml .Values.serve | nindent 6 }}
 {{- end }}
 
-{{/* Ranks of one denoiser replica: (2 if cfg_parallel) x ring x ulysses x tp. */}}
-{{- define "ditserve.denoiserRanks" -}}
-{{- $d := .Values.serve.denoiser | default dict }}
-{{- mul (ternary 2 1 (eq ($d.cfg_parallel | default false) true)) ($d.ring_degree | default 1) ($d.ulysses_degree | default 1) ($d.tp_size | default 1) }}
+{{/* Ranks of one replica of a pool, one GPU each: dict "root" $ "pool" NAME. Denoiser:
+(2 if cfg_parallel) x ring x ulysses x tp; encoder: its T5 tp_size; other pools: 1. */}}
+{{- define "ditserve.ranks" -}}
+{{- $p := get .root.Values.serve .pool | default dict }}
+{{- if eq .pool "denoiser" }}
+{{- mul (ternary 2 1 (eq ($p.cfg_parallel | default false) true)) ($p.ring_degree | default 1) ($p.ulysses_degree | default 1) ($p.tp_size | default 1) }}
+{{- else if eq .pool "encoder" }}{{ $p.tp_size | default 1 }}
+{{- else }}1
+{{- end }}
 {{- end }}
 
 {{/* Standalone pod count of a stage: its own `replicas`, else the pool's (at least 1: nothing
@@ -92,15 +97,14 @@ scales a Deployment up from 0 here). dict "root" $ "pool" NAME. */}}
 {{- end }}
 {{- end }}
 
-{{/* Standalone GPUs of a stage pod: its own `gpus`, else ceil(num_gpus) (x ranks for the denoiser). */}}
+{{/* Standalone GPUs of a stage pod: its own `gpus`, else ceil(num_gpus) x the replica's ranks. */}}
 {{- define "ditserve.standaloneGpus" -}}
 {{- $own := get .root.Values.standalone .pool }}
 {{- $pool := get .root.Values.serve .pool | default dict }}
 {{- if not (kindIs "invalid" $own.gpus) }}{{ $own.gpus | int }}
 {{- else }}
 {{- $gpus := ceil (float64 ($pool.num_gpus | default 0)) | int }}
-{{- if eq .pool "denoiser" }}{{ $gpus = mul $gpus (include "ditserve.denoiserRanks" .root) }}{{ end }}
-{{- $gpus }}
+{{- mul $gpus (include "ditserve.ranks" .) }}
 {{- end }}
 {{- end }}
 
@@ -188,6 +192,9 @@ back with the CLI's own parser and compares with the serve values). */}}
 {{- with $s.device }}{{ $args = concat $args (list "--device" .) }}{{ end }}
 {{- with $s.dtype }}{{ $args = concat $args (list "--dtype" .) }}{{ end }}
 {{- with $s.backend }}{{ $args = concat $args (list "--backend" .) }}{{ end }}
+{{- if eq .pool "encoder" }}
+{{- with ($s.encoder | default dict).tp_size }}{{ $args = concat $args (list "--tp-size" (int . | toString)) }}{{ end }}
+{{- end }}
 {{- if eq .pool "vae" }}
 {{- with ($s.vae | default dict).warmup_resolutions }}{{ $args = concat $args (list "--warmup-resolutions") . }}{{ end }}
 {{- end }}

@@ -1,17 +1,15 @@
-"""Ranks 1..N-1 of a denoiser replica as Ray actors in the replica's placement group.
+"""Ranks 1..N-1 of a multi-rank replica (rank_group.py) as Ray actors in the replica's placement group.
 
-Ray Serve gives a multi-rank denoiser replica a placement group (deployment option
-`placement_group_bundles`, one bundle per rank, STRICT_PACK: one node). The replica itself runs
-in bundle 0 as rank 0; this starts one actor per other bundle, each running the same follower
-loop as a spawned process would. Ray then accounts every rank's GPU, and a rank's death is an
-actor death the group sees before its next request."""
+Ray Serve gives a multi-rank replica (a parallel denoiser, a tensor-parallel encoder) a placement
+group (deployment option `placement_group_bundles`, one bundle per rank, STRICT_PACK: one node).
+The replica itself runs in bundle 0 as rank 0; this starts one actor per other bundle, each
+running the same follower loop as a spawned process would. Ray then accounts every rank's GPU,
+and a rank's death is an actor death the group sees before its next request."""
 
 from __future__ import annotations
 
-from services.runtime.config import DenoiserConfig
 
-
-def placement_group_ranks():
+def placement_group_ranks(role: str):
     """A RayActorRanks when we run inside a Ray actor that owns a placement group, else None."""
     try:
         import ray
@@ -21,41 +19,42 @@ def placement_group_ranks():
     if not ray.is_initialized():
         return None
     pg = get_current_placement_group()
-    return RayActorRanks(pg) if pg is not None else None
+    return RayActorRanks(pg, role) if pg is not None else None
+
+
+def _run(self, rank, world, address, spec):
+    from services.runtime.rank_group import follower_main
+
+    follower_main(rank, world, address, spec)
 
 
 class RayActorRanks:
-    def __init__(self, placement_group):
+    def __init__(self, placement_group, role: str):
         import ray
 
         self.pg = placement_group
         self.host = ray.util.get_node_ip_address()
+        # "DenoiserRank", "EncoderRank": what `ray list actors` and the process titles show.
+        self.actor_name = f"{role.capitalize()}Rank"
 
-    def start(self, world: int, address: str, config: DenoiserConfig) -> None:
+    def start(self, world: int, address: str, spec) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from services.denoiser.group import follower_main, rank_config
 
         bundles = self.pg.bundle_specs
         if len(bundles) < world:
             raise ValueError(f"placement group has {len(bundles)} bundles for a {world}-rank replica")
-
-        @ray.remote
-        class DenoiserRank:
-            def run(self, rank, world, address, config):
-                follower_main(rank, world, address, config)
-
+        actor_cls = ray.remote(type(self.actor_name, (), {"run": _run, "__qualname__": self.actor_name}))
         self.actors, self.runs = [], []
         for r in range(1, world):
-            actor = DenoiserRank.options(
+            actor = actor_cls.options(
                 num_cpus=bundles[r].get("CPU", 0),
                 num_gpus=bundles[r].get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
                                                                      placement_group_bundle_index=r),
             ).remote()
             # Each rank actor sees only its own GPU: cuda:0 in its process.
-            self.runs.append(actor.run.remote(r, world, address, rank_config(config, 0)))
+            self.runs.append(actor.run.remote(r, world, address, spec.on_gpu(0)))
             self.actors.append(actor)
 
     def dead(self) -> list[int]:
