@@ -1,6 +1,8 @@
 """Train ditserve's embedded default model: a tiny Flux.1-dev-architecture text-to-image model
 for 64x64 pictures of colored shapes (training/shapes.py), plus the quality judge and the example
-style LoRA. Everything is trained here, from fixed seeds, in five phases:
+style LoRA. Everything is made here, from fixed seeds: the CLIP tokenizer (byte-level BPE) is
+trained on the captions, the T5 one is a Unigram model over the grammar's words (training one on
+so few distinct words keeps only characters), and five phases train the rest:
 
   1. the judge: a CNN reading (shape, color, background, style) back from a picture;
   2. the VAE (AutoencoderKL, 4x downsampling, 4 latent channels; its shift / scale are then set
@@ -13,7 +15,7 @@ style LoRA. Everything is trained here, from fixed seeds, in five phases:
      `guidance_scale` does what two would;
   5. a rank-8 LoRA (PEFT, diffusers' format) that draws the shapes outlined instead of filled.
 
-    python -m training.train_default --device cuda   # ~6 minutes on one H100 / H200
+    python -m training.train_default --device cuda   # ~14 minutes on one H100
 
 writes services/assets/tiny-flux (the model, bf16), services/assets/loras/outlined.safetensors,
 tests/assets/shape_classifier.safetensors and a sample grid, and prints the trained model's

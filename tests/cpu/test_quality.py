@@ -7,10 +7,11 @@ import pytest
 
 from services.cli import build_in_process_router
 from services.runtime.config import StageConfig
+from services.runtime.registry import DEFAULT_MODEL_PATH
 from training.classifier import load_classifier
 from training.quality import adherence, generate_eval_set
 
-LORA = "services/assets/loras/outlined.safetensors"
+LORA = str(DEFAULT_MODEL_PATH.parent / "loras" / "outlined.safetensors")
 SEEDS = 4  # 24 prompts x 4 = 96 pictures: one picture is ~1 point of adherence
 
 
