@@ -66,16 +66,17 @@ def main() -> None:
 
     classifier = load_classifier()
     reference = run("default", args.seeds, args.device, args.model_path)
-    print("| config | adherence | shape | color | background | outlined | MAE vs default | PSNR vs default |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | DiT steps computed | adherence | shape | color | background | outlined | MAE vs default "
+          "| PSNR vs default |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.configs:
         try:
             got = reference if name == "default" else run(name, args.seeds, args.device, args.model_path)
         except DitserveError as exc:  # a configuration this machine refuses (e.g. more ranks than GPUs)
-            print(f"| {name} | not run: {exc} |||||||")
+            print(f"| {name} | not run: {exc} ||||||||")
             continue
         a, d = adherence(classifier, got), pixel_distance(got, reference)
-        print(f"| {name} | {a['adherence']:.1%} | {a['shape']:.1%} | {a['color']:.1%} | {a['background']:.1%} "
+        print(f"| {name} | {got.computed_steps:.1f} | {a['adherence']:.1%} | {a['shape']:.1%} | {a['color']:.1%} | {a['background']:.1%} "
               f"| {a['outlined']:.1%} | {d['mae']:.2f} | {d['psnr']:.1f} dB |", flush=True)
     print(f"\n{len(reference.wanted)} pictures per configuration (24 prompts x {args.seeds} seeds), "
           f"device {args.device}; classifier: training/classifier.py")

@@ -20,6 +20,7 @@ from training.shapes import eval_prompts
 class EvalSet:
     pixels: np.ndarray  # [N, H, W, 3] uint8, prompt-major: prompt i, seeds 0..S-1
     wanted: list[dict[str, str]]
+    computed_steps: float  # DiT steps computed per request, on average (the cache skips some)
 
 
 def generate_eval_set(router, seeds: int = 2, base_seed: int = 0, **request) -> EvalSet:
@@ -36,7 +37,8 @@ def generate_eval_set(router, seeds: int = 2, base_seed: int = 0, **request) -> 
 
     results = asyncio.run(run())
     pixels = np.stack([img.pixels for r in results for img in r.images])
-    return EvalSet(pixels, [w for _, w in prompts for _ in range(seeds)])
+    steps = [r.cache_stats.computed_steps if r.cache_stats else r.request.num_inference_steps for r in results]
+    return EvalSet(pixels, [w for _, w in prompts for _ in range(seeds)], sum(steps) / len(steps))
 
 
 def adherence(classifier: ShapeClassifier, eval_set: EvalSet) -> dict[str, float]:
