@@ -49,8 +49,9 @@ TEXT_TOKENS = 32  # T5 tokens: the longest caption is 10 with </s>; the tokenize
 
 @dataclass
 class Phases:
-    # Steps and batch per phase. The small models make every step cost about the same ~70 ms of
-    # launch / Python overhead on an H200 whatever the batch, so the DiT phases take big batches.
+    # Steps and batch per phase. The models are so small that a step costs launch / Python
+    # overhead, about the same whatever the batch (DiT phase: ~100 ms on an H200, ~120 ms on an
+    # H100, at batch 1024), so the DiT phases take big batches.
     classifier_steps: int = 1000
     classifier_batch: int = 256
     vae_steps: int = 3000
