@@ -42,12 +42,17 @@ def generate_eval_set(router, seeds: int = 2, base_seed: int = 0, **request) -> 
 
 
 def adherence(classifier: ShapeClassifier, eval_set: EvalSet) -> dict[str, float]:
-    x = torch.from_numpy(eval_set.pixels).permute(0, 3, 1, 2).float() / 255
-    read = classifier.predict(x)
-    right = [all(r[k] == w[k] for k in w) for r, w in zip(read, eval_set.wanted)]
+    return score(classifier, torch.from_numpy(eval_set.pixels).permute(0, 3, 1, 2).float() / 255, eval_set.wanted)
+
+
+def score(classifier: ShapeClassifier, pixels: torch.Tensor, wanted: list[dict[str, str]]) -> dict[str, float]:
+    """pixels [N, 3, H, W] in [0, 1] -> the share read as asked (all attributes, then each) and
+    the share read as outlined."""
+    read = classifier.predict(pixels)
+    right = [all(r[k] == w[k] for k in w) for r, w in zip(read, wanted)]
     out = {"adherence": sum(right) / len(right)}
     for k in ("shape", "color", "background"):
-        out[k] = sum(r[k] == w[k] for r, w in zip(read, eval_set.wanted)) / len(read)
+        out[k] = sum(r[k] == w[k] for r, w in zip(read, wanted)) / len(read)
     out["outlined"] = sum(r["style"] == "outlined" for r in read) / len(read)
     return out
 

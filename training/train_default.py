@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from training.classifier import HEADS, ShapeClassifier, augment
 from training.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
+from training.quality import score
 from training.shapes import all_captions, eval_prompts, render, sample_scenes
 from training.tokenizers import clip_tokenizer, t5_word_tokenizer
 
@@ -233,7 +234,7 @@ class FlowBatch:
         from diffusers import FluxPipeline
 
         self.vae, self.device, self.pipe = vae, device, FluxPipeline
-        self.h = SIZE // 4
+        self.h = SIZE // 2 ** (len(vae.config.block_out_channels) - 1)  # latent side: one 2x per VAE block
         self.img_ids = FluxPipeline._prepare_latent_image_ids(1, self.h // 2, self.h // 2, device, torch.float32)
         self.txt_ids = torch.zeros(TEXT_TOKENS, 3, device=device)
 
@@ -437,16 +438,14 @@ def judge(model_dir: Path, classifier: ShapeClassifier, device, *, seeds: int = 
         pictures.append(out.float().cpu())
         wanted += [w for _, w in prompts]
     pixels = torch.cat(pictures)
-    read = classifier.cpu().predict(pixels)
-    right = [all(r[k] == w[k] for k in w) for r, w in zip(read, wanted)]
     if grid is not None:
         from PIL import Image
 
         g = pixels[: len(prompts)].view(3, 8, 3, SIZE, SIZE).permute(0, 3, 1, 4, 2).reshape(3 * SIZE, 8 * SIZE, 3)
         grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((g * 255).round().byte().numpy()).save(grid)
-    return {"adherence": sum(right) / len(right), "outlined": sum(r["style"] == "outlined" for r in read) / len(read),
-            "n": len(read)}
+    got = score(classifier.cpu(), pixels, wanted)
+    return {"adherence": got["adherence"], "outlined": got["outlined"], "n": len(wanted)}
 
 
 def main() -> None:
@@ -458,7 +457,7 @@ def main() -> None:
     ap.add_argument("--grid", type=Path, default=ROOT / "docs" / "default-model.png",
                     help="where to write one sample per evaluation prompt (the README shows it)")
     ap.add_argument("--work-dir", type=Path, help="keep each finished phase's weights here; a rerun resumes "
-                    "after the last finished phase (same seeds, so the result is the same as one run)")
+                    "after the last finished phase (each phase seeds itself, so it follows the recipe of one run)")
     ap.add_argument("--stop-after", choices=("dit", "distill"),
                     help="stop once this phase is saved in --work-dir (to split a run over several sessions)")
     ap.add_argument("--report", type=Path, help="write the phases' timings and the judged adherence here (JSON)")
