@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -13,9 +14,20 @@ import threading
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the kernel's ephemeral range (32768-60999 on Linux) and Ray's
+    worker ports (10002-19999). A port the kernel hands out for bind(0) can be taken by one of
+    Ray's own processes (they bind ephemeral ports as they start) between this pick and the
+    server's bind: CI once saw Ray Serve's proxy fail to bind the HTTP port that way."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 32767)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 class Process:
