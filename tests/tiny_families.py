@@ -214,10 +214,16 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
                                               guidance_embeds=False, axes_dims_rope=(8, 4, 4))
     _widen(transformer)
     torch.manual_seed(seed)
+    # A per-channel normalisation that is not the identity, so decoding must undo it right.
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
-                             tokenizer=tok, transformer=transformer)
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.05],
+                                 latents_std=[1.5, 0.8, 2.0, 1.2])
+    # Qwen-Image's own scheduler config: resolution-dependent exponential shift, terminal 0.02.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                             transformer=transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 

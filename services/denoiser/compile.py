@@ -1,6 +1,6 @@
 """Compiling the DiT, and paying for it before the first request instead of during it.
 
-Only the repeated blocks are compiled (19 + 38 for Flux, two code objects): the whole model
+Only the repeated blocks are compiled (19 + 38 for Flux, two code objects; 60 for Qwen-Image): the whole model
 would trace 57 copies of the same graph, a block takes ~15 s to compile the first time, and
 the embedders around them are a rounding error. Shapes are static (`dynamic=False`): each
 resolution / batch / text length gets kernels specialised to it, which is what a serving
@@ -40,7 +40,8 @@ def use_compile_cache(cache_dir: Path | None) -> None:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    return [*model.transformer_blocks, *model.single_transformer_blocks]
+    """Every block of the model's block lists (each family's `block_lists`), in execution order."""
+    return [block for name in model.block_lists for block in getattr(model, name)]
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor", overlap_comm: bool = False) -> None:

@@ -47,3 +47,20 @@ class PackedLatents2x2:
     @staticmethod
     def text_ids(seq_len: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(seq_len, 3, device=device)
+
+
+class CenteredLatents2x2(PackedLatents2x2):
+    """Qwen-Image's layout: the same 2x2 packing, with RoPE positions centred on the image
+    (rows -(H - H//2) .. H//2 - 1 of H token rows, columns likewise) and text positions counting
+    from 0 on every axis (the model moves them past the image, see qwen_image.py)."""
+
+    def image_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        rows, cols = h // 2, w // 2
+        ids = torch.zeros(rows, cols, 3, device=device)
+        ids[..., 1] += torch.arange(rows, device=device)[:, None] - (rows - rows // 2)
+        ids[..., 2] += torch.arange(cols, device=device)[None, :] - (cols - cols // 2)
+        return ids.reshape(-1, 3)
+
+    @staticmethod
+    def text_ids(seq_len: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(seq_len, device=device, dtype=torch.float32)[:, None].expand(seq_len, 3).contiguous()

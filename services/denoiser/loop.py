@@ -24,10 +24,12 @@ def sample(
     schedule: SigmaSchedule,
     true_cfg_scale: float,
     on_step: Callable[[int, int], None] | None = None,
+    cfg_renorm: bool = False,
 ) -> torch.Tensor:
     """Run every step of `schedule` from packed noise `latents`; returns packed latents.
 
-    `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
+    `cfg_renorm` (Qwen-Image's pipeline): the guided velocity is rescaled to the conditional
+    one's norm per token. `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
     at the same step (rank 0 decides), so no rank is left waiting in a collective."""
     steps = len(schedule.timesteps)
     for i, t in enumerate(schedule.timesteps):
@@ -38,6 +40,8 @@ def sample(
         if len(velocities) == 2:
             cond, uncond = velocities
             velocity = uncond + true_cfg_scale * (cond - uncond)
+            if cfg_renorm:
+                velocity = velocity * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(velocity, dim=-1, keepdim=True))
         latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
         stop = False
         if on_step is not None:

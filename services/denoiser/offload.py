@@ -26,6 +26,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from services.denoiser.compile import repeated_blocks
+
 # Views into a flat buffer start as aligned as a fresh allocation would for vector loads
 # (inductor also copies graph inputs that are not 16-byte aligned).
 _ALIGN_BYTES = 256
@@ -166,11 +168,11 @@ def _views(flat: dict[torch.dtype, torch.Tensor], layout) -> list[torch.Tensor]:
 
 
 def enable_layerwise_offload(model: nn.Module, device: torch.device, prefetch: int = 1) -> LayerwiseOffload:
-    """Offloads model.transformer_blocks then model.single_transformer_blocks (execution order);
-    the rest of the model is moved to (or stays on) `device`. Offloading first means a model
-    loaded on the host never has all its blocks on the device at once."""
-    offload = LayerwiseOffload([*model.transformer_blocks, *model.single_transformer_blocks], device, prefetch)
+    """Offloads the model's block lists (`block_lists`, in execution order); the rest of the
+    model is moved to (or stays on) `device`. Offloading first means a model loaded on the host
+    never has all its blocks on the device at once."""
+    offload = LayerwiseOffload(repeated_blocks(model), device, prefetch)
     for name, child in model.named_children():
-        if name not in ("transformer_blocks", "single_transformer_blocks"):
+        if name not in model.block_lists:
             child.to(device)
     return offload

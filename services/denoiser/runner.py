@@ -26,6 +26,9 @@ class BranchInputs:
     pooled_prompt_embeds: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]
     cache: BlockCache | None = None  # this branch's DiT cache state, when the request asked
+    # The token split of this branch: its own, since a negative prompt's text length may differ
+    # from the positive's (Qwen-Image's prompts are not padded to a fixed length).
+    sp: SequenceParallel | None = None
 
 
 @dataclass
@@ -33,7 +36,6 @@ class StepInputs:
     positive: BranchInputs
     negative: BranchInputs | None
     guidance: torch.Tensor | None
-    sp: SequenceParallel | None = None
 
     def cache_stats(self) -> CacheStats | None:
         """The request's steps as the positive branch ran them (computed / from the cache)."""
@@ -63,14 +65,10 @@ class DenoiserRunner:
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
-        sp = None
-        if self.mesh is not None and self.mesh.sp_size > 1:
-            sp = self._sequence_parallel(positive.prompt_embeds.shape[1], img_ids.shape[0])
         return StepInputs(
             positive=self._branch(positive, img_ids, cache),
             negative=self._branch(negative, img_ids, cache) if negative is not None else None,
             guidance=guidance,
-            sp=sp,
         )
 
     def _agree(self, metric: torch.Tensor) -> torch.Tensor:
@@ -90,11 +88,15 @@ class DenoiserRunner:
         embeds = cond.prompt_embeds.to(self.device, self.dtype)
         txt_ids = self.layout.text_ids(embeds.shape[1], self.device)
         agree = self._agree if self.mesh is not None and self.mesh.degrees.world_size > 1 else None
+        sp = None
+        if self.mesh is not None and self.mesh.sp_size > 1:
+            sp = self._sequence_parallel(embeds.shape[1], img_ids.shape[0])
         return BranchInputs(
             prompt_embeds=embeds,
             pooled_prompt_embeds=cond.pooled_prompt_embeds.to(self.device, self.dtype),
             rope=self.model.rope(txt_ids, img_ids),
             cache=BlockCache(cache, agree) if cache is not None and cache.enabled else None,
+            sp=sp,
         )
 
     @torch.inference_mode()
@@ -108,7 +110,7 @@ class DenoiserRunner:
         return [self._forward(latents, timestep, b, inputs) for b in branches]
 
     def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
-        sp = inputs.sp
+        sp = branch.sp
         if sp is None:
             return self.model(
                 latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance,

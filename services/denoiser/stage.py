@@ -10,11 +10,12 @@ from typing import Callable
 import torch
 
 from services.denoiser.compile import compile_blocks, should_compile, use_compile_cache
-from services.denoiser.latents import PackedLatents2x2, initial_noise
+from services.denoiser.latents import initial_noise
 from services.denoiser.loop import sample
 from services.denoiser.lora.apply import LoraRunner
-from services.denoiser.lora.formats import flux_module_shapes
+from services.denoiser.lora.formats import module_shapes
 from services.denoiser.lora.store import AdapterStore
+from services.denoiser.models import FAMILIES
 from services.denoiser.parallel.comm import gather_ints
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
@@ -66,10 +67,11 @@ class DenoiserStage:
             compile_blocks(transformer, overlap_comm=mesh is not None)
         self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"))
         # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
-        self.layout = PackedLatents2x2(transformer.config.in_channels // 4, self.model.vae_scale_factor)
+        layout = FAMILIES[self.spec.denoiser].layout
+        self.layout = layout(transformer.config.in_channels // 4, self.model.vae_scale_factor)
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh)
         self.lora = LoraRunner(transformer, self.device)
-        self.adapters = AdapterStore(flux_module_shapes(transformer.config), config.max_loras)
+        self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
             warm_up(self, config)
 
@@ -88,7 +90,8 @@ class DenoiserStage:
             )
             self._use_loras(request)
             try:
-                latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step)
+                latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step,
+                                 cfg_renorm=self.spec.true_cfg_renorm)
             finally:
                 self.lora.deactivate()
             out = self.layout.unpack(latents, h, w)
@@ -110,14 +113,15 @@ def warm_up(stage, config: DenoiserConfig) -> None:
     if not config.warmup_resolutions:
         return
     model, spec = resolve(config.model_path, config.backend)
-    transformer = model.component_config("transformer")
+    fam = FAMILIES[spec.denoiser]
+    transformer = fam.config_cls.from_dict(model.component_config("transformer"))
     multiple = spec.size_multiple(model)
     text_len = spec.defaults(model).max_sequence_length
     for size in config.warmup_resolutions:
         height, width = warmup_size(size, multiple)
         cond = Conditioning(
-            prompt_embeds=torch.zeros(1, text_len, transformer["joint_attention_dim"]),
-            pooled_prompt_embeds=torch.zeros(1, transformer["pooled_projection_dim"]),
+            prompt_embeds=torch.zeros(1, text_len, transformer.joint_attention_dim),
+            pooled_prompt_embeds=torch.zeros(1, transformer.pooled_projection_dim),
         )
         stage.denoise(DenoiseRequest(positive=cond, negative=None, height=height, width=width,
                                      num_inference_steps=1, guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0]))

@@ -41,13 +41,14 @@ class ClipT5PromptEncoder:
         check_t5_tp(model.component_config("text_encoder_2"), tp_size)
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (T5 embeds [B, max_sequence_length, D], CLIP pooled [B, P])."""
+    def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Returns (T5 embeds [B, max_sequence_length, D], CLIP pooled [B, P], None): T5's pad
+        tokens are part of Flux's input, so every row is all real."""
         clip_ids = self._tokenize(self.clip_tokenizer, prompts, self.clip_tokenizer.model_max_length)
         pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output.to(self.clip.dtype)
         t5_ids = self._tokenize(self.t5_tokenizer, prompts, max_sequence_length)
         embeds = self.t5(t5_ids, output_hidden_states=False)[0].to(self.t5.dtype)
-        return embeds, pooled
+        return embeds, pooled, None
 
     def _tokenize(self, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
         ids = tokenizer(

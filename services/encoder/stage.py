@@ -6,6 +6,7 @@ interface, backed by that many ranks."""
 from __future__ import annotations
 
 from services.encoder.clip_t5 import ClipT5PromptEncoder
+from services.encoder.qwen_vl import QwenVLPromptEncoder
 from services.runtime.config import EncoderConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import UnsupportedModelError
@@ -14,9 +15,10 @@ from services.runtime.registry import resolve
 from services.runtime.spec import PipelineSpec
 from services.runtime.tensor_parallel import TensorParallel
 
-# Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=) and has
-# check_tp(model, tp_size), which refuses a degree the model cannot be split into.
-PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder}
+# Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=), has
+# check_tp(model, tp_size), which refuses a degree the model cannot be split into, and
+# encode(prompts, max_sequence_length) -> (embeds, pooled, lengths or None).
+PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder}
 
 
 def prompt_encoder_class(spec: PipelineSpec):
@@ -50,5 +52,6 @@ class EncoderStage:
 
     def encode(self, request: EncodeRequest) -> EncodeResponse:
         with measure(self.device) as metrics:
-            embeds, pooled = self.encoder.encode(request.prompts, request.max_sequence_length)
-        return EncodeResponse(prompt_embeds=embeds, pooled_prompt_embeds=pooled, metrics=metrics)
+            embeds, pooled, lengths = self.encoder.encode(request.prompts, request.max_sequence_length)
+        return EncodeResponse(prompt_embeds=embeds, pooled_prompt_embeds=pooled, metrics=metrics,
+                              prompt_lengths=lengths)

@@ -105,9 +105,9 @@ def lora_resolver(model, spec, lora_dir: Path | None, allow_any_path: bool = Fal
     its config: no weights are read); None for a family without per-request LoRA."""
     if "lora" not in spec.features:
         return None
-    from services.denoiser.lora.formats import flux_module_shapes, read_lora
+    from services.denoiser.lora.formats import module_shapes, read_lora
     from services.denoiser.models import FAMILIES
 
     family = FAMILIES[spec.denoiser]
-    shapes = flux_module_shapes(family.config_cls.from_dict(model.component_config("transformer")))
+    shapes = module_shapes(family.model_cls, family.config_cls.from_dict(model.component_config("transformer")))
     return LoraResolver(lambda path, name: read_lora(path, name, module_shapes=shapes), lora_dir, allow_any_path)

@@ -125,26 +125,47 @@ class Router:
 
     async def _run_batch(self, jobs: list[_Job]) -> list[GenerateResult]:
         """One encoder call for every prompt of the batch, one denoiser call for every image,
-        one VAE call; results are split back per request."""
+        one VAE call; results are split back per request. Where the encoder's rows have
+        different real lengths (Qwen-Image), jobs go to the denoiser in groups of equal lengths,
+        so the DiT sees no padding and each image is the one its request gets alone."""
         t_batch = time.perf_counter()
         if self.spec.whole_pipeline:
             return await self._run_whole_pipeline(jobs, t_batch)
         first = jobs[0].request
-        true_cfg = first.true_cfg
         timeout = max(j.deadline for j in jobs) - time.monotonic()
         prompts = [j.request.prompt for j in jobs]
-        if true_cfg:
+        if first.true_cfg:
             prompts += [j.request.negative_prompt for j in jobs]
         enc = await self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length), timeout_s=timeout)
+        if enc.prompt_lengths is None:
+            return await self._denoise_decode(jobs, enc, list(range(len(jobs))), t_batch, True)
+        n, lengths = len(jobs), enc.prompt_lengths.tolist()
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n):
+            groups.setdefault((lengths[i], lengths[n + i] if first.true_cfg else None), []).append(i)
+        results = {}
+        for g, members in enumerate(groups.values()):
+            done = await self._denoise_decode([jobs[i] for i in members], enc, members, t_batch, g == 0)
+            results.update(zip(members, done))
+        return [results[i] for i in range(n)]
 
+    async def _denoise_decode(self, jobs: list[_Job], enc, rows_of_jobs: list[int], t_batch: float,
+                              first_group: bool):
+        """Denoise and decode `jobs`, whose prompts are rows `rows_of_jobs` of `enc` (and their
+        negative prompts the same rows + the batch's job count, after them). The encoder call is
+        recorded in the metrics with the batch's first group only: it ran once."""
+        first = jobs[0].request
+        true_cfg = first.true_cfg
         counts = [len(j.request.seeds) for j in jobs]
-        rows = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(counts))
+        job_rows = torch.tensor(rows_of_jobs)
+        rows = torch.repeat_interleave(job_rows, torch.tensor(counts))
+        negative_offset = enc.prompt_embeds.shape[0] // 2
 
         def conditioning(offset: int) -> Conditioning:
-            return Conditioning(
-                prompt_embeds=enc.prompt_embeds[rows + offset],
-                pooled_prompt_embeds=enc.pooled_prompt_embeds[rows + offset],
-            )
+            embeds = enc.prompt_embeds[rows + offset]
+            if enc.prompt_lengths is not None:  # equal real lengths in this group: drop the padding
+                embeds = embeds[:, : int(enc.prompt_lengths[job_rows[0] + offset])]
+            return Conditioning(prompt_embeds=embeds, pooled_prompt_embeds=enc.pooled_prompt_embeds[rows + offset])
 
         def on_step(done: int, total: int) -> None:
             for j in jobs:
@@ -154,7 +175,7 @@ class Router:
         den = await self.denoiser.denoise(
             DenoiseRequest(
                 positive=conditioning(0),
-                negative=conditioning(len(jobs)) if true_cfg else None,
+                negative=conditioning(negative_offset) if true_cfg else None,
                 height=first.height,
                 width=first.width,
                 num_inference_steps=first.num_inference_steps,
@@ -172,7 +193,8 @@ class Router:
             DecodeRequest(latents=den.latents), timeout_s=max(j.deadline for j in jobs) - time.monotonic()
         )
         stages = {"encoder": enc.metrics, "denoiser": den.metrics, "vae": dec.metrics}
-        metrics.observe_batch(stages, sum(counts), first.num_inference_steps, den.cache_stats,
+        observed = stages if first_group else {k: v for k, v in stages.items() if k != "encoder"}
+        metrics.observe_batch(observed, sum(counts), first.num_inference_steps, den.cache_stats,
                               time.perf_counter() - t_batch)
         return _split(jobs, dec.images, stages, den.cache_stats)
 

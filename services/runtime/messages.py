@@ -20,10 +20,14 @@ class EncodeRequest:
 
 @dataclass
 class EncodeResponse:
-    # One row per prompt: [B, S, D] token embeddings and [B, P] pooled embeddings.
+    # One row per prompt: [B, S, D] token embeddings and [B, P] pooled embeddings (P = 0 where
+    # the family has none).
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     metrics: StageMeasurement = field(default_factory=StageMeasurement)
+    # [B] real tokens per row where rows are zero-padded to the longest prompt (Qwen-Image);
+    # None: every row is all real.
+    prompt_lengths: torch.Tensor | None = None
 
 
 @dataclass

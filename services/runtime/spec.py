@@ -49,6 +49,8 @@ class PipelineSpec:
     features: frozenset[str] = frozenset({"lora", "cache", "negative_prompt"})
     # Video: the VAE compresses time by this factor, so clips have 1 + k * frame_multiple frames.
     frame_multiple: int = 1
+    # True CFG rescales the guided velocity to the conditional one's norm, per token (Qwen-Image).
+    true_cfg_renorm: bool = False
 
     def size_multiple(self, model: "ModelDir") -> int:
         return model.vae_scale_factor * self.latent_patch

@@ -4,6 +4,8 @@ Both ends decode into the typed dataclasses, so a stage never sees a transport t
 
 from __future__ import annotations
 
+import torch
+
 from services.runtime.codec import tensor_from_proto, tensor_to_proto
 from services.runtime.device import StageMeasurement
 from services.runtime.messages import (
@@ -43,6 +45,7 @@ def encode_response_to_proto(r: EncodeResponse) -> stages_pb2.EncodeResponse:
         prompt_embeds=tensor_to_proto(r.prompt_embeds),
         pooled_prompt_embeds=tensor_to_proto(r.pooled_prompt_embeds),
         metrics=metrics_to_proto(r.metrics),
+        prompt_lengths=r.prompt_lengths.tolist() if r.prompt_lengths is not None else [],
     )
 
 
@@ -51,6 +54,7 @@ def encode_response_from_proto(m: stages_pb2.EncodeResponse) -> EncodeResponse:
         prompt_embeds=tensor_from_proto(m.prompt_embeds),
         pooled_prompt_embeds=tensor_from_proto(m.pooled_prompt_embeds),
         metrics=metrics_from_proto(m.metrics),
+        prompt_lengths=torch.tensor(list(m.prompt_lengths), dtype=torch.int64) if m.prompt_lengths else None,
     )
 
 

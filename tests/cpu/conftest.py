@@ -19,3 +19,11 @@ def flux_schnell_dir(tmp_path_factory):
 def flux_tp_dir(tmp_path_factory):
     """The tiny Flux.1-dev layout with a T5 that splits over 2 ranks (4 heads, d_ff 36)."""
     return build_tiny_flux(tmp_path_factory.mktemp("flux-tp") / "model", guidance_embeds=True, seed=0, t5_d_ff=36)
+
+
+@pytest.fixture(scope="session")
+def qwen_image_dir(tmp_path_factory):
+    """A tiny Qwen-Image layout: Qwen2.5-VL text encoder, 3-head MMDiT, Qwen-Image's VAE."""
+    from tests.tiny_families import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("qwen-image") / "model")

@@ -287,7 +287,7 @@ def test_unknown_layouts_are_errors(native):
     control = flux_lora_state(native.config, "bfl") | {"double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16)}
     with pytest.raises(InvalidRequestError, match="LoRA 'c': unrecognised keys.*query_norm.scale"):
         convert_lora(control, "c")
-    with pytest.raises(InvalidRequestError, match="LoRA 'te': targets nothing in the Flux transformer"):
+    with pytest.raises(InvalidRequestError, match="LoRA 'te': targets nothing in the transformer"):
         convert_lora(text_encoder_lora_state(32, 37), "te")
 
 

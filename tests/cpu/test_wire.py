@@ -82,4 +82,8 @@ def test_stage_messages_round_trip():
     assert wire.denoise_request_from_proto(wire.denoise_request_to_proto(req)).negative is not None
     resp = EncodeResponse(torch.randn(1, 5, 4), torch.randn(1, 3))
     back = wire.encode_response_from_proto(wire.encode_response_to_proto(resp))
-    assert torch.equal(back.prompt_embeds, resp.prompt_embeds)
+    assert torch.equal(back.prompt_embeds, resp.prompt_embeds) and back.prompt_lengths is None
+    # Qwen-Image's form: no pooled vector, rows zero-padded with their real lengths alongside
+    resp = EncodeResponse(torch.randn(2, 5, 4), torch.zeros(2, 0), prompt_lengths=torch.tensor([5, 3]))
+    back = wire.encode_response_from_proto(wire.encode_response_to_proto(resp))
+    assert back.pooled_prompt_embeds.shape == (2, 0) and back.prompt_lengths.tolist() == [5, 3]

@@ -92,11 +92,15 @@ _HEIGHTS = (1, 1, 1, 4)  # relative row heights of a module's parts: the first l
 _BLOCK = re.compile(r"(double_blocks|single_blocks)_(\d+)_(.+)")
 
 
-def flux_module_shapes(config: FluxConfig) -> dict[str, tuple[int, int]]:
-    """[out, in] of every linear of the (unsharded) Flux DiT: what an adapter may target."""
+def module_shapes(model_cls: type, config) -> dict[str, tuple[int, int]]:
+    """[out, in] of every linear of the (unsharded) native DiT: what an adapter may target."""
     with torch.device("meta"):
-        model = FluxTransformer(config)
+        model = model_cls(config)
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def flux_module_shapes(config: FluxConfig) -> dict[str, tuple[int, int]]:
+    return module_shapes(FluxTransformer, config)
 
 
 def read_lora(
@@ -141,7 +145,7 @@ def convert_lora(
     for stem, p in pairs.items():
         if "down" not in p and "up" not in p:
             continue  # an alpha whose weights were pruned changes nothing
-        parts, swapped = _native_modules(stem)
+        parts, swapped = _native_modules(stem, module_shapes)
         if parts is None:
             unknown.append(stem)
             continue
@@ -165,11 +169,11 @@ def convert_lora(
 
     if unknown:
         fail(
-            f"unrecognised keys, not a Flux LoRA layout we read: {', '.join(sorted(unknown)[:3])}"
+            f"unrecognised keys, not a LoRA layout we read: {', '.join(sorted(unknown)[:3])}"
             f"{'...' if len(unknown) > 3 else ''}"
         )
     if not weights:
-        fail("targets nothing in the Flux transformer" + (" (text-encoder weights only)" if skipped else ""))
+        fail("targets nothing in the transformer" + (" (text-encoder weights only)" if skipped else ""))
     if skipped:
         log.warning("LoRA '%s': skipped %d text-encoder weights (e.g. %s)", name, len(skipped), skipped[0])
     if module_shapes is not None:
@@ -181,12 +185,14 @@ def convert_lora(
     return LoraAdapter(name, weights)
 
 
-def _native_modules(stem: str) -> tuple[tuple[str, ...] | None, bool]:
-    """The diffusers module paths a file's module name feeds (None: not a Flux DiT module), and
-    whether its output halves are BFL's (shift, scale) order."""
+def _native_modules(stem: str, module_shapes: dict | None = None) -> tuple[tuple[str, ...] | None, bool]:
+    """The diffusers module paths a file's module name feeds (None: not a DiT module), and
+    whether its output halves are BFL's (shift, scale) order. A name that is a module of the
+    model (`module_shapes`) is taken as a diffusers path first: Qwen-Image's diffusers names
+    `img_in` / `txt_in` are also BFL names of Flux modules."""
     while stem.startswith(_PREFIXES):
         stem = stem.removeprefix(next(p for p in _PREFIXES if stem.startswith(p)))
-    if stem.startswith(_DIFFUSERS_ROOTS):
+    if stem.startswith(_DIFFUSERS_ROOTS) or (module_shapes is not None and stem in module_shapes):
         return (stem,), False
     flat = stem.replace(".", "_")
     if m := _BLOCK.fullmatch(flat):

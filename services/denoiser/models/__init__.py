@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.denoiser.latents import CenteredLatents2x2, PackedLatents2x2
 from services.denoiser.models.flux import FluxConfig, FluxTransformer
+from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
 
 
 @dataclass(frozen=True)
@@ -13,8 +15,12 @@ class NativeFamily:
     model_cls: type
     # diffusers class names whose weights this family loads unchanged.
     diffusers_classes: tuple[str, ...]
+    # Latents <-> tokens and their RoPE position ids (services/denoiser/latents.py).
+    layout: type = PackedLatents2x2
 
 
 FAMILIES = {
     "flux": NativeFamily(FluxConfig, FluxTransformer, ("FluxTransformer2DModel",)),
+    "qwen_image": NativeFamily(QwenImageConfig, QwenImageTransformer, ("QwenImageTransformer2DModel",),
+                               CenteredLatents2x2),
 }

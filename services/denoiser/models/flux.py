@@ -276,6 +276,9 @@ class FluxTransformer(nn.Module):
     """Flux.1 DiT. forward() takes packed image tokens and returns the velocity prediction.
     With `tp`, this rank holds its shard of every attention and MLP (see parallel/tp.py)."""
 
+    # The repeated blocks, in execution order (compiled one by one, offloaded layer by layer).
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+
     def __init__(self, config: FluxConfig, tp: TensorParallel | None = None):
         super().__init__()
         self.config = config

@@ -8,6 +8,7 @@ sp shards c*U .. c*U+U-1."""
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from functools import partial
 
@@ -83,3 +84,32 @@ class SequenceParallel:
             yield self
         finally:
             set_active_parallel(previous)
+
+    # --- attention over one part of the sequence (Z-Image's per-modality refiner layers) ---
+    @staticmethod
+    @contextmanager
+    def attend_within(part: str):
+        """While entered, attention() attends over only the "text" or only the "image" tokens:
+        for layers that see one part alone (Z-Image's context / noise refiners), called on this
+        rank's shard of that part. Ulysses and ring then exchange that part's shard sizes in
+        place of the joint [text; image] ones. Outside a parallel forward it does nothing (a
+        single rank attends over whatever sequence it is given)."""
+        active = set_active_parallel(None)  # returns the active SequenceParallel, if any
+        try:
+            set_active_parallel(active._part_view(part) if active is not None else None)
+            yield
+        finally:
+            set_active_parallel(active)
+
+    def _part_view(self, part: str) -> SequenceParallel:
+        # One view per part, made once and kept: torch.compile guards on the active object's
+        # identity, so a new view every forward would recompile the compiled blocks.
+        views = self.__dict__.setdefault("_part_views", {})
+        if part not in views:
+            sizes = {"text": self.text, "image": self.image}[part].sizes  # per sp rank
+            view = copy.copy(self)  # same mesh and groups
+            ring_rank = self.mesh.rank("ring")
+            view.ring_chunks = [sum(sizes[c * self.u : (c + 1) * self.u]) for c in range(self.r)]
+            view.ulysses_seq = sizes[ring_rank * self.u : (ring_rank + 1) * self.u]
+            views[part] = view
+        return views[part]

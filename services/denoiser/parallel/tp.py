@@ -9,14 +9,16 @@ full hidden dimension, and the norms act on one head at a time."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from services.denoiser.lora.apply import add_lora
 from services.denoiser.quant import linear
 from services.runtime import tensor_parallel as base
 from services.runtime.tensor_parallel import TensorParallel, shard_state_dict
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallel", "shard_state_dict"]
+__all__ = ["AcrossHeadsRMSNorm", "ColumnParallelLinear", "RowParallelLinear", "TensorParallel", "shard_state_dict"]
 
 
 class ColumnParallelLinear(base.ColumnParallelLinear):
@@ -53,3 +55,28 @@ class RowParallelLinear(base.RowParallelLinear):
             y = y + linear(piece, weight, None, scale)
         y = add_lora(self, pieces, y)  # partial under TP, like y
         return y if self.tp is None else self.reduce(y)
+
+
+class AcrossHeadsRMSNorm(nn.Module):
+    """RMSNorm over the whole projection (all heads at once): Wan's QK norm.
+
+    Under tensor parallelism a rank projects only its heads, but the statistic spans all of
+    them: the sum of squares is all-reduced over the tp group (one [tokens, 1] tensor, tiny next
+    to the projection). The weight stays whole and replicated, as every norm's does (so
+    shard_state_dict leaves it alone); a rank applies its heads' slice."""
+
+    def __init__(self, dim: int, eps: float, tp: TensorParallel | None):
+        super().__init__()
+        self.dim, self.eps, self.tp = dim, eps, tp
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        n = x.shape[-1]
+        weight = self.weight[self.tp.rank * n : (self.tp.rank + 1) * n]
+        # torch's rms_norm arithmetic: fp32 statistic and product, one cast back at the end.
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(-1, keepdim=True)
+        dist.all_reduce(sum_sq, group=self.tp.group)
+        return (xf * torch.rsqrt(sum_sq / self.dim + self.eps) * weight).type_as(x)

@@ -1,5 +1,6 @@
 """One module per model family, each defining that family's PipelineSpec."""
 
 from services.runtime.pipelines.flux import FLUX
+from services.runtime.pipelines.qwen_image import QWEN_IMAGE
 
-ALL_SPECS = (FLUX,)
+ALL_SPECS = (FLUX, QWEN_IMAGE)

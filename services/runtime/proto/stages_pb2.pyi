@@ -16,14 +16,16 @@ class EncodeRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "metrics")
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "metrics", "prompt_lengths")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _common_pb2.Tensor
     pooled_prompt_embeds: _common_pb2.Tensor
     metrics: _common_pb2.StageMetrics
-    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
+    prompt_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Conditioning(_message.Message):
     __slots__ = ("prompt_embeds", "pooled_prompt_embeds")

@@ -1,0 +1,225 @@
+"""Native Qwen-Image transformer (Qwen-Image, Qwen-Image-2512), loading diffusers'
+`QwenImageTransformer2DModel` weights unchanged.
+
+Qwen-Image is an MMDiT of double-stream blocks only: the image and text streams have their own
+modulation, projections and MLPs and meet in one joint [text; image] attention with QK-RMSNorm.
+That attention and the MLP are Flux's (same parameter names, same arithmetic), so they come from
+flux.py; what is Qwen's own is below: the RoPE positions (image rows and columns centred on 0,
+text placed after the image's largest index on all three axes), the timestep embedding (no
+pooled text, no guidance), the `img_mod` / `txt_mod` modulation and the RMS-normed text input.
+
+diffusers applies RoPE as a complex product; the real (cos, sin) form used here rotates the same
+interleaved pairs with the same products and sums, from the same fp32 angles and the same
+torch.polar values, so fp32 outputs agree to rounding.
+
+Order (same in every family file): helpers -> attention -> blocks -> top-level model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from services.denoiser.models.flux import AdaLNModulation, FeedForward, FluxAttention, MLPEmbedder, modulate
+from services.denoiser.parallel.tp import TensorParallel
+from services.runtime.errors import UnsupportedModelError
+
+if TYPE_CHECKING:  # block cache
+    from services.denoiser.cache import BlockCache
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@dataclass(frozen=True)
+class QwenImageConfig:
+    """The fields of diffusers' transformer/config.json that define the architecture."""
+
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int | None = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    # Variants of the edit models (Qwen-Image-Edit-2511, layered); refused below until served.
+    zero_cond_t: bool = False
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "QwenImageConfig":
+        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
+        if "axes_dims_rope" in fields:
+            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
+        return cls(**fields)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    # What the runner feeds every family: text embeddings of joint_attention_dim, no pooled vector.
+    pooled_projection_dim = 0
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
+    """diffusers' Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000) on the
+    pipeline's t / 1000: the 1000 multiplies the angles, after t (in the model dtype) is widened."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    emb = scale * (t[:, None].float() * torch.exp(exponent)[None, :])
+    return torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)
+
+
+def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int = 10000):
+    """cos/sin tables [S, head_dim] for integer positions ids [S, n_axes], in diffusers'
+    QwenEmbedRope arithmetic (fp32 angles, torch.polar), expanded to interleaved pairs."""
+    cos_out, sin_out = [], []
+    for i, dim in enumerate(axes_dim):
+        inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, device=ids.device).to(torch.float32).div(dim))
+        rotation = torch.polar(torch.ones(1, device=ids.device), torch.outer(ids[:, i].float(), inv_freq))
+        cos_out.append(rotation.real.repeat_interleave(2, dim=1))
+        sin_out.append(rotation.imag.repeat_interleave(2, dim=1))
+    return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: Flux's joint attention (flux.FluxAttention with context), unchanged.
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+class QwenImageBlock(nn.Module):
+    """Double-stream block: per-stream modulation (`img_mod` / `txt_mod`, 6 vectors each),
+    joint attention, per-stream GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, tp: TensorParallel | None):
+        super().__init__()
+        # nn.Sequential(SiLU, Linear) as in diffusers, for the `img_mod.1.weight` names.
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = FluxAttention(dim, heads, head_dim, context=True, eps=1e-6, tp=tp)
+        self.img_mlp = FeedForward(dim, 4 * dim, tp)
+        self.txt_mlp = FeedForward(dim, 4 * dim, tp)
+
+    def forward(self, img, txt, temb, rope):
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb).chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
+
+        img_attn, txt_attn = self.attn(
+            modulate(img, i_shift1, i_scale1), rope, context=modulate(txt, t_shift1, t_scale1)
+        )
+        img = img + i_gate1.unsqueeze(1) * img_attn
+        txt = txt + t_gate1.unsqueeze(1) * txt_attn
+
+        img = img + i_gate2.unsqueeze(1) * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        txt = txt + t_gate2.unsqueeze(1) * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        if txt.dtype == torch.float16:
+            txt = txt.clip(-65504, 65504)
+            img = img.clip(-65504, 65504)
+        return img, txt
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class _TimestepEmbedding(nn.Module):
+    """diffusers' QwenTimestepProjEmbeddings: `time_text_embed.timestep_embedder.linear_{1,2}`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(timestep_embedding(timestep).to(dtype))
+
+
+class QwenImageTransformer(nn.Module):
+    """Qwen-Image DiT. forward() takes packed image tokens and returns the velocity prediction;
+    the signature is the runner's for every family (the pooled input is unused: Qwen-Image has
+    none). With `tp`, this rank holds its shard of every attention and MLP."""
+
+    block_lists = ("transformer_blocks",)
+
+    def __init__(self, config: QwenImageConfig, tp: TensorParallel | None = None):
+        super().__init__()
+        unsupported = [f for f in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+                       if getattr(config, f)]
+        if unsupported:
+            raise UnsupportedModelError(f"Qwen-Image transformer option(s) {', '.join(unsupported)} are not served "
+                                        "natively; --backend diffusers serves this checkpoint")
+        self.config = config
+        dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
+        if sum(config.axes_dims_rope) != head_dim:
+            raise ValueError(f"axes_dims_rope {config.axes_dims_rope} must sum to attention_head_dim {head_dim}")
+        out_channels = config.out_channels or config.in_channels
+        self.time_text_embed = _TimestepEmbedding(dim)
+        self.txt_norm = nn.RMSNorm(config.joint_attention_dim, eps=1e-6)
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.txt_in = nn.Linear(config.joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList([QwenImageBlock(dim, heads, head_dim, tp) for _ in range(config.num_layers)])
+        self.norm_out = AdaLNModulation(dim, 2)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
+
+    def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for the joint [text; image] sequence (once per request). `img_ids` are the
+        centred (0, row, col) positions of QwenLatents; `txt_ids` count 0.. and are moved past
+        the image's largest row / column index, where diffusers places the text."""
+        offset = int(img_ids[:, 1:].max().item()) + 1
+        ids = torch.cat([txt_ids + offset, img_ids], dim=0)
+        return rope_tables(ids, self.config.axes_dims_rope)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor | None,
+        timestep: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        guidance: torch.Tensor | None = None,
+        *,
+        cache: BlockCache | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [B, N, C_in] packed latents; encoder_hidden_states [B, S, joint_dim] (the
+        prompt's valid tokens only: no padding reaches the DiT, see router); timestep [B] in the
+        pipeline's 0..1 scale."""
+        img = self.img_in(hidden_states)
+        temb = self.time_text_embed(timestep.to(img.dtype), img.dtype)
+        txt = self.txt_in(self.txt_norm(encoder_hidden_states))
+
+        # --- block cache (services/denoiser/cache.py) ---
+        if cache is not None and cache.enabled:
+            text_len = txt.shape[1]
+            x = cache.run(self.block_steps(temb, rope, text_len), torch.cat([txt, img], dim=1))
+            scale, shift = self.norm_out(temb)
+            return self.proj_out(modulate(x[:, text_len:], shift, scale))
+        # --- end block cache ---
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, rope)
+        scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: (scale, shift)
+        return self.proj_out(modulate(img, shift, scale))
+
+    # --- block cache (services/denoiser/cache.py) ---
+    def block_steps(self, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_len: int):
+        """One function per block on the joint state x = [text; image] (as flux.py's double blocks)."""
+
+        def step_of(block: QwenImageBlock):
+            def step(x: torch.Tensor) -> torch.Tensor:
+                img, txt = block(x[:, text_len:].contiguous(), x[:, :text_len].contiguous(), temb, rope)
+                return torch.cat([txt, img], dim=1)
+
+            return step
+
+        return [step_of(b) for b in self.transformer_blocks]
+
+    # --- end block cache ---
