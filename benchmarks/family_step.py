@@ -1,0 +1,203 @@
+"""One denoiser step with true CFG (two DiT passes) for the families beyond Flux.1: ditserve's
+native DiT against diffusers' on the same random weights, the same card, in the same run.
+
+    python benchmarks/family_step.py --family qwen-image              # 1024x1024, 128 + 32 text tokens
+    python benchmarks/family_step.py --family wan2.1-t2v-14b          # 832x480, 81 frames (32760 tokens)
+    python benchmarks/family_step.py --family qwen-image --tiny --device cpu   # the code path, on CPU
+
+A step is what the pipelines run per denoising step with a negative prompt: the DiT on the
+positive prompt, then on the negative one (QwenImagePipeline with true_cfg_scale > 1, WanPipeline
+with guidance_scale > 1), each with its own text length. Rows as dit_step.py's (whose timing,
+ceiling and table code this reuses): diffusers eager / compiled (compile_repeated_blocks),
+ditserve eager / compiled (the service's compile path) / fp8 compiled; the native module is
+loaded from diffusers' state dict with assign=True, so both share one set of weight tensors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.dit_step import Table, matmul_ceiling  # noqa: E402
+from benchmarks.random_checkpoint import materialise  # noqa: E402
+
+
+@dataclass
+class Bench:
+    ref: torch.nn.Module
+    native: torch.nn.Module
+    diffusers_step: Callable[[], torch.Tensor]
+    native_step: Callable[[torch.nn.Module], Callable[[], torch.Tensor]]
+    flops: float
+    title: str
+
+
+# Qwen/Qwen-Image transformer/config.json
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+# Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json
+WAN_T2V_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                   text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def _shared(ref, native_cls, config):
+    """The native module on the reference's own tensors."""
+    with torch.device("meta"):
+        native = native_cls(config)
+    native.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return native.eval().requires_grad_(False)
+
+
+def qwen_image(args, device, dtype, tiny: bool) -> Bench:
+    from diffusers import QwenImageTransformer2DModel
+
+    from services.denoiser.latents import CenteredLatents2x2
+    from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    cfg = dict(QWEN_IMAGE, num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=32,
+               in_channels=16, out_channels=4, axes_dims_rope=(8, 4, 4)) if tiny else QWEN_IMAGE
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    ref = materialise(lambda: QwenImageTransformer2DModel(**cfg), device, dtype).eval().requires_grad_(False)
+    # Its RoPE tables are plain attributes built in __init__ (on meta, above): build them for real.
+    ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(cfg["axes_dims_rope"]), scale_rope=True)
+    config = QwenImageConfig.from_dict(cfg)
+    native = _shared(ref, QwenImageTransformer, config)
+    layout = CenteredLatents2x2(config.in_channels // 4, 8)
+    h, w = layout.latent_hw(args.height, args.width)
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(1, (h // 2) * (w // 2), config.in_channels, generator=g, device=device, dtype=dtype)
+    texts = [torch.randn(1, n, config.joint_attention_dim, generator=g, device=device, dtype=dtype)
+             for n in (args.text_len, args.neg_text_len)]
+    t = torch.full((1,), 0.5, device=device, dtype=dtype)
+    with torch.inference_mode():  # once per request in the runner
+        ropes = [native.rope(layout.text_ids(c.shape[1], device), layout.image_ids(h, w, device)) for c in texts]
+
+    def diffusers_step():
+        with torch.inference_mode():
+            return torch.stack([ref(hidden_states=x, encoder_hidden_states=c, encoder_hidden_states_mask=None,
+                                    timestep=t, img_shapes=[[(1, h // 2, w // 2)]], return_dict=False)[0]
+                                for c in texts])
+
+    def native_step(model):
+        def fn():
+            with torch.inference_mode():
+                return torch.stack([model(x, c, None, t, r) for c, r in zip(texts, ropes)])
+        return fn
+
+    n, d = x.shape[1], config.inner_dim
+    flops = sum(config.num_layers * (24 * (n + c.shape[1]) * d * d + 4 * (n + c.shape[1]) ** 2 * d) for c in texts)
+    return Bench(ref, native, diffusers_step, native_step, flops,
+                 f"Qwen-Image {args.height}x{args.width} ({n} image tokens, text {args.text_len} / "
+                 f"{args.neg_text_len} tokens), true CFG: 2 DiT passes per step")
+
+
+def wan(args, device, dtype, tiny: bool) -> Bench:
+    from diffusers import WanTransformer3DModel
+
+    from services.denoiser.models.wan import WanConfig, WanTransformer, patchify, unpatchify
+
+    cfg = dict(WAN_T2V_14B, num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=48,
+               num_layers=2) if tiny else WAN_T2V_14B
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    ref = materialise(lambda: WanTransformer3DModel(**cfg), device, dtype).eval().requires_grad_(False)
+    # materialise zeroes buffers; the RoPE tables are non-persistent ones: build them for real.
+    ref.rope = WanRotaryPosEmbed(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"]).to(device)
+    config = WanConfig.from_dict(cfg)
+    native = _shared(ref, WanTransformer, config)
+    frames, h, w = (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    g = torch.Generator(device).manual_seed(1)
+    latents = torch.randn(1, config.in_channels, frames, h, w, generator=g, device=device, dtype=dtype)
+    # WanPipeline pads every prompt to 512 T5 tokens (zeros past its length), positive and negative.
+    texts = [torch.randn(1, 512, config.text_dim, generator=g, device=device, dtype=dtype) for _ in range(2)]
+    t = torch.full((1,), 500.0, device=device)
+    patch = config.patch_size
+    with torch.inference_mode():
+        rope = native.rope(frames, h, w, device=device)
+
+    def diffusers_step():
+        with torch.inference_mode():
+            return torch.stack([ref(hidden_states=latents, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+                                for c in texts])
+
+    def native_step(model):
+        def fn():
+            with torch.inference_mode():
+                tokens = patchify(latents, patch)
+                out = [unpatchify(model(tokens, c, t, rope), frames, h, w, patch, config.out_channels or 16)
+                       for c in texts]
+                return torch.stack(out)
+        return fn
+
+    n, d, text = frames * h * w // (patch[1] * patch[2]), config.inner_dim, 512
+    per_pass = config.num_layers * 2 * (n * (6 * d * d + 2 * d * config.ffn_dim) + 2 * n * n * d + 2 * n * text * d)
+    return Bench(ref, native, diffusers_step, native_step, 2 * per_pass,
+                 f"Wan 2.1 T2V-14B {args.width}x{args.height}, {args.num_frames} frames ({n} tokens, 512 text), "
+                 "CFG: 2 DiT passes per step")
+
+
+FAMILIES = {"qwen-image": qwen_image, "wan2.1-t2v-14b": wan}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen-image")
+    ap.add_argument("--tiny", action="store_true", help="a tiny config of the same classes (CPU smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--height", type=int, default=None, help="default: 1024 (Qwen-Image), 480 (Wan)")
+    ap.add_argument("--width", type=int, default=None, help="default: 1024 (Qwen-Image), 832 (Wan)")
+    ap.add_argument("--num-frames", type=int, default=81)
+    ap.add_argument("--text-len", type=int, default=128, help="Qwen-Image: the positive prompt's tokens")
+    ap.add_argument("--neg-text-len", type=int, default=32, help="Qwen-Image: the negative prompt's tokens")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-fp8", action="store_true")
+    args = ap.parse_args()
+    video = args.family.startswith("wan")
+    args.height = args.height or (480 if video else 1024)
+    args.width = args.width or (832 if video else 1024)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    from services.denoiser.compile import compile_blocks
+    from services.denoiser.quant import apply_precision
+
+    t0 = time.perf_counter()
+    bench = FAMILIES[args.family](args, device, dtype, args.tiny)
+    build_s = time.perf_counter() - t0
+    table = Table(device, args.iters, bench.flops, matmul_ceiling(device))
+    table.run("diffusers eager", bench.diffusers_step, args.warmup)
+    table.run("ditserve eager", bench.native_step(bench.native), args.warmup)
+    if not args.no_compile:
+        bench.ref.compile_repeated_blocks(fullgraph=True)
+        table.run("diffusers compiled", bench.diffusers_step, args.warmup)
+        compile_blocks(bench.native)
+        table.run("ditserve compiled", bench.native_step(bench.native), args.warmup)
+    if not args.no_fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        fp8 = _shared(bench.native, type(bench.native), bench.native.config)
+        before = {id(p): p.numel() * p.element_size() for p in fp8.parameters()}
+        apply_precision(fp8, "fp8")  # the blocks' linears become e4m3 copies; the bf16 ones stay for the rows above
+        # bytes of the bf16 tensors fp8 replaced: on the device only for the other rows
+        replaced = sum(b for i, b in before.items() if i not in {id(p) for p in fp8.parameters()})
+        if not args.no_compile:
+            compile_blocks(fp8)
+        base = "ditserve compiled" if not args.no_compile else "ditserve eager"
+        table.run("ditserve fp8" + (" compiled" if not args.no_compile else ""), bench.native_step(fp8), args.warmup,
+                  "fp8", base, not_mine_bytes=replaced)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    table.print(f"\n{bench.title}; {str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; "
+                f"{bench.flops / 1e12:.1f} TFLOP/step; weights built in {build_s:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
