@@ -28,13 +28,15 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate images in this process (all stages in-process)")
     p.add_argument("--model-path", help="diffusers-format model directory (default: the embedded tiny model)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", help="used for true CFG when --true-cfg-scale > 1")
+    p.add_argument("--negative-prompt",
+                   help="used for true CFG when --true-cfg-scale > 1 (Z-Image: --guidance-scale > 0)")
     p.add_argument("--true-cfg-scale", type=float, help="default: the model's (Flux 1.0: off)")
     p.add_argument("--seed", type=int, help="seed of the first image (image i uses seed + i); random if omitted")
     p.add_argument("--num-inference-steps", type=int, help="default: the model's (28 for Flux.1-dev)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")
-    p.add_argument("--guidance-scale", type=float, help="distilled guidance (default: the model's, 3.5 for dev)")
+    p.add_argument("--guidance-scale", type=float,
+                   help="distilled guidance (default: the model's, 3.5 for dev); Z-Image's CFG scale")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
     p.add_argument("--lora-path", action="append", default=[], metavar="FILE",

@@ -32,7 +32,8 @@ def rank_stage(config: DenoiserConfig):
 def check_degrees(config: DenoiserConfig) -> None:
     """Refuse, before any process starts, a layout the model cannot be split into."""
     model, _ = resolve(config.model_path, config.backend)
-    heads = model.component_config("transformer").get("num_attention_heads", 1)
+    transformer = model.component_config("transformer")
+    heads = transformer.get("num_attention_heads", transformer.get("n_heads", 1))  # Z-Image: n_heads
     if heads % config.tp_size:
         raise InvalidRequestError(f"--tp-size {config.tp_size} does not divide the model's {heads} attention heads",
                                   "tp_size")

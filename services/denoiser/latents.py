@@ -1,4 +1,7 @@
-"""Initial noise and the 2x2-packed latent layout (Flux.1; Qwen-Image uses the same packing).
+"""Initial noise and the latent layouts: latents <-> DiT tokens, and the RoPE tables of a request.
+
+PackedLatents2x2 is Flux.1's (Qwen-Image packs the same way, with centred positions); ZImageLatents
+is Z-Image's patchify, padded to its multiple of 32 tokens.
 
 Noise is drawn per image from a CPU generator seeded with that image's seed, exactly as
 diffusers' randn_tensor does for a list of CPU generators: the same seed gives the same image on
@@ -6,7 +9,10 @@ any device, in any batch, on any number of ranks."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -24,6 +30,11 @@ class PackedLatents2x2:
         self.channels = channels
         self.vae_scale_factor = vae_scale_factor
 
+    @classmethod
+    def for_model(cls, config, vae_scale_factor: int):
+        # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
+        return cls(config.in_channels // 4, vae_scale_factor)
+
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.vae_scale_factor * self.patch
         return self.patch * (height // f), self.patch * (width // f)
@@ -37,6 +48,20 @@ class PackedLatents2x2:
         b, _, d = tokens.shape
         x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, d // 4, h, w)
+
+    def seq_len(self, h: int, w: int) -> int:
+        """The pipeline's image_seq_len of an h x w latent (the schedule's resolution shift)."""
+        return (h // self.patch) * (w // self.patch)
+
+    def rope(self, model, text_len: int, h: int, w: int, device: torch.device):
+        """The model's RoPE tables for text_len text tokens and an h x w latent: one row per
+        [text; image] token, as SequenceParallel.shard_rope expects."""
+        return model.rope(self.text_ids(text_len, device), self.image_ids(h, w, device))
+
+    @staticmethod
+    def pad_text(embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt embeddings as the DiT takes them: as they are (the router hands only real tokens)."""
+        return embeds
 
     def image_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         ids = torch.zeros(h // 2, w // 2, 3, device=device)
@@ -64,3 +89,69 @@ class CenteredLatents2x2(PackedLatents2x2):
     @staticmethod
     def text_ids(seq_len: int, device: torch.device) -> torch.Tensor:
         return torch.arange(seq_len, device=device, dtype=torch.float32)[:, None].expand(seq_len, 3).contiguous()
+
+
+# --- Z-Image ---------------------------------------------------------------------------------
+
+SEQ_MULTI_OF = 32  # diffusers' Z-Image pads image and caption token counts to multiples of this
+# The (patch_size, f_patch_size) ZImagePipeline calls the transformer with (its forward defaults).
+Z_IMAGE_PATCH = (2, 1)
+
+
+def padded_len(n: int) -> int:
+    return n + (-n) % SEQ_MULTI_OF
+
+
+def pad_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, n, C] -> [B, padded_len(n), C], zeros appended: the model overwrites those rows with
+    its learned pad tokens (its rope()'s pad table says where), so their content does not matter."""
+    return F.pad(tokens, (0, 0, 0, padded_len(tokens.shape[1]) - tokens.shape[1]))
+
+
+def patchify(latents: torch.Tensor, patch_size: int = Z_IMAGE_PATCH[0], f_patch_size: int = Z_IMAGE_PATCH[1]):
+    """[B, C, H, W] (an image: one frame) or [B, C, F, H, W] -> tokens [B, f*h*w, pf*ph*pw*C],
+    tokens in (f, h, w) order and features in (pf, ph, pw, C) order, as diffusers' _patchify_image."""
+    if latents.ndim == 4:
+        latents = latents.unsqueeze(2)  # the pipeline's unsqueeze(2)
+    b, c, f, h, w = latents.shape
+    p, pf = patch_size, f_patch_size
+    x = latents.reshape(b, c, f // pf, pf, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (f // pf) * (h // p) * (w // p), pf * p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, size: tuple[int, ...], patch_size: int = Z_IMAGE_PATCH[0],
+               f_patch_size: int = Z_IMAGE_PATCH[1]) -> torch.Tensor:
+    """Per-token outputs [B, N(+pad), pf*ph*pw*C] -> [B, C, H, W] for size (H, W), or
+    [B, C, F, H, W] for size (F, H, W) (latent sizes). Rows past the grid (the pad tokens) are
+    dropped, as diffusers' unpatchify does."""
+    f, h, w = size if len(size) == 3 else (1, *size)
+    p, pf = patch_size, f_patch_size
+    grid = (f // pf, h // p, w // p)
+    c = tokens.shape[-1] // (pf * p * p)
+    x = tokens[:, : math.prod(grid)].reshape(tokens.shape[0], *grid, pf, p, p, c)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], c, f, h, w)
+    return x if len(size) == 3 else x.squeeze(2)
+
+
+class ZImageLatents(PackedLatents2x2):
+    """Z-Image's layout: 2x2 patches with features in (ph, pw, C) order, and both the image tokens
+    and the caption padded to multiples of 32 (the model writes its trained pad tokens there;
+    they change the valid outputs, see models/z_image.py). The sampling state carries the image
+    pads; the model outputs zero velocity there, so they stay zero and drop out at unpack. The
+    schedule's seq_len is the unpadded count, the pipeline's image_seq_len. RoPE positions come
+    from the model's rope(), which knows where its pads are."""
+
+    @classmethod
+    def for_model(cls, config, vae_scale_factor: int):
+        return cls(config.in_channels, vae_scale_factor)  # Z-Image's in_channels counts latent channels
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pad_tokens(patchify(latents))
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return unpatchify(tokens, (h, w))
+
+    def rope(self, model, text_len: int, h: int, w: int, device: torch.device):
+        return model.rope(text_len, h, w, device=device)
+
+    pad_text = staticmethod(pad_tokens)

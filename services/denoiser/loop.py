@@ -1,7 +1,8 @@
-"""The sampling loop: per step, predict (with true CFG when asked), then one Euler step."""
+"""The sampling loop: per step, predict (with classifier-free guidance when asked), then one Euler step."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -9,6 +10,36 @@ import torch
 from services.denoiser.runner import DenoiserRunner, StepInputs
 from services.denoiser.schedule import SigmaSchedule
 from services.runtime.errors import RequestCancelledError
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a step's velocity comes from the two branches' (the pipeline's CFG; the stage builds
+    it from the request and the spec). Applies only where the request has a negative branch."""
+
+    scale: float
+    # guided = cond + s (cond - uncond) (ZImagePipeline); else uncond + s (cond - uncond).
+    from_cond: bool = False
+    # Rescale the guided velocity to the conditional one's norm, per token (QwenImagePipeline).
+    renorm: bool = False
+    # > 0: cap the guided velocity's norm, per image, at this times the conditional one's
+    # (ZImagePipeline's cfg_normalization; the DiT's pad rows are zero, so they count nothing).
+    max_norm_ratio: float = 0.0
+    # No CFG on steps whose (1000 - t) / 1000 exceeds this (ZImagePipeline's cfg_truncation).
+    truncation: float = 1.0
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        if self.from_cond:
+            guided = cond + self.scale * (cond - uncond)
+        else:
+            guided = uncond + self.scale * (cond - uncond)
+        if self.renorm:
+            guided = guided * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
+        if self.max_norm_ratio > 0:
+            cap = torch.linalg.vector_norm(cond, dim=(1, 2), keepdim=True) * self.max_norm_ratio
+            norm = torch.linalg.vector_norm(guided, dim=(1, 2), keepdim=True)
+            guided = torch.where(norm > cap, guided * (cap / norm), guided)
+        return guided
 
 
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor):
@@ -22,26 +53,32 @@ def sample(
     latents: torch.Tensor,
     inputs: StepInputs,
     schedule: SigmaSchedule,
-    true_cfg_scale: float,
+    guidance: Guidance | float,
     on_step: Callable[[int, int], None] | None = None,
-    cfg_renorm: bool = False,
+    reversed_time: bool = False,
 ) -> torch.Tensor:
     """Run every step of `schedule` from packed noise `latents`; returns packed latents.
 
-    `cfg_renorm` (Qwen-Image's pipeline): the guided velocity is rescaled to the conditional
-    one's norm per token. `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
+    `guidance`: a float is true CFG at that scale. `reversed_time` (spec.reversed_time): the DiT
+    takes (1000 - t) / 1000 and predicts the negated velocity. Negating before CFG (the pipeline
+    negates after it) changes nothing: IEEE rounding is symmetric, so each Guidance formula,
+    norms included, gives exactly the negation of its value on the raw outputs.
+
+    `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
     at the same step (rank 0 decides), so no rank is left waiting in a collective."""
+    if not isinstance(guidance, Guidance):
+        guidance = Guidance(guidance)
     steps = len(schedule.timesteps)
+    # ZImagePipeline's cfg_truncation test, on the fp32 timesteps, computed once (no sync a step).
+    guided = [t_norm <= guidance.truncation for t_norm in ((1000 - schedule.timesteps.float()) / 1000).tolist()]
     for i, t in enumerate(schedule.timesteps):
-        # The pipeline's timestep arithmetic, kept as is: cast to the latent dtype, then / 1000.
-        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-        velocities = runner.predict(latents, timestep, inputs)
-        velocity = velocities[0]
-        if len(velocities) == 2:
-            cond, uncond = velocities
-            velocity = uncond + true_cfg_scale * (cond - uncond)
-            if cfg_renorm:
-                velocity = velocity * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(velocity, dim=-1, keepdim=True))
+        # The pipelines' timestep arithmetic, kept as is: cast to the latent dtype, then scaled.
+        t = t.expand(latents.shape[0]).to(latents.dtype)
+        timestep = (1000 - t) / 1000 if reversed_time else t / 1000
+        velocities = runner.predict(latents, timestep, inputs, guided[i])
+        if reversed_time:
+            velocities = [-v for v in velocities]
+        velocity = guidance.combine(*velocities) if len(velocities) == 2 else velocities[0]
         latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
         stop = False
         if on_step is not None:

@@ -24,7 +24,7 @@ from services.runtime.messages import CacheStats, Conditioning
 class BranchInputs:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: tuple[torch.Tensor, ...]  # the model's tables: (cos, sin), Z-Image's (cos, sin, pad)
     cache: BlockCache | None = None  # this branch's DiT cache state, when the request asked
     # The token split of this branch: its own, since a negative prompt's text length may differ
     # from the positive's (Qwen-Image's prompts are not padded to a fixed length).
@@ -61,13 +61,12 @@ class DenoiserRunner:
         self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int, h: int, w: int,
         cache: ResolvedCache | None = None,
     ) -> StepInputs:
-        img_ids = self.layout.image_ids(h, w, self.device)
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
         return StepInputs(
-            positive=self._branch(positive, img_ids, cache),
-            negative=self._branch(negative, img_ids, cache) if negative is not None else None,
+            positive=self._branch(positive, h, w, cache),
+            negative=self._branch(negative, h, w, cache) if negative is not None else None,
             guidance=guidance,
         )
 
@@ -84,30 +83,38 @@ class DenoiserRunner:
             self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
         return self._sp_cache[key]
 
-    def _branch(self, cond: Conditioning, img_ids: torch.Tensor, cache: ResolvedCache | None) -> BranchInputs:
-        embeds = cond.prompt_embeds.to(self.device, self.dtype)
-        txt_ids = self.layout.text_ids(embeds.shape[1], self.device)
+    def _branch(self, cond: Conditioning, h: int, w: int, cache: ResolvedCache | None) -> BranchInputs:
+        text_len = cond.prompt_embeds.shape[1]
+        embeds = self.layout.pad_text(cond.prompt_embeds.to(self.device, self.dtype))
+        rope = self.layout.rope(self.model, text_len, h, w, self.device)
         agree = self._agree if self.mesh is not None and self.mesh.degrees.world_size > 1 else None
         sp = None
-        if self.mesh is not None and self.mesh.sp_size > 1:
-            sp = self._sequence_parallel(embeds.shape[1], img_ids.shape[0])
+        if self.mesh is not None and self.mesh.sp_size > 1:  # rope has a row per [text; image] token
+            sp = self._sequence_parallel(embeds.shape[1], rope[0].shape[0] - embeds.shape[1])
         return BranchInputs(
             prompt_embeds=embeds,
             pooled_prompt_embeds=cond.pooled_prompt_embeds.to(self.device, self.dtype),
-            rope=self.model.rope(txt_ids, img_ids),
+            rope=rope,
             cache=BlockCache(cache, agree) if cache is not None and cache.enabled else None,
             sp=sp,
         )
 
     @torch.inference_mode()
-    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: StepInputs) -> list[torch.Tensor]:
-        """Velocity of each branch: [positive] or [positive, negative]."""
-        branches = [inputs.positive] + ([inputs.negative] if inputs.negative is not None else [])
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: StepInputs,
+                guided: bool = True) -> list[torch.Tensor]:
+        """Velocity of each branch: [positive] or [positive, negative] (guided: False runs the
+        positive one only, a step the pipeline runs without CFG), in the latents' dtype."""
+        branches = [inputs.positive] + ([inputs.negative] if inputs.negative is not None and guided else [])
+        # Latents may be fp32 around a bf16 DiT (spec.fp32_latents): the pipeline's casts, in and
+        # out (out after the exchanges, which then move the DiT's dtype).
+        x = latents.to(self.dtype)
         if self.mesh is not None and self.mesh.degrees.cfg == 2 and len(branches) == 2:
-            mine = self._forward(latents, timestep, branches[self.mesh.rank("cfg")], inputs)
+            mine = self._forward(x, timestep, branches[self.mesh.rank("cfg")], inputs)
             shapes = [tuple(mine.shape)] * 2
-            return all_to_all([mine, mine], shapes, self.mesh.group("cfg"))
-        return [self._forward(latents, timestep, b, inputs) for b in branches]
+            velocities = all_to_all([mine, mine], shapes, self.mesh.group("cfg"))
+        else:
+            velocities = [self._forward(x, timestep, b, inputs) for b in branches]
+        return [v.to(latents.dtype) for v in velocities]
 
     def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
         sp = branch.sp

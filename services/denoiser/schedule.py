@@ -31,17 +31,21 @@ def resolution_shift(image_seq_len: int, config: dict) -> float:
 
 
 class FlowMatchSchedule:
-    def __init__(self, scheduler_config: dict):
+    def __init__(self, scheduler_config: dict, sigma_linspace: str = "numpy"):
+        """`sigma_linspace`: how the pipeline computes its default grid (PipelineSpec.sigma_linspace)."""
         if scheduler_config.get("_class_name") not in (None, "FlowMatchEulerDiscreteScheduler"):
             raise UnsupportedModelError(f"scheduler {scheduler_config['_class_name']} is not supported")
         if scheduler_config.get("stochastic_sampling"):
             raise UnsupportedModelError("FlowMatchEulerDiscreteScheduler with stochastic_sampling is not supported")
         self.config = scheduler_config
+        self.sigma_linspace = sigma_linspace
 
     def for_request(self, num_steps: int, image_seq_len: int, device: torch.device) -> SigmaSchedule:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.config)
         # FluxPipeline's sigma grid; checkpoints that set use_flow_sigmas build their own.
         sigmas = None if self.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        if self.sigma_linspace == "torch":  # ZImagePipeline's, passed whatever the config says
+            sigmas = torch.linspace(1.0, 1 / num_steps, num_steps).tolist()
         scheduler.set_timesteps(
             num_steps if sigmas is None else None,
             device=device,

@@ -11,7 +11,7 @@ import torch
 
 from services.denoiser.compile import compile_blocks, should_compile, use_compile_cache
 from services.denoiser.latents import initial_noise
-from services.denoiser.loop import sample
+from services.denoiser.loop import Guidance, sample
 from services.denoiser.lora.apply import LoraRunner
 from services.denoiser.lora.formats import module_shapes
 from services.denoiser.lora.store import AdapterStore
@@ -65,10 +65,10 @@ class DenoiserStage:
         if should_compile(config.compile, self.device):
             use_compile_cache(config.compile_cache_dir)
             compile_blocks(transformer, overlap_comm=mesh is not None)
-        self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"))
-        # Packed tokens carry 2x2 patches of every latent channel: in_channels = 4 x channels.
-        layout = FAMILIES[self.spec.denoiser].layout
-        self.layout = layout(transformer.config.in_channels // 4, self.model.vae_scale_factor)
+        self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"), self.spec.sigma_linspace)
+        self.layout = FAMILIES[self.spec.denoiser].layout.for_model(transformer.config, self.model.vae_scale_factor)
+        self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
+        self.defaults = self.spec.defaults(self.model)
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh)
         self.lora = LoraRunner(transformer, self.device)
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
@@ -81,17 +81,17 @@ class DenoiserStage:
         loads, hits = self.adapters.loads, self.adapters.hits
         with measure(self.device) as metrics:
             h, w = self.layout.latent_hw(request.height, request.width)
-            noise = initial_noise(request.seeds, (self.layout.channels, h, w), self.dtype, self.device)
+            noise = initial_noise(request.seeds, (self.layout.channels, h, w), self.latent_dtype, self.device)
             latents = self.layout.pack(noise)
-            schedule = self.schedule.for_request(request.num_inference_steps, latents.shape[1], self.device)
+            schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(h, w), self.device)
             cache = CachePolicy(**request.cache).resolved(request.num_inference_steps) if request.cache else None
             inputs = self.runner.prepare(
                 request.positive, request.negative, request.guidance_scale, len(request.seeds), h, w, cache
             )
             self._use_loras(request)
             try:
-                latents = sample(self.runner, latents, inputs, schedule, request.true_cfg_scale, on_step,
-                                 cfg_renorm=self.spec.true_cfg_renorm)
+                latents = sample(self.runner, latents, inputs, schedule, self._guidance(request), on_step,
+                                 reversed_time=self.spec.reversed_time)
             finally:
                 self.lora.deactivate()
             out = self.layout.unpack(latents, h, w)
@@ -99,6 +99,12 @@ class DenoiserStage:
         if self.runner.mesh is not None:  # every rank runs this call: one small all-gather
             metrics.peak_memory_by_rank = gather_ints(metrics.peak_memory_bytes, self.device)
         return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
+
+    def _guidance(self, request: DenoiseRequest) -> Guidance:
+        if self.spec.guidance_cfg:
+            return Guidance(request.guidance_scale, from_cond=True, max_norm_ratio=self.defaults.cfg_normalization,
+                            truncation=self.defaults.cfg_truncation)
+        return Guidance(request.true_cfg_scale, renorm=self.spec.true_cfg_renorm)
 
     def _use_loras(self, request: DenoiseRequest) -> None:
         if request.loras and len(request.loras) != len(request.seeds):

@@ -30,6 +30,17 @@ TEMPLATE_PREFIX_TOKENS = 34
 MAX_TOKENS = 1024  # the pipeline's tokenizer_max_length
 
 
+def encode_each(prompts: list[str], encode_one) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each distinct prompt through encode_one(prompt) -> [L_i, D] once; returns (embeds [B, L, D]
+    zero-padded to the longest row, an empty pooled [B, 0], lengths [B])."""
+    distinct = {p: encode_one(p) for p in dict.fromkeys(prompts)}
+    rows = [distinct[p] for p in prompts]
+    longest = max(r.shape[0] for r in rows)
+    embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
+    return embeds, embeds.new_zeros(len(prompts), 0), lengths
+
+
 class QwenVLPromptEncoder:
     def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
         if tp is not None:
@@ -48,12 +59,7 @@ class QwenVLPromptEncoder:
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (embeds [B, L, D] zero-padded to the longest row, pooled [B, 0], lengths [B])."""
-        distinct = {p: self._encode_one(p)[:max_sequence_length] for p in dict.fromkeys(prompts)}
-        rows = [distinct[p] for p in prompts]
-        longest = max(r.shape[0] for r in rows)
-        embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
-        lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
-        return embeds, embeds.new_zeros(len(prompts), 0), lengths
+        return encode_each(prompts, lambda p: self._encode_one(p)[:max_sequence_length])
 
     def _encode_one(self, prompt: str) -> torch.Tensor:
         tokens = self.tokenizer([TEMPLATE.format(prompt)], max_length=MAX_TOKENS + TEMPLATE_PREFIX_TOKENS,

@@ -6,6 +6,7 @@ interface, backed by that many ranks."""
 from __future__ import annotations
 
 from services.encoder.clip_t5 import ClipT5PromptEncoder
+from services.encoder.qwen3 import Qwen3PromptEncoder
 from services.encoder.qwen_vl import QwenVLPromptEncoder
 from services.runtime.config import EncoderConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
@@ -18,7 +19,7 @@ from services.runtime.tensor_parallel import TensorParallel
 # Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=), has
 # check_tp(model, tp_size), which refuses a degree the model cannot be split into, and
 # encode(prompts, max_sequence_length) -> (embeds, pooled, lengths or None).
-PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder}
+PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder, "qwen3": Qwen3PromptEncoder}
 
 
 def prompt_encoder_class(spec: PipelineSpec):

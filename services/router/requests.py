@@ -46,11 +46,9 @@ class ResolvedRequest:
     images: tuple[np.ndarray, ...] = ()
     mask: np.ndarray | None = None
     inputs_digest: str = ""
-
-    @property
-    def true_cfg(self) -> bool:
-        # diffusers' FluxPipeline rule: real CFG only with a negative prompt and a scale > 1.
-        return self.negative_prompt is not None and self.true_cfg_scale > 1
+    # Classifier-free guidance runs: the negative prompt is encoded and denoised too (the
+    # family's rule, PipelineSpec.guidance_cfg; the negative prompt is set whenever it runs).
+    cfg: bool = False
 
     @property
     def batch_key(self) -> tuple:
@@ -60,7 +58,7 @@ class ResolvedRequest:
             self.width,
             self.num_inference_steps,
             self.guidance_scale,
-            self.true_cfg_scale if self.true_cfg else None,
+            self.true_cfg_scale if self.cfg else None,
             self.negative_prompt is not None,
             self.num_frames,
             self.fps,
@@ -109,17 +107,28 @@ def resolve_request(
             raise InvalidRequestError(f"{feature} is not available for {spec.family}", feature)
     if "cache" not in spec.features:
         default_cache = None  # the server's default policy applies where caching exists
+    guidance_scale = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
+    true_cfg_scale = req.true_cfg_scale if req.true_cfg_scale is not None else defaults.true_cfg_scale
+    negative_prompt = req.negative_prompt
+    if spec.guidance_cfg:  # ZImagePipeline: guidance_scale > 0 runs CFG, against "" by default
+        if req.true_cfg_scale is not None:
+            raise InvalidRequestError(f"true_cfg_scale: {spec.family}'s CFG scale is guidance_scale", "true_cfg_scale")
+        cfg = guidance_scale > 0
+        if cfg and negative_prompt is None:
+            negative_prompt = ""
+    else:  # diffusers' FluxPipeline rule: real CFG only with a negative prompt and a scale > 1
+        cfg = negative_prompt is not None and true_cfg_scale > 1
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     num_frames, fps = _frames(req, spec, defaults)
     images, mask = _input_images(req, spec)
     return ResolvedRequest(
         prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
+        negative_prompt=negative_prompt,
         height=height,
         width=width,
         num_inference_steps=req.num_inference_steps or defaults.num_inference_steps,
-        guidance_scale=req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale,
-        true_cfg_scale=req.true_cfg_scale if req.true_cfg_scale is not None else defaults.true_cfg_scale,
+        guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale,
         max_sequence_length=max_seq,
         # Image i of a request uses seed + i, so each image is reproducible on its own.
         seeds=tuple(seed + i for i in range(req.n)),
@@ -130,6 +139,7 @@ def resolve_request(
         images=images,
         mask=mask,
         inputs_digest=_digest(req),
+        cfg=cfg,
     )
 
 

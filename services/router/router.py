@@ -126,7 +126,7 @@ class Router:
     async def _run_batch(self, jobs: list[_Job]) -> list[GenerateResult]:
         """One encoder call for every prompt of the batch, one denoiser call for every image,
         one VAE call; results are split back per request. Where the encoder's rows have
-        different real lengths (Qwen-Image), jobs go to the denoiser in groups of equal lengths,
+        different real lengths (Qwen-Image, Z-Image), jobs go to the denoiser in groups of equal lengths,
         so the DiT sees no padding and each image is the one its request gets alone."""
         t_batch = time.perf_counter()
         if self.spec.whole_pipeline:
@@ -134,7 +134,7 @@ class Router:
         first = jobs[0].request
         timeout = max(j.deadline for j in jobs) - time.monotonic()
         prompts = [j.request.prompt for j in jobs]
-        if first.true_cfg:
+        if first.cfg:
             prompts += [j.request.negative_prompt for j in jobs]
         enc = await self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length), timeout_s=timeout)
         if enc.prompt_lengths is None:
@@ -142,7 +142,7 @@ class Router:
         n, lengths = len(jobs), enc.prompt_lengths.tolist()
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
-            groups.setdefault((lengths[i], lengths[n + i] if first.true_cfg else None), []).append(i)
+            groups.setdefault((lengths[i], lengths[n + i] if first.cfg else None), []).append(i)
         results = {}
         for g, members in enumerate(groups.values()):
             done = await self._denoise_decode([jobs[i] for i in members], enc, members, t_batch, g == 0)
@@ -155,7 +155,7 @@ class Router:
         negative prompts the same rows + the batch's job count, after them). The encoder call is
         recorded in the metrics with the batch's first group only: it ran once."""
         first = jobs[0].request
-        true_cfg = first.true_cfg
+        cfg = first.cfg
         counts = [len(j.request.seeds) for j in jobs]
         job_rows = torch.tensor(rows_of_jobs)
         rows = torch.repeat_interleave(job_rows, torch.tensor(counts))
@@ -175,7 +175,7 @@ class Router:
         den = await self.denoiser.denoise(
             DenoiseRequest(
                 positive=conditioning(0),
-                negative=conditioning(negative_offset) if true_cfg else None,
+                negative=conditioning(negative_offset) if cfg else None,
                 height=first.height,
                 width=first.width,
                 num_inference_steps=first.num_inference_steps,

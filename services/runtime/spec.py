@@ -21,6 +21,11 @@ class GenerationDefaults:
     width: int
     max_sequence_length: int
     true_cfg_scale: float = 1.0  # real CFG against a negative prompt applies when > 1
+    # With guidance_cfg (ZImagePipeline's cfg_normalization, cfg_truncation): cap the guided
+    # velocity's norm, per image, at this times the conditional one's (0: off); run no CFG on
+    # steps whose (1000 - t) / 1000 exceeds cfg_truncation (1: never skipped).
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
     num_frames: int = 0  # > 0: a video model's default clip length
     fps: int = 0
 
@@ -49,8 +54,23 @@ class PipelineSpec:
     features: frozenset[str] = frozenset({"lora", "cache", "negative_prompt"})
     # Video: the VAE compresses time by this factor, so clips have 1 + k * frame_multiple frames.
     frame_multiple: int = 1
+    # Classifier-free guidance as the family's pipeline runs it: the router reads when a request
+    # has a negative branch, the sampling loop how the two velocities combine. True CFG (Flux,
+    # Qwen-Image): a negative prompt and true_cfg_scale > 1, guided = uncond + s (cond - uncond).
+    # guidance_cfg (ZImagePipeline): guidance_scale > 0, against "" when no negative prompt is
+    # given, guided = cond + s (cond - uncond).
+    guidance_cfg: bool = False
     # True CFG rescales the guided velocity to the conditional one's norm, per token (Qwen-Image).
     true_cfg_renorm: bool = False
+    # The DiT is conditioned on (1000 - t) / 1000 (0 at pure noise) and predicts the negated
+    # velocity (ZImagePipeline), not t / 1000 and the velocity.
+    reversed_time: bool = False
+    # Noise, CFG and the Euler steps stay fp32 whatever the DiT's dtype (ZImagePipeline); else
+    # they run in the DiT's dtype, as Flux's and Qwen-Image's pipelines do.
+    fp32_latents: bool = False
+    # The default sigma grid linspace(1, 1/n, n): "numpy" (FluxPipeline's, float64) or "torch"
+    # (ZImagePipeline's, float32); for most n they differ in the last bit.
+    sigma_linspace: str = "numpy"
 
     def size_multiple(self, model: "ModelDir") -> int:
         return model.vae_scale_factor * self.latent_patch

@@ -30,15 +30,33 @@ class TensorParallel:
 
 
 class ColumnParallelLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel | None = None, bias: bool = True):
+    """`blocks`: the output is a concatenation of independently sharded pieces of these full sizes
+    (Flux.2's fused [q | k | v | MLP gate | MLP up] projection, its SwiGLU's [gate | up]). A rank
+    keeps its slice of every piece, in order, so its output has the full layout at 1/tp the width
+    and the model splits it the same way with or without TP."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel | None = None, bias: bool = True,
+                 blocks: list[int] | None = None):
         self.tp = tp
-        super().__init__(in_features, tp.split(out_features, "output features") if tp else out_features, bias=bias)
+        self.blocks = blocks or [out_features]
+        if sum(self.blocks) != out_features:
+            raise ValueError(f"output blocks {self.blocks} do not add up to {out_features} output features")
+        local_out = sum(tp.split(b, "output features") for b in self.blocks) if tp else out_features
+        super().__init__(in_features, local_out, bias=bias)
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full weight or bias (or of a LoRA up matrix: rows are outputs)."""
         if self.tp is None:
             return full
-        n = full.shape[0] // self.tp.size
-        return full[self.tp.rank * n : (self.tp.rank + 1) * n]
+        if len(self.blocks) == 1:
+            n = full.shape[0] // self.tp.size
+            return full[self.tp.rank * n : (self.tp.rank + 1) * n]
+        pieces, start = [], 0
+        for b in self.blocks:
+            n = b // self.tp.size
+            pieces.append(full[start + self.tp.rank * n : start + (self.tp.rank + 1) * n])
+            start += b
+        return torch.cat(pieces, dim=0)
 
 
 class RowParallelLinear(nn.Linear):

@@ -34,15 +34,15 @@ class VaeStage:
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         (name,) = self.spec.vae_components
         self.vae = load_component(self.model, name, dtype=self.dtype, device=self.device)
-        config = self.vae.config
-        self.per_channel = getattr(config, "latents_mean", None) is not None
+        vae_config = self.vae.config
+        self.per_channel = getattr(vae_config, "latents_mean", None) is not None
         if self.per_channel:
             # Shaped [1, C, 1, 1, 1] for the 5-D latents; the pipeline divides by 1 / std.
-            self.latents_mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
-            self.latents_std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
+            self.latents_mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1)
+            self.latents_std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1)
         else:
-            self.scaling_factor = config.scaling_factor
-            self.shift_factor = config.shift_factor or 0.0
+            self.scaling_factor = vae_config.scaling_factor
+            self.shift_factor = vae_config.shift_factor or 0.0
         if isinstance(config, VaeConfig):
             self.warm_up(config.warmup_resolutions)
 

@@ -27,3 +27,11 @@ def qwen_image_dir(tmp_path_factory):
     from tests.tiny_families import build_tiny_qwen_image
 
     return build_tiny_qwen_image(tmp_path_factory.mktemp("qwen-image") / "model")
+
+
+@pytest.fixture(scope="session")
+def z_image_dir(tmp_path_factory):
+    """A tiny Z-Image (Turbo) layout: Qwen3 text encoder, 2-head single-stream DiT, AutoencoderKL."""
+    from tests.tiny_families import build_tiny_z_image
+
+    return build_tiny_z_image(tmp_path_factory.mktemp("z-image") / "model")

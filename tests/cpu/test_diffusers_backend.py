@@ -1,5 +1,5 @@
-"""The diffusers backend: pipelines with no native family (tiny SD3, PixArt-Sigma, Z-Image,
-Qwen-Image, Flux.2 [klein], Wan 2.1 / 2.2 here) run
+"""The diffusers backend: pipelines with no native family (tiny SD3, PixArt-Sigma, Flux.2 [klein],
+Wan 2.1 / 2.2 here) run
 whole in the denoiser worker, behind the same router, CLI, REST and gRPC, and give exactly the
 pixels of diffusers' own pipeline on the same directory and seeds."""
 
@@ -29,7 +29,6 @@ from tests.tiny_families import (
     build_tiny_pixart_sigma,
     build_tiny_sd3,
     build_tiny_wan,
-    build_tiny_z_image,
 )
 
 STEPS = 3
@@ -67,18 +66,13 @@ def generate(path, backend: str = "auto", **fields):
 
 
 @pytest.fixture(scope="module")
-def z_image_dir(tmp_path_factory):
-    return build_tiny_z_image(tmp_path_factory.mktemp("z-image") / "model")
-
-
-@pytest.fixture(scope="module")
 def flux2_klein_dir(tmp_path_factory):
     return build_tiny_flux2_klein(tmp_path_factory.mktemp("flux2-klein") / "model")
 
 
-# Qwen-Image is served natively (tests/cpu/test_qwen_image.py); --backend diffusers is checked for
-# a native family below, on Flux.
-@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir", "z_image_dir", "flux2_klein_dir"])
+# Qwen-Image and Z-Image are served natively (tests/cpu/test_qwen_image.py, test_z_image.py);
+# --backend diffusers is checked for a native family below, on Flux.
+@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir", "flux2_klein_dir"])
 def test_pixels_equal_diffusers_pipeline(family, request):
     path = request.getfixturevalue(family)
     # a negative prompt where the pipeline takes one (Flux.2 [klein] does not: a 400 there)

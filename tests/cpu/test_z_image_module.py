@@ -11,13 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.denoiser.models.z_image import (
-    ZImageConfig,
-    ZImageTransformer,
-    pad_tokens,
-    patchify,
-    unpatchify,
-)
+from services.denoiser.latents import pad_tokens, patchify, unpatchify
+from services.denoiser.models.z_image import ZImageConfig, ZImageTransformer
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
@@ -125,28 +120,19 @@ def test_block_cache_computed_step_matches_uncached():
     x, c = pad_tokens(patchify(latents)), pad_tokens(caps)
     cache = BlockCache(CachePolicy(Fn_compute_blocks=1, Bn_compute_blocks=0).resolved(2))
     with torch.no_grad():
-        assert torch.equal(model(x, c, None, t, rope, cache=cache), model(x, c, None, t, rope))
+        out = model(x, c, None, t, rope)
+        assert torch.equal(model(x, c, None, t, rope, cache=cache), out)
+    # 15 image tokens padded to 32: the pad rows' outputs are zero (a sampler's pads stay zero)
+    assert out.shape[1] == 32 and out[:, 15:].eq(0).all() and out[:, :15].ne(0).all()
 
 
-@pytest.fixture(scope="module")
-def z_image_dir(tmp_path_factory):
-    from tests.tiny_families import build_tiny_z_image
-
-    return build_tiny_z_image(tmp_path_factory.mktemp("z-image") / "model")
-
-
-def test_loads_through_the_native_loader(z_image_dir, monkeypatch):
+def test_loads_through_the_native_loader(z_image_dir):
     from diffusers import ZImageTransformer2DModel
     from safetensors.torch import load_file
 
-    from services.denoiser import models
-    from services.denoiser.models import NativeFamily
     from services.denoiser.weights import load_native_transformer
     from services.runtime.registry import ModelDir
 
-    # The family is registered in models/__init__.py separately; the loader reads this dict.
-    monkeypatch.setitem(models.FAMILIES, "z_image",
-                        NativeFamily(ZImageConfig, ZImageTransformer, ("ZImageTransformer2DModel",)))
     native = load_native_transformer(ModelDir(z_image_dir), "z_image", dtype=torch.float32, device=torch.device("cpu"))
     on_disk = load_file(z_image_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     state = native.state_dict()
@@ -190,6 +176,10 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees):
         assert err <= 1e-5, f"rank {rank} {degrees}: relative error {err:.2e}"
     finally:
         dist.destroy_process_group()
+    # Checked and done. Skip the interpreter's teardown, as test_parallel.py does: a rank of the
+    # Ulysses case sometimes aborted there (about 1 run in 10 on a 2-core machine, "terminate
+    # called without an active exception", no Python frame left) after its check had passed.
+    os._exit(0)
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.denoiser.latents import CenteredLatents2x2, PackedLatents2x2
+from services.denoiser.latents import CenteredLatents2x2, PackedLatents2x2, ZImageLatents
 from services.denoiser.models.flux import FluxConfig, FluxTransformer
 from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
+from services.denoiser.models.z_image import ZImageConfig, ZImageTransformer
 
 
 @dataclass(frozen=True)
@@ -23,4 +24,5 @@ FAMILIES = {
     "flux": NativeFamily(FluxConfig, FluxTransformer, ("FluxTransformer2DModel",)),
     "qwen_image": NativeFamily(QwenImageConfig, QwenImageTransformer, ("QwenImageTransformer2DModel",),
                                CenteredLatents2x2),
+    "z_image": NativeFamily(ZImageConfig, ZImageTransformer, ("ZImageTransformer2DModel",), ZImageLatents),
 }

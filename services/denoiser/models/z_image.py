@@ -9,13 +9,14 @@ for op (its RMSNorm's casts, fp32 RoPE angles from float64, torch.polar values),
 agree to rounding. diffusers applies RoPE as a complex product; the real (cos, sin) form here
 (flux.apply_rope) rotates the same interleaved pairs with the same products.
 
-Pad tokens. diffusers pads every image and every caption to a multiple of SEQ_MULTI_OF tokens
+Pad tokens. diffusers pads every image and every caption to a multiple of 32 tokens (SEQ_MULTI_OF)
 and overwrites the padding with learned tokens (`x_pad_token`, `cap_pad_token`). Its attention
 mask hides only the batch padding between samples of different lengths, never these: they are
 keys and values in every refiner and main layer, so they change the valid tokens' outputs
 (the checkpoints' pad tokens are trained). They are kept here, exactly: inputs come padded
-(`pad_tokens`), `rope()` marks the pad positions, and the model writes its pad tokens there.
-The caption padding also moves the image's RoPE positions (they start after the padded caption).
+(`pad_tokens`, with `patchify` and the ZImageLatents layout in services/denoiser/latents.py),
+`rope()` marks the pad positions, and the model writes its pad tokens there. The caption padding
+also moves the image's RoPE positions (they start after the padded caption).
 
 Differences from diffusers are in the interface, because sequence parallelism shards tokens:
 forward() takes batched, patchified, padded tokens (every sample the same size and caption
@@ -38,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from services.denoiser.attention import attention
+from services.denoiser.latents import Z_IMAGE_PATCH as PATCH
+from services.denoiser.latents import padded_len
 from services.denoiser.models.flux import apply_rope, layer_norm, timestep_embedding
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
@@ -46,10 +49,7 @@ from services.runtime.errors import UnsupportedModelError
 if TYPE_CHECKING:  # block cache
     from services.denoiser.cache import BlockCache
 
-SEQ_MULTI_OF = 32  # diffusers pads image and caption token counts to multiples of this
 ADALN_EMBED_DIM = 256  # width of the timestep embedding that modulates every block
-# The (patch_size, f_patch_size) ZImagePipeline calls the transformer with (its forward defaults).
-PATCH = (2, 1)
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -91,40 +91,14 @@ class ZImageConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    # What the runner reads of every family: no guidance embedding, no pooled vector, and text
+    # embeddings of joint_attention_dim (the caption features).
+    guidance_embeds = False
+    pooled_projection_dim = 0
 
-def padded_len(n: int) -> int:
-    return n + (-n) % SEQ_MULTI_OF
-
-
-def pad_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, n, C] -> [B, padded_len(n), C], zeros appended: the model overwrites those rows with
-    its learned pad tokens (rope()'s pad table says where), so their content does not matter."""
-    return F.pad(tokens, (0, 0, 0, padded_len(tokens.shape[1]) - tokens.shape[1]))
-
-
-def patchify(latents: torch.Tensor, patch_size: int = PATCH[0], f_patch_size: int = PATCH[1]) -> torch.Tensor:
-    """[B, C, H, W] (an image: one frame) or [B, C, F, H, W] -> tokens [B, f*h*w, pf*ph*pw*C],
-    tokens in (f, h, w) order and features in (pf, ph, pw, C) order, as diffusers' _patchify_image."""
-    if latents.ndim == 4:
-        latents = latents.unsqueeze(2)  # the pipeline's unsqueeze(2)
-    b, c, f, h, w = latents.shape
-    p, pf = patch_size, f_patch_size
-    x = latents.reshape(b, c, f // pf, pf, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (f // pf) * (h // p) * (w // p), pf * p * p * c)
-
-
-def unpatchify(tokens: torch.Tensor, size: tuple[int, ...], patch_size: int = PATCH[0],
-               f_patch_size: int = PATCH[1]) -> torch.Tensor:
-    """Per-token outputs [B, N(+pad), pf*ph*pw*C] -> [B, C, H, W] for size (H, W), or
-    [B, C, F, H, W] for size (F, H, W) (latent sizes). Rows past the grid (the pad tokens) are
-    dropped, as diffusers' unpatchify does."""
-    f, h, w = size if len(size) == 3 else (1, *size)
-    p, pf = patch_size, f_patch_size
-    grid = (f // pf, h // p, w // p)
-    c = tokens.shape[-1] // (pf * p * p)
-    x = tokens[:, : math.prod(grid)].reshape(tokens.shape[0], *grid, pf, p, p, c)
-    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], c, f, h, w)
-    return x if len(size) == 3 else x.squeeze(2)
+    @property
+    def joint_attention_dim(self) -> int:
+        return self.cap_feat_dim
 
 
 def rope_tables(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float):
@@ -337,9 +311,11 @@ class ZImageTransformer(nn.Module):
         tables (shard_rope'd under sequence parallelism). pooled_projections and guidance are
         unused (the runner's signature; Z-Image has neither).
 
-        Returns [B, N_pad, 4*C]; `unpatchify` drops the pad rows. This is the transformer's raw
-        output: ZImagePipeline negates it (noise_pred = -output) before scheduler.step, and that
-        negation is left to the caller, as is classifier-free guidance."""
+        Returns [B, N_pad, 4*C], zeros at the pad rows (so a sampler's pad rows stay zero and
+        per-image norms count real tokens only); `unpatchify` drops them. Otherwise this is the
+        transformer's raw output: ZImagePipeline negates it (noise_pred = -output) before
+        scheduler.step; the sampling loop does that (spec.reversed_time), and classifier-free
+        guidance."""
         cos, sin, pad = rope
         text_len = encoder_hidden_states.shape[1]
         if text_len + hidden_states.shape[1] != pad.shape[0]:
@@ -369,7 +345,8 @@ class ZImageTransformer(nn.Module):
             for block in self.layers:
                 x = block(x, (cos, sin), adaln)
         # The final layer is per token: only the image tokens are worth it.
-        return self.all_final_layer[key](x[:, text_len:], adaln)
+        out = self.all_final_layer[key](x[:, text_len:], adaln)
+        return out.masked_fill(pad[text_len:, None], 0.0)
 
     # --- block cache (services/denoiser/cache.py) ---
     def block_steps(self, adaln: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):

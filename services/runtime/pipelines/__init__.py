@@ -2,5 +2,6 @@
 
 from services.runtime.pipelines.flux import FLUX
 from services.runtime.pipelines.qwen_image import QWEN_IMAGE
+from services.runtime.pipelines.z_image import Z_IMAGE
 
-ALL_SPECS = (FLUX, QWEN_IMAGE)
+ALL_SPECS = (FLUX, QWEN_IMAGE, Z_IMAGE)
