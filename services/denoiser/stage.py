@@ -101,10 +101,10 @@ class DenoiserStage:
         return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
 
     def _guidance(self, request: DenoiseRequest) -> Guidance:
-        if self.spec.guidance_cfg:
-            return Guidance(request.guidance_scale, from_cond=True, max_norm_ratio=self.defaults.cfg_normalization,
-                            truncation=self.defaults.cfg_truncation)
-        return Guidance(request.true_cfg_scale, renorm=self.spec.true_cfg_renorm)
+        rule = self.spec.cfg
+        scale = request.guidance_scale if rule.scale == "guidance_scale" else request.true_cfg_scale
+        return Guidance(scale, from_cond=rule.from_cond, renorm=rule.renorm,
+                        max_norm_ratio=self.defaults.cfg_normalization, truncation=self.defaults.cfg_truncation)
 
     def _use_loras(self, request: DenoiseRequest) -> None:
         if request.loras and len(request.loras) != len(request.seeds):

@@ -47,7 +47,7 @@ class ResolvedRequest:
     mask: np.ndarray | None = None
     inputs_digest: str = ""
     # Classifier-free guidance runs: the negative prompt is encoded and denoised too (the
-    # family's rule, PipelineSpec.guidance_cfg; the negative prompt is set whenever it runs).
+    # family's rule, PipelineSpec.cfg; the negative prompt is set whenever it runs).
     cfg: bool = False
 
     @property
@@ -109,15 +109,13 @@ def resolve_request(
         default_cache = None  # the server's default policy applies where caching exists
     guidance_scale = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
     true_cfg_scale = req.true_cfg_scale if req.true_cfg_scale is not None else defaults.true_cfg_scale
-    negative_prompt = req.negative_prompt
-    if spec.guidance_cfg:  # ZImagePipeline: guidance_scale > 0 runs CFG, against "" by default
-        if req.true_cfg_scale is not None:
-            raise InvalidRequestError(f"true_cfg_scale: {spec.family}'s CFG scale is guidance_scale", "true_cfg_scale")
-        cfg = guidance_scale > 0
-        if cfg and negative_prompt is None:
-            negative_prompt = ""
-    else:  # diffusers' FluxPipeline rule: real CFG only with a negative prompt and a scale > 1
-        cfg = negative_prompt is not None and true_cfg_scale > 1
+    rule, negative_prompt = spec.cfg, req.negative_prompt
+    if rule.scale == "guidance_scale" and req.true_cfg_scale is not None:
+        raise InvalidRequestError(f"true_cfg_scale: {spec.family}'s CFG scale is guidance_scale", "true_cfg_scale")
+    scale = guidance_scale if rule.scale == "guidance_scale" else true_cfg_scale
+    cfg = (negative_prompt is not None or rule.empty_negative) and scale > rule.threshold
+    if cfg and negative_prompt is None:
+        negative_prompt = ""
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     num_frames, fps = _frames(req, spec, defaults)
     images, mask = _input_images(req, spec)

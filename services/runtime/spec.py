@@ -6,7 +6,7 @@ the stages and the CLI read specs; nothing else switches on a model name."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -21,13 +21,30 @@ class GenerationDefaults:
     width: int
     max_sequence_length: int
     true_cfg_scale: float = 1.0  # real CFG against a negative prompt applies when > 1
-    # With guidance_cfg (ZImagePipeline's cfg_normalization, cfg_truncation): cap the guided
+    # ZImagePipeline's cfg_normalization and cfg_truncation (with its CfgRule): cap the guided
     # velocity's norm, per image, at this times the conditional one's (0: off); run no CFG on
     # steps whose (1000 - t) / 1000 exceeds cfg_truncation (1: never skipped).
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
     num_frames: int = 0  # > 0: a video model's default clip length
     fps: int = 0
+
+
+@dataclass(frozen=True)
+class CfgRule:
+    """Classifier-free guidance as the family's pipeline runs it: the router reads when a request
+    has a negative branch, the sampling loop how the two velocities combine.
+
+    The default is true CFG (FluxPipeline, QwenImagePipeline): it runs with a negative prompt and
+    true_cfg_scale > 1, guided = uncond + s (cond - uncond). Pipelines whose CFG scale is
+    guidance_scale encode "" when no negative prompt is given (ZImagePipeline from a scale > 0,
+    with guided = cond + s (cond - uncond); WanPipeline and Flux2KleinPipeline from > 1)."""
+
+    scale: str = "true_cfg_scale"  # the request field that is the CFG scale
+    threshold: float = 1.0  # CFG runs when that scale exceeds this
+    empty_negative: bool = False  # without a negative prompt, CFG runs against ""
+    from_cond: bool = False  # guided = cond + s (cond - uncond)
+    renorm: bool = False  # rescale the guided velocity to the conditional one's norm, per token (Qwen-Image)
 
 
 @dataclass(frozen=True)
@@ -54,14 +71,8 @@ class PipelineSpec:
     features: frozenset[str] = frozenset({"lora", "cache", "negative_prompt"})
     # Video: the VAE compresses time by this factor, so clips have 1 + k * frame_multiple frames.
     frame_multiple: int = 1
-    # Classifier-free guidance as the family's pipeline runs it: the router reads when a request
-    # has a negative branch, the sampling loop how the two velocities combine. True CFG (Flux,
-    # Qwen-Image): a negative prompt and true_cfg_scale > 1, guided = uncond + s (cond - uncond).
-    # guidance_cfg (ZImagePipeline): guidance_scale > 0, against "" when no negative prompt is
-    # given, guided = cond + s (cond - uncond).
-    guidance_cfg: bool = False
-    # True CFG rescales the guided velocity to the conditional one's norm, per token (Qwen-Image).
-    true_cfg_renorm: bool = False
+    # When a request runs classifier-free guidance and how the branches combine (CfgRule).
+    cfg: CfgRule = field(default_factory=lambda: CfgRule())
     # The DiT is conditioned on (1000 - t) / 1000 (0 at pure noise) and predicts the negated
     # velocity (ZImagePipeline), not t / 1000 and the velocity.
     reversed_time: bool = False

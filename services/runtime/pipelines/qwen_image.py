@@ -3,7 +3,7 @@ MMDiT, and Qwen-Image's own (video-shaped, one-frame) VAE."""
 
 from __future__ import annotations
 
-from services.runtime.spec import GenerationDefaults, PipelineSpec
+from services.runtime.spec import CfgRule, GenerationDefaults, PipelineSpec
 
 
 def _qwen_image_defaults(model) -> GenerationDefaults:
@@ -25,5 +25,5 @@ QWEN_IMAGE = PipelineSpec(
     latent_patch=2,
     max_sequence_length_limit=1024,  # the pipeline refuses more
     defaults=_qwen_image_defaults,
-    true_cfg_renorm=True,
+    cfg=CfgRule(renorm=True),
 )

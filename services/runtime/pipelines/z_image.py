@@ -3,7 +3,7 @@ AutoencoderKL (scaling and shift factors)."""
 
 from __future__ import annotations
 
-from services.runtime.spec import GenerationDefaults, PipelineSpec
+from services.runtime.spec import CfgRule, GenerationDefaults, PipelineSpec
 
 
 def _z_image_defaults(model) -> GenerationDefaults:
@@ -27,7 +27,7 @@ Z_IMAGE = PipelineSpec(
     max_sequence_length_limit=992,
     defaults=_z_image_defaults,
     features=frozenset({"lora", "cache", "negative_prompt"}),
-    guidance_cfg=True,
+    cfg=CfgRule(scale="guidance_scale", threshold=0.0, empty_negative=True, from_cond=True),
     reversed_time=True,
     fp32_latents=True,
     sigma_linspace="torch",
