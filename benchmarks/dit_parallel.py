@@ -143,7 +143,7 @@ def parallel_rank(rank: int, args, port: int) -> None:
 
     def ditserve(model, mesh, with_cfg: bool):
         runner = DenoiserRunner(model, layout, device, dtype, mesh)
-        inputs = runner.prepare(positive, negative if with_cfg else None, 3.5, args.batch, h, w, None)
+        inputs = runner.prepare(positive, negative if with_cfg else None, 3.5, args.batch, (h, w), None)
         return lambda: runner.predict(inp["x"], inp["t"], inputs)
 
     meshes = {d: ParallelMesh(d, device.type) for d in layouts}  # every rank builds every group, in order

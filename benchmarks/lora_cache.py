@@ -80,7 +80,7 @@ class Bench:
                                                  self.dtype, self.device))
         schedule = self.schedule.for_request(steps, latents.shape[1], self.device)
         resolved = CachePolicy(**cache).resolved(steps) if cache else None
-        return latents, self.runner.prepare(cond, None, 3.5, batch, h, w, resolved), schedule
+        return latents, self.runner.prepare(cond, None, 3.5, batch, (h, w), resolved), schedule
 
     def step_ms(self, per_sample, iters: int, merge: bool = True) -> float:
         """Median ms of one step; merge=False forces the per-sample (unmerged) path even for

@@ -39,24 +39,30 @@ class PackedLatents2x2:
         f = self.vae_scale_factor * self.patch
         return self.patch * (height // f), self.patch * (width // f)
 
+    def latent_grid(self, height: int, width: int, frames: int = 0) -> tuple[int, ...]:
+        """The latent's sizes after the channels: (h, w) for an image layout; (f, h, w) for a
+        video one, where `frames` is the latent frame count."""
+        return self.latent_hw(height, width)
+
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         b, c, h, w = latents.shape
         x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
-    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        b, _, d = tokens.shape
+    def unpack(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        (h, w), (b, _, d) = grid, tokens.shape
         x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, d // 4, h, w)
 
-    def seq_len(self, h: int, w: int) -> int:
-        """The pipeline's image_seq_len of an h x w latent (the schedule's resolution shift)."""
+    def seq_len(self, grid: tuple[int, ...]) -> int:
+        """The pipeline's image_seq_len of a latent of these sizes (the schedule's resolution shift)."""
+        h, w = grid
         return (h // self.patch) * (w // self.patch)
 
-    def rope(self, model, text_len: int, h: int, w: int, device: torch.device):
-        """The model's RoPE tables for text_len text tokens and an h x w latent: one row per
-        [text; image] token, as SequenceParallel.shard_rope expects."""
-        return model.rope(self.text_ids(text_len, device), self.image_ids(h, w, device))
+    def rope(self, model, text_len: int, grid: tuple[int, ...], device: torch.device):
+        """The model's RoPE tables for text_len text tokens and a latent of these sizes: one row
+        per [text; image] token, as SequenceParallel.shard_rope expects."""
+        return model.rope(self.text_ids(text_len, device), self.image_ids(*grid, device))
 
     @staticmethod
     def pad_text(embeds: torch.Tensor) -> torch.Tensor:
@@ -148,10 +154,10 @@ class ZImageLatents(PackedLatents2x2):
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pad_tokens(patchify(latents))
 
-    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return unpatchify(tokens, (h, w))
+    def unpack(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        return unpatchify(tokens, grid)
 
-    def rope(self, model, text_len: int, h: int, w: int, device: torch.device):
-        return model.rope(text_len, h, w, device=device)
+    def rope(self, model, text_len: int, grid: tuple[int, ...], device: torch.device):
+        return model.rope(text_len, *grid, device=device)
 
     pad_text = staticmethod(pad_tokens)

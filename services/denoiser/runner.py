@@ -58,15 +58,15 @@ class DenoiserRunner:
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
 
     def prepare(
-        self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int, h: int, w: int,
-        cache: ResolvedCache | None = None,
+        self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int,
+        grid: tuple[int, ...], cache: ResolvedCache | None = None,
     ) -> StepInputs:
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
         return StepInputs(
-            positive=self._branch(positive, h, w, cache),
-            negative=self._branch(negative, h, w, cache) if negative is not None else None,
+            positive=self._branch(positive, grid, cache),
+            negative=self._branch(negative, grid, cache) if negative is not None else None,
             guidance=guidance,
         )
 
@@ -83,10 +83,10 @@ class DenoiserRunner:
             self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
         return self._sp_cache[key]
 
-    def _branch(self, cond: Conditioning, h: int, w: int, cache: ResolvedCache | None) -> BranchInputs:
+    def _branch(self, cond: Conditioning, grid: tuple[int, ...], cache: ResolvedCache | None) -> BranchInputs:
         text_len = cond.prompt_embeds.shape[1]
         embeds = self.layout.pad_text(cond.prompt_embeds.to(self.device, self.dtype))
-        rope = self.layout.rope(self.model, text_len, h, w, self.device)
+        rope = self.layout.rope(self.model, text_len, grid, self.device)
         agree = self._agree if self.mesh is not None and self.mesh.degrees.world_size > 1 else None
         sp = None
         if self.mesh is not None and self.mesh.sp_size > 1:  # rope has a row per [text; image] token

@@ -80,13 +80,13 @@ class DenoiserStage:
     ) -> DenoiseResponse:
         loads, hits = self.adapters.loads, self.adapters.hits
         with measure(self.device) as metrics:
-            h, w = self.layout.latent_hw(request.height, request.width)
-            noise = initial_noise(request.seeds, (self.layout.channels, h, w), self.latent_dtype, self.device)
+            grid = self.layout.latent_grid(request.height, request.width)
+            noise = initial_noise(request.seeds, (self.layout.channels, *grid), self.latent_dtype, self.device)
             latents = self.layout.pack(noise)
-            schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(h, w), self.device)
+            schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(grid), self.device)
             cache = CachePolicy(**request.cache).resolved(request.num_inference_steps) if request.cache else None
             inputs = self.runner.prepare(
-                request.positive, request.negative, request.guidance_scale, len(request.seeds), h, w, cache
+                request.positive, request.negative, request.guidance_scale, len(request.seeds), grid, cache
             )
             self._use_loras(request)
             try:
@@ -94,7 +94,7 @@ class DenoiserStage:
                                  reversed_time=self.spec.reversed_time)
             finally:
                 self.lora.deactivate()
-            out = self.layout.unpack(latents, h, w)
+            out = self.layout.unpack(latents, grid)
         metrics.lora_loads, metrics.lora_hits = self.adapters.loads - loads, self.adapters.hits - hits
         if self.runner.mesh is not None:  # every rank runs this call: one small all-gather
             metrics.peak_memory_by_rank = gather_ints(metrics.peak_memory_bytes, self.device)

@@ -51,6 +51,6 @@ def test_packing_matches_flux_pipeline():
     latents = torch.randn(2, 4, h, w)
     packed = layout.pack(latents)
     torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 2, 4, h, w), rtol=0, atol=0)
-    torch.testing.assert_close(layout.unpack(packed, h, w), latents, rtol=0, atol=0)
+    torch.testing.assert_close(layout.unpack(packed, (h, w)), latents, rtol=0, atol=0)
     ids = FluxPipeline._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32)
     torch.testing.assert_close(layout.image_ids(h, w, torch.device("cpu")), ids, rtol=0, atol=0)
