@@ -133,7 +133,7 @@ def wan(args, device, dtype, tiny: bool) -> Bench:
         def fn():
             with torch.inference_mode():
                 tokens = patchify(latents, patch)
-                out = [unpatchify(model(tokens, c, t, rope), frames, h, w, patch, config.out_channels or 16)
+                out = [unpatchify(model(tokens, c, None, t, rope), frames, h, w, patch, config.out_channels or 16)
                        for c in texts]
                 return torch.stack(out)
         return fn
@@ -145,7 +145,47 @@ def wan(args, device, dtype, tiny: bool) -> Bench:
                  "CFG: 2 DiT passes per step")
 
 
-FAMILIES = {"qwen-image": qwen_image, "wan2.1-t2v-14b": wan}
+def z_image(args, device, dtype, tiny: bool) -> Bench:
+    """Z-Image-Turbo: guidance 0 is its setting, so one DiT pass per step (no CFG)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from services.denoiser.latents import pad_tokens, patchify, unpatchify
+    from services.denoiser.models.z_image import ZImageConfig, ZImageTransformer
+
+    cfg = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+               axes_dims=[16, 8, 8], axes_lens=[1024, 128, 128]) if tiny else {}  # diffusers' defaults: Turbo's
+    ref = materialise(lambda: ZImageTransformer2DModel(**cfg), device, dtype).eval().requires_grad_(False)
+    config = ZImageConfig.from_dict(dict(ref.config))
+    native = _shared(ref, ZImageTransformer, config)
+    h, w = args.height // 8, args.width // 8
+    g = torch.Generator(device).manual_seed(1)
+    latents = torch.randn(1, config.in_channels, h, w, generator=g, device=device, dtype=dtype)
+    caps = torch.randn(1, args.text_len, config.cap_feat_dim, generator=g, device=device, dtype=dtype)
+    t = torch.full((1,), 0.5, device=device, dtype=dtype)
+    with torch.inference_mode():
+        rope = native.rope(args.text_len, h, w, device=device)
+        x, c = pad_tokens(patchify(latents)), pad_tokens(caps)
+
+    def diffusers_step():
+        with torch.inference_mode():
+            return torch.stack(ref(list(latents.unsqueeze(2).unbind(0)), t, list(caps.unbind(0)),
+                                   return_dict=False)[0])[:, :, 0]
+
+    def native_step(model):
+        def fn():
+            with torch.inference_mode():
+                return unpatchify(model(x, c, None, t, rope), (h, w))
+        return fn
+
+    n, d = x.shape[1] + c.shape[1], config.dim
+    layers = config.n_layers + config.n_refiner_layers  # refiners see one part each: counted whole, an upper bound
+    flops = layers * (2 * n * (4 * d * d + 3 * d * int(d / 3 * 8)) + 4 * n * n * d)
+    return Bench(ref, native, diffusers_step, native_step, flops,
+                 f"Z-Image-Turbo {args.height}x{args.width} ({x.shape[1]} image + {c.shape[1]} caption tokens, "
+                 "padded), one DiT pass per step (guidance 0)")
+
+
+FAMILIES = {"qwen-image": qwen_image, "wan2.1-t2v-14b": wan, "z-image-turbo": z_image}
 
 
 def main() -> None:

@@ -228,9 +228,11 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, is_distilled: bool = False) -> Path:
     """Flux2KleinPipeline (Flux.2 [klein]): a Qwen3 causal LM whose layers 9 / 18 / 27 feed the
-    DiT (so 28 tiny layers), the Flux.2 MMDiT, Flux.2's VAE (2x2 latent patches)."""
+    DiT (so 28 tiny layers), the Flux.2 MMDiT, Flux.2's VAE (2x2 latent patches) with batch-norm
+    statistics that are not the identity, and dynamic shifting (so the schedule depends on the mu
+    the pipeline passes, Flux.2's empirical one). `is_distilled`: the step-distilled variant's flag."""
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
@@ -252,7 +254,11 @@ def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
                              norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                              text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    with torch.no_grad():  # decoding must undo these right
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.num_features))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                              transformer=transformer, is_distilled=is_distilled)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)

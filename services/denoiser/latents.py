@@ -25,6 +25,9 @@ class PackedLatents2x2:
     """[B, C, h, w] latents <-> [B, (h/2)(w/2), 4C] tokens, with (0, row, col) position ids."""
 
     patch = 2
+    # The prompt's tokens join the image's in one attended sequence (sharded with it under
+    # sequence parallelism); False for DiTs that cross-attend to the prompt (Wan).
+    text_in_sequence = True
 
     def __init__(self, channels: int, vae_scale_factor: int):
         self.channels = channels
@@ -161,3 +164,85 @@ class ZImageLatents(PackedLatents2x2):
         return model.rope(text_len, *grid, device=device)
 
     pad_text = staticmethod(pad_tokens)
+
+
+# --- Wan (video) -------------------------------------------------------------------------------
+
+
+class WanLatents(PackedLatents2x2):
+    """Wan's layout: [B, C, F, H, W] video latents <-> tokens by the DiT's (pt, ph, pw) patches
+    (models/wan.py's patchify: the Conv3d patch embedding's order). The text is not part of the
+    token sequence (Wan cross-attends to it): `text_in_sequence` False tells the runner to shard
+    only the video tokens and hand every rank the whole prompt. RoPE covers the video tokens."""
+
+    text_in_sequence = False
+
+    def __init__(self, channels: int, vae_scale_factor: int, patch: tuple[int, int, int], out_channels: int):
+        super().__init__(channels, vae_scale_factor)
+        self.patch3d, self.out_channels = patch, out_channels
+
+    @classmethod
+    def for_model(cls, config, vae_scale_factor: int):
+        return cls(config.in_channels, vae_scale_factor, config.patch_size, config.out_channels or config.in_channels)
+
+    def latent_grid(self, height: int, width: int, frames: int = 0) -> tuple[int, ...]:
+        return max(frames, 1), height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    # models/wan.py is imported here, not at the top: the models package imports this module.
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        from services.denoiser.models.wan import patchify
+
+        return patchify(latents, self.patch3d)
+
+    def unpack(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        from services.denoiser.models.wan import unpatchify
+
+        return unpatchify(tokens, *grid, self.patch3d, self.out_channels)
+
+    def seq_len(self, grid: tuple[int, ...]) -> int:
+        return math.prod(n // p for n, p in zip(grid, self.patch3d))
+
+    def rope(self, model, text_len: int, grid: tuple[int, ...], device: torch.device):
+        return model.rope(*grid, device=device)
+
+
+# --- Flux.2 ------------------------------------------------------------------------------------
+
+
+class Flux2Latents(PackedLatents2x2):
+    """Flux.2's layout. The sampled latent is the VAE latent in 2x2 patches, [B, 4C, h/2, w/2]
+    (models/flux2.py's patchify), because that is the shape Flux2Pipeline / Flux2KleinPipeline
+    draw their noise in (prepare_latents), and a draw's shape decides a seed's values. So
+    `channels` is the DiT's in_channels (4C) and the grid is the patchified one, and the stage's
+    initial_noise(seeds, (channels, *grid)) is the pipeline's draw. Tokens are that grid's pixels,
+    rows first; `unpack` hands the VAE stage the patchified latent, which undoes the VAE's
+    batch-norm statistics and unpatchifies before decoding (services/vae/stage.py), as the
+    pipelines do after their loop. Position ids: (t, row, col, index), models/flux2.py's."""
+
+    @classmethod
+    def for_model(cls, config, vae_scale_factor: int):
+        return cls(config.in_channels, vae_scale_factor)
+
+    def latent_grid(self, height: int, width: int, frames: int = 0) -> tuple[int, ...]:
+        h, w = self.latent_hw(height, width)
+        return h // 2, w // 2
+
+    # models/flux2.py is imported here, not at the top: the models package imports this module.
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        from services.denoiser.models.flux2 import pack
+
+        return pack(latents)
+
+    def unpack(self, tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        from services.denoiser.models.flux2 import unpack
+
+        return unpack(tokens, *grid)
+
+    def seq_len(self, grid: tuple[int, ...]) -> int:
+        return math.prod(grid)  # the pipeline's image_seq_len: one token per patchified pixel
+
+    def rope(self, model, text_len: int, grid: tuple[int, ...], device: torch.device):
+        from services.denoiser.models.flux2 import image_ids, text_ids
+
+        h, w = grid
+        return model.rope(text_ids(text_len, device), image_ids(2 * h, 2 * w, device))

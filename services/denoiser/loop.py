@@ -55,14 +55,16 @@ def sample(
     schedule: SigmaSchedule,
     guidance: Guidance | float,
     on_step: Callable[[int, int], None] | None = None,
-    reversed_time: bool = False,
+    timestep: str = "fraction",
+    experts: list[int] | None = None,
 ) -> torch.Tensor:
     """Run every step of `schedule` from packed noise `latents`; returns packed latents.
 
-    `guidance`: a float is true CFG at that scale. `reversed_time` (spec.reversed_time): the DiT
-    takes (1000 - t) / 1000 and predicts the negated velocity. Negating before CFG (the pipeline
-    negates after it) changes nothing: IEEE rounding is symmetric, so each Guidance formula,
-    norms included, gives exactly the negation of its value on the raw outputs.
+    `guidance`: a float is true CFG at that scale. `timestep` (spec.timestep): what the DiT is
+    conditioned on. With "reversed" it also predicts the negated velocity; negating before CFG
+    (the pipeline negates after it) changes nothing: IEEE rounding is symmetric, so each
+    Guidance formula, norms included, gives exactly the negation of its value on the raw outputs.
+    `experts`: the runner's expert for each step (Wan 2.2 A14B), else the one model throughout.
 
     `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
     at the same step (rank 0 decides), so no rank is left waiting in a collective."""
@@ -73,13 +75,18 @@ def sample(
     guided = [t_norm <= guidance.truncation for t_norm in ((1000 - schedule.timesteps.float()) / 1000).tolist()]
     for i, t in enumerate(schedule.timesteps):
         # The pipelines' timestep arithmetic, kept as is: cast to the latent dtype, then scaled.
+        if experts is not None:
+            runner.use_expert(experts[i])
         t = t.expand(latents.shape[0]).to(latents.dtype)
-        timestep = (1000 - t) / 1000 if reversed_time else t / 1000
-        velocities = runner.predict(latents, timestep, inputs, guided[i])
-        if reversed_time:
+        conditioning = {"fraction": t / 1000, "reversed": (1000 - t) / 1000, "raw": t}[timestep]
+        velocities = runner.predict(latents, conditioning, inputs, guided[i])
+        if timestep == "reversed":
             velocities = [-v for v in velocities]
         velocity = guidance.combine(*velocities) if len(velocities) == 2 else velocities[0]
-        latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
+        if schedule.scheduler is None:
+            latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
+        else:  # a multistep solver (UniPC) keeps its own history: the request's own instance
+            latents = schedule.scheduler.step(velocity, schedule.timesteps[i], latents, return_dict=False)[0]
         stop = False
         if on_step is not None:
             try:

@@ -53,9 +53,16 @@ class DenoiserRunner:
         device: torch.device,
         dtype: torch.dtype,
         mesh: ParallelMesh | None = None,
+        expert_2: torch.nn.Module | None = None,
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
+        # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
+        # both); `use_expert` picks the one the next steps run.
+        self.experts = [model] if expert_2 is None else [model, expert_2]
+
+    def use_expert(self, index: int) -> None:
+        self.model = self.experts[index]
 
     def prepare(
         self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int,
@@ -89,8 +96,9 @@ class DenoiserRunner:
         rope = self.layout.rope(self.model, text_len, grid, self.device)
         agree = self._agree if self.mesh is not None and self.mesh.degrees.world_size > 1 else None
         sp = None
-        if self.mesh is not None and self.mesh.sp_size > 1:  # rope has a row per [text; image] token
-            sp = self._sequence_parallel(embeds.shape[1], rope[0].shape[0] - embeds.shape[1])
+        if self.mesh is not None and self.mesh.sp_size > 1:  # rope has a row per sequence token
+            text = embeds.shape[1] if self.layout.text_in_sequence else 0  # else: every rank gets it whole
+            sp = self._sequence_parallel(text, rope[0].shape[0] - text)
         return BranchInputs(
             prompt_embeds=embeds,
             pooled_prompt_embeds=cond.pooled_prompt_embeds.to(self.device, self.dtype),
@@ -124,6 +132,8 @@ class DenoiserRunner:
                 cache=branch.cache,
             )
         text, image = sp.shard(branch.prompt_embeds, latents)
+        if not self.layout.text_in_sequence:
+            text = branch.prompt_embeds
         with sp.active():
             local = self.model(
                 image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance,

@@ -51,36 +51,51 @@ class DenoiserStage:
         self.model, self.spec = resolve(config.model_path, config.backend)
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
+        transformer = self._load_transformer("transformer", mesh)
+        # Wan 2.2 A14B: a second expert takes the steps after the boundary timestep; both stay
+        # in this replica (offloaded layer by layer with --dit-layerwise-offload).
+        boundary = self.model.index.get("boundary_ratio")
+        self.expert_2 = self._load_transformer("transformer_2", mesh) if boundary is not None else None
+        self.boundary_timestep = boundary * self.model.component_config("scheduler").get(
+            "num_train_timesteps", 1000) if boundary is not None else None
+        self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"), self.spec.sigma_linspace,
+                                          self.spec.mu)
+        self.layout = FAMILIES[self.spec.denoiser].layout.for_model(transformer.config, self.model.vae_scale_factor)
+        self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
+        self.defaults = self.spec.defaults(self.model)
+        self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2)
+        self.lora = LoraRunner(transformer, self.device)
+        self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
+        if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
+            warm_up(self, config)
+
+    def _load_transformer(self, component: str, mesh: ParallelMesh | None):
+        config = self.config
         tp = TensorParallel(mesh.group("tp")) if mesh is not None and mesh.degrees.tp > 1 else None
         # With offload the weights are read into host memory; only what stays resident moves.
         load_device = torch.device("cpu") if config.layerwise_offload else self.device
         transformer = load_native_transformer(
-            self.model, self.spec.denoiser, dtype=self.dtype, device=load_device, tp=tp
+            self.model, self.spec.denoiser, dtype=self.dtype, device=load_device, tp=tp, component=component
         )
         apply_precision(transformer, config.precision)
         if config.layerwise_offload:
             from services.denoiser.offload import enable_layerwise_offload
 
-            self.offload = enable_layerwise_offload(transformer, self.device, config.offload_prefetch)
+            self.offloads = getattr(self, "offloads", []) + [
+                enable_layerwise_offload(transformer, self.device, config.offload_prefetch)]
         if should_compile(config.compile, self.device):
             use_compile_cache(config.compile_cache_dir)
             compile_blocks(transformer, overlap_comm=mesh is not None)
-        self.schedule = FlowMatchSchedule(self.model.component_config("scheduler"), self.spec.sigma_linspace)
-        self.layout = FAMILIES[self.spec.denoiser].layout.for_model(transformer.config, self.model.vae_scale_factor)
-        self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
-        self.defaults = self.spec.defaults(self.model)
-        self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh)
-        self.lora = LoraRunner(transformer, self.device)
-        self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
-        if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
-            warm_up(self, config)
+        return transformer
 
     def denoise(
         self, request: DenoiseRequest, on_step: Callable[[int, int], None] | None = None
     ) -> DenoiseResponse:
         loads, hits = self.adapters.loads, self.adapters.hits
         with measure(self.device) as metrics:
-            grid = self.layout.latent_grid(request.height, request.width)
+            # a video's latent frames: the VAE folds frame_multiple frames into one, after the first
+            frames = (request.num_frames - 1) // self.spec.frame_multiple + 1 if request.num_frames else 0
+            grid = self.layout.latent_grid(request.height, request.width, frames)
             noise = initial_noise(request.seeds, (self.layout.channels, *grid), self.latent_dtype, self.device)
             latents = self.layout.pack(noise)
             schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(grid), self.device)
@@ -90,8 +105,11 @@ class DenoiserStage:
             )
             self._use_loras(request)
             try:
+                # WanPipeline's switch: the first expert while t >= boundary, the second after
+                experts = None if self.boundary_timestep is None else [
+                    0 if t >= self.boundary_timestep else 1 for t in schedule.timesteps.tolist()]
                 latents = sample(self.runner, latents, inputs, schedule, self._guidance(request), on_step,
-                                 reversed_time=self.spec.reversed_time)
+                                 timestep=self.spec.timestep, experts=experts)
             finally:
                 self.lora.deactivate()
             out = self.layout.unpack(latents, grid)

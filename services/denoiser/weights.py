@@ -19,20 +19,22 @@ _SINGLE = "diffusion_pytorch_model.safetensors"
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
-def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype, device: torch.device, tp=None):
-    """`tp` (a parallel.tp.TensorParallel): build this rank's shard and load only its pieces."""
+def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype, device: torch.device, tp=None,
+                            component: str = "transformer"):
+    """`tp` (a parallel.tp.TensorParallel): build this rank's shard and load only its pieces.
+    `component`: the folder, e.g. "transformer_2" (Wan 2.2 A14B's low-noise expert)."""
     fam = FAMILIES.get(family)
     if fam is None:
         raise UnsupportedModelError(f"no native denoiser for family '{family}'")
-    _, class_name = model.component_class("transformer")
+    _, class_name = model.component_class(component)
     if class_name not in fam.diffusers_classes:
         raise UnsupportedModelError(
             f"transformer class {class_name} is not a {family} transformer ({', '.join(fam.diffusers_classes)})"
         )
-    config = fam.config_cls.from_dict(model.component_config("transformer"))
+    config = fam.config_cls.from_dict(model.component_config(component))
     with torch.device("meta"):
         module = fam.model_cls(config, tp=tp)
-    state = {k: v.to(dtype) for k, v in read_safetensors(model, "transformer", device).items()}
+    state = {k: v.to(dtype) for k, v in read_safetensors(model, component, device).items()}
     state = shard_state_dict(module, state)
     missing, unexpected = _key_diff(module, state)
     if missing or unexpected:

@@ -9,7 +9,10 @@ embedding.
 As in qwen_vl.py, each distinct prompt is encoded on its own, as diffusers encodes a
 single-prompt request (padded to max_sequence_length as it is), so a request's embeddings do not
 depend on the other prompts of its batch; rows come back zero-padded to the longest one, with
-`lengths` saying how many tokens of each are real."""
+`lengths` saying how many tokens of each are real.
+
+Flux.2 [klein] encodes with the same Qwen3 and template differently (Flux2KleinPromptEncoder,
+at the end): intermediate layers, every padded token kept."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from services.runtime.tensor_parallel import TensorParallel
 
 
 class Qwen3PromptEncoder:
+    family = "Z-Image"  # whose encoding this is (in messages)
+
     def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
         if tp is not None:
             raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
@@ -30,12 +35,12 @@ class Qwen3PromptEncoder:
         self.tokenizer = load_component(model, "tokenizer")
         self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
 
-    @staticmethod
-    def check_tp(model: ModelDir, tp_size: int) -> None:
+    @classmethod
+    def check_tp(cls, model: ModelDir, tp_size: int) -> None:
         if tp_size > 1:
             raise InvalidRequestError(
                 f"encoder --tp-size {tp_size}: tensor parallelism is implemented for T5 encoders only, not "
-                "Z-Image's Qwen3", "tp_size")
+                f"{cls.family}'s Qwen3", "tp_size")
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,3 +57,31 @@ class Qwen3PromptEncoder:
         # running its LM head over the vocabulary (a Qwen3Model is its own base model).
         out = self.text_encoder.base_model(input_ids=tokens.input_ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states[-2][0][mask[0]]
+
+
+class Flux2KleinPromptEncoder(Qwen3PromptEncoder):
+    """Flux.2 [klein]'s prompt encoding (Flux2KleinPipeline._get_qwen3_prompt_embeds): the same
+    chat template with enable_thinking=False, padded (and truncated) to max_sequence_length, and
+    per token the hidden states of layers 9, 18 and 27 concatenated. Every padded token is kept:
+    the pipeline hands the DiT all max_sequence_length rows (the mask acts only inside Qwen3), so
+    rows are equally long and no `lengths` come back. Each distinct prompt is encoded alone, as
+    the pipeline encodes a one-prompt request."""
+
+    family = "Flux.2 [klein]"
+    LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers default
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Returns (embeds [B, max_sequence_length, 3 x hidden], pooled [B, 0], None)."""
+        embeds, pooled, _ = encode_each(prompts, lambda p: self._encode_one(p, max_sequence_length))
+        return embeds, pooled, None
+
+    def _encode_one(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        tokens = self.tokenizer(text, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                return_tensors="pt").to(self.device)
+        out = self.text_encoder.base_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                           output_hidden_states=True, use_cache=False)
+        # The pipeline's stack on dim 1 + permute + reshape is this concatenation, per token.
+        return torch.cat([out.hidden_states[k][0] for k in self.LAYERS], dim=-1).to(self.text_encoder.dtype)

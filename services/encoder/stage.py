@@ -6,8 +6,9 @@ interface, backed by that many ranks."""
 from __future__ import annotations
 
 from services.encoder.clip_t5 import ClipT5PromptEncoder
-from services.encoder.qwen3 import Qwen3PromptEncoder
+from services.encoder.qwen3 import Flux2KleinPromptEncoder, Qwen3PromptEncoder
 from services.encoder.qwen_vl import QwenVLPromptEncoder
+from services.encoder.umt5 import UMT5PromptEncoder
 from services.runtime.config import EncoderConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import UnsupportedModelError
@@ -19,7 +20,8 @@ from services.runtime.tensor_parallel import TensorParallel
 # Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=), has
 # check_tp(model, tp_size), which refuses a degree the model cannot be split into, and
 # encode(prompts, max_sequence_length) -> (embeds, pooled, lengths or None).
-PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder, "qwen3": Qwen3PromptEncoder}
+PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder, "qwen3": Qwen3PromptEncoder,
+                   "umt5": UMT5PromptEncoder, "qwen3_flux2_klein": Flux2KleinPromptEncoder}
 
 
 def prompt_encoder_class(spec: PipelineSpec):

@@ -113,7 +113,7 @@ def resolve_request(
     if rule.scale == "guidance_scale" and req.true_cfg_scale is not None:
         raise InvalidRequestError(f"true_cfg_scale: {spec.family}'s CFG scale is guidance_scale", "true_cfg_scale")
     scale = guidance_scale if rule.scale == "guidance_scale" else true_cfg_scale
-    cfg = (negative_prompt is not None or rule.empty_negative) and scale > rule.threshold
+    cfg = (negative_prompt is not None or rule.empty_negative) and scale > rule.threshold and not rule.disabled(model)
     if cfg and negative_prompt is None:
         negative_prompt = ""
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)

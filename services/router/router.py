@@ -185,6 +185,8 @@ class Router:
                 loras=[list(j.request.loras) for j in jobs for _ in j.request.seeds]
                 if any(j.request.loras for j in jobs) else [],
                 cache=first.cache.model_dump(exclude_none=True) if first.cache is not None else None,
+                num_frames=first.num_frames,
+                fps=first.fps,
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),

@@ -94,14 +94,14 @@ def resolve(path: str | Path | None, backend: str = "auto") -> tuple[ModelDir, P
         raise UnsupportedModelError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     model = ModelDir(DEFAULT_MODEL_PATH if path is None else path)
     native = _SPECS_BY_CLASS.get(model.pipeline_class)
-    if native is not None and backend != "diffusers":
+    unserved = native.unserved(model) if native is not None else None
+    if native is not None and backend != "diffusers" and unserved is None:
         return model, native
     known = ", ".join(sorted(_SPECS_BY_CLASS))
     if backend == "native":
-        raise UnsupportedModelError(
-            f"no native family for pipeline class '{model.pipeline_class}' in {model.path} (native: {known}); "
-            "--backend diffusers serves it through diffusers"
-        )
+        why = (f"the native {native.family} family does not serve {unserved}" if unserved
+               else f"no native family for pipeline class '{model.pipeline_class}' (native: {known})")
+        raise UnsupportedModelError(f"{model.path}: {why}; --backend diffusers serves it through diffusers")
     from services.runtime.pipelines.diffusers_any import diffusers_spec
 
     spec = diffusers_spec(model)

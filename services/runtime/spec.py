@@ -45,6 +45,12 @@ class CfgRule:
     empty_negative: bool = False  # without a negative prompt, CFG runs against ""
     from_cond: bool = False  # guided = cond + s (cond - uncond)
     renorm: bool = False  # rescale the guided velocity to the conditional one's norm, per token (Qwen-Image)
+    # A flag of the pipeline's own config (model_index.json) under which no CFG runs whatever the
+    # scale: Flux2KleinPipeline's is_distilled (its step-distilled checkpoints ignore the scale).
+    disabled_by: str = ""
+
+    def disabled(self, model: "ModelDir") -> bool:
+        return bool(self.disabled_by) and bool(model.index.get(self.disabled_by))
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,26 @@ class PipelineSpec:
     frame_multiple: int = 1
     # When a request runs classifier-free guidance and how the branches combine (CfgRule).
     cfg: CfgRule = field(default_factory=lambda: CfgRule())
-    # The DiT is conditioned on (1000 - t) / 1000 (0 at pure noise) and predicts the negated
-    # velocity (ZImagePipeline), not t / 1000 and the velocity.
-    reversed_time: bool = False
+    # What the DiT is conditioned on, from the scheduler's t (0..1000): "fraction" t / 1000 (Flux,
+    # Qwen-Image); "reversed" (1000 - t) / 1000, 0 at pure noise, and the DiT predicts the negated
+    # velocity (ZImagePipeline); "raw" t itself (WanPipeline).
+    timestep: str = "fraction"
     # Noise, CFG and the Euler steps stay fp32 whatever the DiT's dtype (ZImagePipeline); else
     # they run in the DiT's dtype, as Flux's and Qwen-Image's pipelines do.
     fp32_latents: bool = False
     # The default sigma grid linspace(1, 1/n, n): "numpy" (FluxPipeline's, float64) or "torch"
-    # (ZImagePipeline's, float32); for most n they differ in the last bit.
+    # (ZImagePipeline's, float32; for most n they differ in the last bit), with the resolution
+    # shift mu; or "scheduler": the scheduler's own grid from set_timesteps(n) (WanPipeline).
     sigma_linspace: str = "numpy"
+    # The resolution shift mu where the scheduler config sets use_dynamic_shifting:
+    # "calculate_shift" (Flux.1's, Qwen-Image's, Z-Image's: linear in image_seq_len between the
+    # config's base and max) or "compute_empirical_mu" (Flux.2's pipelines: a fit in image_seq_len
+    # and the step count; services/denoiser/schedule.py).
+    mu: str = "calculate_shift"
+
+    # A reason this spec cannot serve a directory of its pipeline class (a variant the native
+    # family lacks), or None; `--backend auto` then serves it through the diffusers backend.
+    unserved: Callable[["ModelDir"], str | None] = lambda model: None
 
     def size_multiple(self, model: "ModelDir") -> int:
         return model.vae_scale_factor * self.latent_patch

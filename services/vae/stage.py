@@ -6,7 +6,10 @@ instead of 4.
 
 Two normalisations, as the pipelines apply them: AutoencoderKL's scaling_factor / shift_factor
 (Flux), and the per-channel latents_mean / latents_std of the video-shaped VAEs (Qwen-Image's,
-Wan's), which decode [B, C, frames, h, w]; an image is their one-frame clip."""
+Wan's), which decode [B, C, frames, h, w]; an image is their one-frame clip.
+Flux.2's AutoencoderKLFlux2 (batch_norm_eps in its config) takes its latents in 2x2 patches,
+[B, 4C, h/2, w/2], normalised per patch channel by the VAE's batch-norm statistics: undone, then
+unpatchified before decoding."""
 
 from __future__ import annotations
 
@@ -25,6 +28,14 @@ from services.runtime.registry import resolve
 log = logging.getLogger(__name__)
 
 
+def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    """[B, 4C, h, w] -> [B, C, 2h, 2w], channel c*4 + 2*dy + dx to pixel (2y + dy, 2x + dx): the
+    Flux.2 pipelines' _unpatchify_latents (models/flux2.py's twin, which a VAE worker may not import)."""
+    b, c4, h, w = latents.shape
+    x = latents.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c4 // 4, h * 2, w * 2)
+
+
 class VaeStage:
     def __init__(self, config: StageConfig):
         self.model, self.spec = resolve(config.model_path, config.backend)
@@ -36,11 +47,12 @@ class VaeStage:
         self.vae = load_component(self.model, name, dtype=self.dtype, device=self.device)
         vae_config = self.vae.config
         self.per_channel = getattr(vae_config, "latents_mean", None) is not None
+        self.batch_norm = getattr(vae_config, "batch_norm_eps", None) is not None  # AutoencoderKLFlux2
         if self.per_channel:
             # Shaped [1, C, 1, 1, 1] for the 5-D latents; the pipeline divides by 1 / std.
             self.latents_mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1, 1)
             self.latents_std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1, 1)
-        else:
+        elif not self.batch_norm:  # (the batch-norm statistics are read at decode, as the pipeline does)
             self.scaling_factor = vae_config.scaling_factor
             self.shift_factor = vae_config.shift_factor or 0.0
         if isinstance(config, VaeConfig):
@@ -49,11 +61,12 @@ class VaeStage:
     def warm_up(self, sizes: list[str]) -> None:
         """Decode zeros once per "WIDTHxHEIGHT" size before taking requests: the first decode of
         a size is where cuDNN picks its convolution algorithms and the allocator grows."""
-        factor = self.model.vae_scale_factor
+        factor = self.model.vae_scale_factor * (2 if self.batch_norm else 1)  # Flux.2's: per 2x2 patch
         for size in sizes:
             height, width = warmup_size(size, factor)
             t0 = time.perf_counter()
             channels = self.vae.config.z_dim if self.per_channel else self.vae.config.latent_channels
+            channels = self.vae.bn.num_features if self.batch_norm else channels
             latents = torch.zeros(1, channels, height // factor, width // factor)
             self.decode(DecodeRequest(latents=latents))
             log.info("VAE warm-up %s: %.2fs", size, time.perf_counter() - t0)
@@ -62,14 +75,23 @@ class VaeStage:
     def decode(self, request: DecodeRequest) -> DecodeResponse:
         with measure(self.device) as metrics:
             latents = request.latents.to(self.device, self.dtype)
-            if self.per_channel:  # QwenImagePipeline's arithmetic, op for op
+            video = latents.ndim == 5  # [B, C, F, h, w] (Wan) -> frames [B, F, H, W, 3]
+            if self.per_channel:  # QwenImagePipeline's / WanPipeline's arithmetic, op for op
                 mean = self.latents_mean.to(self.device, self.dtype)
                 inv_std = 1.0 / self.latents_std.to(self.device, self.dtype)
-                image = self.vae.decode(latents[:, :, None] / inv_std + mean, return_dict=False)[0][:, :, 0]
+                clip = latents if video else latents[:, :, None]  # an image is a one-frame clip
+                image = self.vae.decode(clip / inv_std + mean, return_dict=False)[0]
+                image = image if video else image[:, :, 0]
+            elif self.batch_norm:  # Flux2KleinPipeline's arithmetic after its loop, op for op
+                bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
+                mean = bn.running_mean.view(1, -1, 1, 1).to(self.device, latents.dtype)
+                std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(self.device, latents.dtype)
+                image = self.vae.decode(unpatchify(latents * std + mean), return_dict=False)[0]
             else:
                 latents = latents / self.scaling_factor + self.shift_factor
                 image = self.vae.decode(latents, return_dict=False)[0]
             image = (image * 0.5 + 0.5).clamp(0, 1)
-            image = image.cpu().permute(0, 2, 3, 1).float()
+            image = image.cpu().permute(0, 2, 3, 4, 1) if video else image.cpu().permute(0, 2, 3, 1)
+            image = image.float()
             images = (image * 255).round().to(torch.uint8)
         return DecodeResponse(images=images, metrics=metrics)

@@ -1,5 +1,5 @@
-"""The diffusers backend: pipelines with no native family (tiny SD3, PixArt-Sigma, Flux.2 [klein],
-Wan 2.1 / 2.2 here) run
+"""The diffusers backend: pipelines with no native family (tiny SD3, PixArt-Sigma, Wan 2.1 / 2.2
+here) run
 whole in the denoiser worker, behind the same router, CLI, REST and gRPC, and give exactly the
 pixels of diffusers' own pipeline on the same directory and seeds."""
 
@@ -25,7 +25,6 @@ from services.runtime.proto import generation_pb2, generation_pb2_grpc
 from services.runtime.registry import resolve
 from tests.servers import start_serve, start_worker
 from tests.tiny_families import (
-    build_tiny_flux2_klein,
     build_tiny_pixart_sigma,
     build_tiny_sd3,
     build_tiny_wan,
@@ -65,17 +64,12 @@ def generate(path, backend: str = "auto", **fields):
     return router, result, steps
 
 
-@pytest.fixture(scope="module")
-def flux2_klein_dir(tmp_path_factory):
-    return build_tiny_flux2_klein(tmp_path_factory.mktemp("flux2-klein") / "model")
-
-
-# Qwen-Image and Z-Image are served natively (tests/cpu/test_qwen_image.py, test_z_image.py);
-# --backend diffusers is checked for a native family below, on Flux.
-@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir", "flux2_klein_dir"])
+# Qwen-Image, Z-Image and Flux.2 [klein] are served natively (tests/cpu/test_qwen_image.py,
+# test_z_image.py, test_flux2.py); --backend diffusers is checked for a native family below, on Flux.
+@pytest.mark.parametrize("family", ["sd3_dir", "pixart_dir"])
 def test_pixels_equal_diffusers_pipeline(family, request):
     path = request.getfixturevalue(family)
-    # a negative prompt where the pipeline takes one (Flux.2 [klein] does not: a 400 there)
+    # a negative prompt where the pipeline takes one
     neg = {"negative_prompt": "blurry"} if "negative_prompt" in resolve(path)[1].features else {}
     router, result, steps = generate(path, prompt="a red circle on a white background", width=64, height=48, n=2,
                                      seed=7, guidance_scale=4.0, **neg)
@@ -168,6 +162,9 @@ def test_ray_deployment_runs_only_the_denoiser_pool(sd3_dir):
         serve.stop()
 
 
+# WanPipeline (Wan 2.1 T2V, Wan 2.2 A14B) is served natively; the video tests below run it
+# through the CLI, REST (OpenAI's videos API) and gRPC (tests/cpu/test_wan.py checks the frames);
+# image-to-video still goes through the diffusers backend.
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     return build_tiny_wan(tmp_path_factory.mktemp("wan") / "model")
@@ -207,7 +204,7 @@ def test_video_frames_equal_diffusers_and_cli_writes_mp4_and_frames(wan_dir, tmp
     assert len(pngs) == 9 and np.array_equal(np.asarray(Image.open(pngs[4]).convert("RGB")), expected[4])
     capsys.readouterr()
     assert main([*args[:-7], "--num-frames", "10", "-o", str(tmp_path / "x.mp4")]) == 2
-    assert "num_frames 10 does not fit diffusers:WanPipeline's VAE, which folds 4 frames into one: use 1 + 4k " \
+    assert "num_frames 10 does not fit wan's VAE, which folds 4 frames into one: use 1 + 4k " \
            "frames (e.g. 9 or 13)" in capsys.readouterr().err
     assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
     assert "a video model writes .mp4, or a directory" in capsys.readouterr().err
@@ -345,7 +342,7 @@ def test_image_to_video_with_input_reference(wan_dir, tmp_path):
         assert missing.status_code == 400 and missing.json()["error"]["param"] == "image"
     finally:
         serve.kill()
-    with pytest.raises(InvalidRequestError, match="image: diffusers:WanPipeline takes no input image"):
+    with pytest.raises(InvalidRequestError, match="image: wan takes no input image"):
         generate(wan_dir, prompt="x", num_frames=5, images=[_input_png()])
 
 
@@ -394,10 +391,11 @@ def test_mask_follows_openai_transparency_and_diffusers_grey_levels():
 
 
 def test_wan22_two_experts_run_in_one_denoiser_worker(tmp_path):
-    """Wan 2.2 A14B's layout: transformer (high noise) and transformer_2 (after the boundary
+    """Wan 2.2 A14B's layout through the diffusers backend (forced: the native Wan family serves it
+    too, tests/cpu/test_wan.py): transformer (high noise) and transformer_2 (after the boundary
     timestep) both live in the one worker; the clip equals WanPipeline's."""
     path = build_tiny_wan(tmp_path / "wan22", two_experts=True)
-    router, result, _ = generate(path, prompt="a red circle", width=48, height=32, num_frames=5, seed=2)
+    router, result, _ = generate(path, "diffusers", prompt="a red circle", width=48, height=32, num_frames=5, seed=2)
     pipe = router.denoiser.stage.pipe
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.875
     expected = diffusers_frames(path, "a red circle", 2, width=48, height=32, num_frames=5)

@@ -63,6 +63,10 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "m" / "model_index.json").write_text("{not json")
     with pytest.raises(ModelNotFoundError, match="unreadable model_index.json"):
         ModelDir(tmp_path / "m")
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "MyOwnPipeline"}')
+    with pytest.raises(UnsupportedModelError, match="MyOwnPipeline"):
+        resolve(tmp_path / "m")
+    # a native class whose directory lacks what the family reads: the missing file is named
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
-    with pytest.raises(UnsupportedModelError, match="WanPipeline"):
+    with pytest.raises(ModelNotFoundError, match="component 'transformer' has no config.json"):
         resolve(tmp_path / "m")

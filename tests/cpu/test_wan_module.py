@@ -60,7 +60,8 @@ def _inputs(cfg: WanConfig, batch: int, frames: int, height: int, width: int, te
 def _native_video(native: WanTransformer, latents, text, t, image=None) -> torch.Tensor:
     cfg = native.config
     _, _, f, h, w = latents.shape
-    out = native(patchify(latents, cfg.patch_size), text, t, native.rope(f, h, w), image)
+    out = native(patchify(latents, cfg.patch_size), text, None, t, native.rope(f, h, w),
+                 encoder_hidden_states_image=image)
     return unpatchify(out, f, h, w, cfg.patch_size, cfg.out_channels)
 
 
@@ -183,18 +184,19 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, per_t
         image = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2)) if degrees.tp > 1 else None
         mesh = ParallelMesh(degrees, "cpu")
         with torch.no_grad():
-            expected = model(x, text, t, rope, image)
+            expected = model(x, text, None, t, rope, encoder_hidden_states_image=image)
             if degrees.tp > 1:
                 sharded = WanTransformer(config, tp=TensorParallel(mesh.group("tp"))).eval()
                 sharded.load_state_dict(shard_state_dict(sharded, model.state_dict()))
-                got = sharded(x, text, t, rope, image)
+                got = sharded(x, text, None, t, rope, encoder_hidden_states_image=image)
             else:
                 # Only the video tokens are sharded; every rank keeps the whole text.
                 sp = SequenceParallel(mesh, 0, x.shape[1])
                 piece = sp.image.piece(mesh.sp_rank)
                 local_t = t[:, piece] if per_token else t
                 with sp.active():
-                    local = model(x[:, piece], text, local_t, sp.shard_rope(rope), image)
+                    local = model(x[:, piece], text, None, local_t, sp.shard_rope(rope),
+                                  encoder_hidden_states_image=image)
                 got = sp.gather_image(local)
         assert got.shape == expected.shape, (got.shape, expected.shape)
         err = _rel_err(got, expected)

@@ -73,14 +73,24 @@ class WanConfig:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    # What the runner reads of every family: the text width, no pooled vector, no guidance embedding.
+    @property
+    def joint_attention_dim(self) -> int:
+        return self.text_dim
+
+    pooled_projection_dim = 0
+    guidance_embeds = False
+
 
 def patchify(latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """[B, C, F, H, W] -> tokens [B, f*h*w, C*pt*ph*pw]: tokens in (f, h, w) order as diffusers'
-    Conv3d output flattens, features in (C, pt, ph, pw) order as its weight flattens."""
+    """[B, C, F, H, W] -> tokens [B, f*h*w, pt*ph*pw*C]: tokens in (f, h, w) order as diffusers'
+    Conv3d output flattens, features in (pt, ph, pw, C) order: the order of proj_out's features
+    (`unpatchify`), so the sampler's state tokens and the DiT's prediction line up feature for
+    feature (the patch embedding reorders its weight to match)."""
     b, c, f, h, w = latents.shape
     pt, ph, pw = patch
     x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
 
 
 def unpatchify(tokens: torch.Tensor, frames: int, height: int, width: int, patch: tuple[int, int, int],
@@ -338,20 +348,29 @@ class WanTransformer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor | None,
         timestep: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        guidance: torch.Tensor | None = None,
+        *,
+        cache=None,
         encoder_hidden_states_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden_states [B, N, C_in*pt*ph*pw] (`patchify`, maybe this rank's token shard);
+        """The runner's signature for every family (Wan has no pooled text and no guidance
+        embedding; the block cache is not implemented for Wan, so `cache` must be None).
+        hidden_states [B, N, pt*ph*pw*C_in] (`patchify`, maybe this rank's token shard);
         encoder_hidden_states [B, S, text_dim] (whole); timestep [B], or [B, N] per token
         (Wan 2.2 TI2V's expand_timesteps; the same shard as the tokens), in the scheduler's
         0..1000 scale; rope: `rope()`'s tables for these tokens; encoder_hidden_states_image
         [B, 257, image_dim] CLIP tokens for Wan 2.1 I2V checkpoints. Returns [B, N, pt*ph*pw*C_out]."""
+        if cache is not None:
+            raise ValueError("the block cache is not implemented for Wan")
         image_cond = self.condition_embedder.image_embedder is not None
         if image_cond != (encoder_hidden_states_image is not None):
             raise ValueError("this Wan checkpoint " + ("needs CLIP image embeddings (I2V)" if image_cond
                              else "has no image cross-attention; do not pass image embeddings"))
-        weight = self.patch_embedding.weight
+        # Conv3d weight [dim, C, pt, ph, pw] -> [dim, pt*ph*pw*C], patchify's feature order.
+        weight = self.patch_embedding.weight.permute(0, 2, 3, 4, 1)
         x = F.linear(hidden_states, weight.flatten(1), self.patch_embedding.bias)
 
         if timestep.ndim == 1:

@@ -314,7 +314,7 @@ class ZImageTransformer(nn.Module):
         Returns [B, N_pad, 4*C], zeros at the pad rows (so a sampler's pad rows stay zero and
         per-image norms count real tokens only); `unpatchify` drops them. Otherwise this is the
         transformer's raw output: ZImagePipeline negates it (noise_pred = -output) before
-        scheduler.step; the sampling loop does that (spec.reversed_time), and classifier-free
+        scheduler.step; the sampling loop does that (spec.timestep "reversed"), and classifier-free
         guidance."""
         cos, sin, pad = rope
         text_len = encoder_hidden_states.shape[1]

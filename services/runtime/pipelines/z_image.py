@@ -28,7 +28,7 @@ Z_IMAGE = PipelineSpec(
     defaults=_z_image_defaults,
     features=frozenset({"lora", "cache", "negative_prompt"}),
     cfg=CfgRule(scale="guidance_scale", threshold=0.0, empty_negative=True, from_cond=True),
-    reversed_time=True,
+    timestep="reversed",
     fp32_latents=True,
     sigma_linspace="torch",
 )

@@ -1,0 +1,60 @@
+"""Wan's prompt encoding: UMT5-XXL's last hidden state, as WanPipeline._get_t5_prompt_embeds.
+
+The prompt is cleaned (ftfy where installed, HTML entities, whitespace), tokenized to
+max_sequence_length with padding and the attention mask, and encoded with the mask; each row's
+states past its real length are replaced by zeros. Every row is therefore max_sequence_length
+long (512 by default) with zeros after the prompt: that is what Wan's DiT was trained on and
+what it cross-attends to, so no lengths travel with the embeddings. There is no pooled vector."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import torch
+
+from services.runtime.components import load_component
+from services.runtime.errors import InvalidRequestError
+from services.runtime.registry import ModelDir
+from services.runtime.tensor_parallel import TensorParallel
+
+
+def prompt_clean(text: str) -> str:
+    """diffusers' wan prompt_clean: ftfy.fix_text (when installed), unescape twice, collapse
+    whitespace."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class UMT5PromptEncoder:
+    def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
+        if tp is not None:
+            raise InvalidRequestError("encoder tensor parallelism is implemented for Flux's T5 only", "tp_size")
+        self.device = device
+        self.tokenizer = load_component(model, "tokenizer")
+        self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
+
+    @staticmethod
+    def check_tp(model: ModelDir, tp_size: int) -> None:
+        if tp_size > 1:
+            raise InvalidRequestError(
+                f"encoder --tp-size {tp_size}: tensor parallelism is implemented for Flux's T5 only, not Wan's "
+                "UMT5", "tp_size")
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Returns (embeds [B, max_sequence_length, D] zero past each prompt, pooled [B, 0], None)."""
+        tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_sequence_length,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        states = self.text_encoder(ids, mask).last_hidden_state.to(self.text_encoder.dtype)
+        # Zero past each row's length (the padded positions' states are not zero by themselves).
+        states = states.masked_fill(~mask.gt(0)[..., None], 0.0)
+        return states, states.new_zeros(len(prompts), 0), None

@@ -1,0 +1,124 @@
+"""Native Wan 2.1 text-to-video: whole requests through ditserve's stages against diffusers'
+WanPipeline on the same tiny directory and seed (same frames), with its FlowMatch and its UniPC
+scheduler, CFG against "" and against a negative prompt, several videos, and parallel replicas;
+the Wan variants the native family lacks go to the diffusers backend."""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler, WanPipeline
+
+from services.cli import build_in_process_router
+from services.runtime.config import GenerateRequest, StageConfig
+from services.runtime.errors import UnsupportedModelError
+from services.runtime.registry import resolve
+from tests.tiny_families import build_tiny_wan, build_tiny_wan_i2v
+
+FRAMES = dict(width=48, height=32, num_frames=9, num_inference_steps=3)
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return build_tiny_wan(tmp_path_factory.mktemp("wan") / "model")
+
+
+@pytest.fixture(scope="module")
+def wan_unipc_dir(tmp_path_factory):
+    """The same model with the scheduler Wan's checkpoints ship: UniPC, flow prediction."""
+    path = build_tiny_wan(tmp_path_factory.mktemp("wan-unipc") / "model")
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0).save_pretrained(
+        path / "scheduler")
+    index = json.loads((path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+def _router(path, **denoiser_options):
+    return build_in_process_router(StageConfig(model_path=path, device="cpu", dtype="float32"),
+                                   denoiser_options=denoiser_options or None)
+
+
+def _frames(router, **fields) -> np.ndarray:
+    result = asyncio.run(router.generate(GenerateRequest(**{**FRAMES, **fields})))
+    return np.stack([v.pixels for v in result.images]).astype(int)
+
+
+def _diffusers(path, prompt, seeds, **kwargs) -> np.ndarray:
+    pipe = WanPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=prompt, num_videos_per_prompt=len(seeds), output_type="np",
+               generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **{**FRAMES, **kwargs}).frames
+    return (out * 255).round().astype(int)
+
+
+def _assert_same(got, expected):
+    assert got.shape == expected.shape and expected.std() > 5
+    diff = np.abs(got - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"max {diff.max()}, {(diff > 0).mean():.3%} differ"
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(guidance_scale=1.0), dict(negative_prompt="dark and blurry")],
+                         ids=["cfg-against-empty", "no-cfg", "negative-prompt"])
+def test_frames_match_wan_pipeline(wan_dir, fields):
+    router = _router(wan_dir)
+    assert router.spec.family == "wan" and not router.spec.whole_pipeline
+    got = _frames(router, prompt="a red circle", seed=5, **fields)
+    _assert_same(got, _diffusers(wan_dir, "a red circle", [5], **fields))
+
+
+def test_unipc_scheduler_and_several_videos_match(wan_unipc_dir):
+    got = _frames(_router(wan_unipc_dir), prompt="a blue square", seed=3, n=2)
+    _assert_same(got, _diffusers(wan_unipc_dir, "a blue square", [3, 4]))
+    assert np.abs(got[0] - got[1]).max() > 10  # seeds 3 and 4
+
+
+@pytest.mark.parametrize("parallel", [dict(ulysses_degree=2), dict(cfg_parallel=True), dict(ring_degree=2)],
+                         ids=["ulysses2", "cfg2", "ring2"])
+def test_parallel_replicas_give_single_rank_frames(wan_dir, parallel):
+    # 3 latent frames x 2 x 3 patches = 18 video tokens; heads 2. The prompt is not sharded:
+    # every rank cross-attends to all of it.
+    kwargs = dict(prompt="a red circle", negative_prompt="dark", seed=5)
+    expected = _frames(_router(wan_dir), **kwargs)
+    router = _router(wan_dir, **parallel)
+    try:
+        diff = np.abs(_frames(router, **kwargs) - expected)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    finally:
+        router.denoiser.stage.close()
+
+
+def test_wan22_two_experts_switch_at_the_boundary(tmp_path):
+    """Wan 2.2 A14B's layout: transformer until t < boundary_ratio x 1000, transformer_2 after,
+    both in the one replica; the frames equal WanPipeline's."""
+    path = build_tiny_wan(tmp_path / "a14b", two_experts=True)
+    router = _router(path)
+    assert router.spec.family == "wan" and router.denoiser.stage.expert_2 is not None
+    # 4 steps with shift 7: the first two timesteps lie above 875, so both experts run
+    got = _frames(router, prompt="a red circle", seed=2, num_frames=5, num_inference_steps=4)
+    _assert_same(got, _diffusers(path, "a red circle", [2], num_frames=5, num_inference_steps=4))
+    only_first = _router(path)
+    only_first.denoiser.stage.boundary_timestep = 0.0  # every step on the high-noise expert
+    assert np.abs(_frames(only_first, prompt="a red circle", seed=2, num_frames=5, num_inference_steps=4)
+                  - got).max() > 4
+
+
+def test_variants_without_a_native_path_go_to_the_diffusers_backend(tmp_path):
+    i2v = build_tiny_wan_i2v(tmp_path / "i2v")
+    assert resolve(i2v)[1].family == "diffusers:WanImageToVideoPipeline"
+    ti2v = build_tiny_wan(tmp_path / "ti2v")
+    index = json.loads((ti2v / "model_index.json").read_text())
+    (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    assert resolve(ti2v)[1].family == "diffusers:WanPipeline"
+    with pytest.raises(UnsupportedModelError, match="does not serve Wan 2.2 TI2V's per-token timesteps"):
+        resolve(ti2v, "native")
+
+
+def test_defaults(wan_dir):
+    model, spec = resolve(wan_dir)
+    d = spec.defaults(model)
+    assert (d.num_inference_steps, d.guidance_scale, d.width, d.height, d.num_frames, d.fps) == (50, 5.0, 832, 480,
+                                                                                                    81, 16)
