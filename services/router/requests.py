@@ -96,9 +96,10 @@ def resolve_request(
         if value % multiple:
             raise InvalidRequestError(f"{name} {value} is not a multiple of {multiple}", name)
     max_seq = req.max_sequence_length if req.max_sequence_length is not None else defaults.max_sequence_length
-    if max_seq > spec.max_sequence_length_limit:
+    limit = min(spec.max_sequence_length_limit, defaults.text_limit or spec.max_sequence_length_limit)
+    if max_seq > limit:
         raise InvalidRequestError(
-            f"max_sequence_length {max_seq} exceeds {spec.max_sequence_length_limit} for {spec.family}",
+            f"max_sequence_length {max_seq} exceeds {limit} for {spec.family}",
             "max_sequence_length",
         )
     for feature, asked in (("lora", bool(req.lora)), ("cache", req.cache is not None and req.cache.enabled),

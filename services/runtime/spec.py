@@ -28,6 +28,9 @@ class GenerationDefaults:
     cfg_truncation: float = 1.0
     num_frames: int = 0  # > 0: a video model's default clip length
     fps: int = 0
+    # This checkpoint's own cap on text tokens where it is below the family's
+    # max_sequence_length_limit (Z-Image: its RoPE table's length); None: the family's.
+    text_limit: int | None = None
 
 
 @dataclass(frozen=True)

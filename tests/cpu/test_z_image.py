@@ -121,15 +121,16 @@ def test_defaults_and_limits(z_image_dir, pipe):
     model, spec = resolve(z_image_dir)
     assert spec.family == "z_image" and not spec.whole_pipeline
     defaults = spec.defaults(model)
-    # ZImagePipeline's: 50 steps, guidance 5 (CFG against ""), 1024 x 1024, 512 tokens
+    # ZImagePipeline's: 50 steps, guidance 5 (CFG against ""), 1024 x 1024, 512 tokens, except
+    # that the tiny DiT's caption RoPE table (axes_lens[0] = 256) holds 224 padded tokens at most
     assert (defaults.num_inference_steps, defaults.guidance_scale, defaults.height, defaults.width,
-            defaults.max_sequence_length) == (50, 5.0, 1024, 1024, 512)
+            defaults.max_sequence_length, defaults.text_limit) == (50, 5.0, 1024, 1024, 224, 224)
     router = _router(z_image_dir)
     # (the tiny DiT's RoPE tables stop at 64 latent rows, so the size and steps are given)
     kwargs = dict(prompt="a red circle", height=32, width=48, num_inference_steps=3)
     _assert_same(_pixels(_generate(router, seed=9, **kwargs)), _diffusers(pipe, [9], **kwargs))
-    with pytest.raises(InvalidRequestError, match="max_sequence_length"):
-        _generate(router, prompt="x", max_sequence_length=1024)
+    with pytest.raises(InvalidRequestError, match="max_sequence_length 256 exceeds 224 for z_image"):
+        _generate(router, prompt="x", max_sequence_length=256)
     with pytest.raises(InvalidRequestError, match="guidance_scale") as err:
         _generate(router, prompt="x", true_cfg_scale=4.0)
     assert err.value.param == "true_cfg_scale"
