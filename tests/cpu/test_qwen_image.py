@@ -9,12 +9,12 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-from services.cli import build_in_process_router
 from services.denoiser.latents import CenteredLatents2x2
 from services.denoiser.weights import load_native_transformer
-from services.runtime.config import GenerateRequest, StageConfig
+from services.runtime.config import GenerateRequest
 from services.runtime.errors import InvalidRequestError
 from services.runtime.registry import ModelDir, resolve
+from tests import family_checks as fc
 
 
 def _rel_err(a, b):
@@ -56,68 +56,42 @@ def test_module_bf16_close_to_diffusers(qwen_image_dir):
 # --- whole requests ------------------------------------------------------------------------
 
 
-def _router(path, **denoiser_options):
-    return build_in_process_router(StageConfig(model_path=path, device="cpu", dtype="float32"),
-                                   denoiser_options=denoiser_options or None)
-
-
-def _generate(router, **fields):
-    return asyncio.run(router.generate(GenerateRequest(**fields)))
-
-
-def _pixels(result) -> np.ndarray:
-    return np.stack([img.pixels for img in result.images]).astype(int)
-
-
 @pytest.fixture(scope="module")
 def pipe(qwen_image_dir):
     return QwenImagePipeline.from_pretrained(qwen_image_dir)
 
 
-def _diffusers(pipe, seeds, **kwargs) -> np.ndarray:
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    out = pipe(num_images_per_prompt=len(seeds), generator=generators, output_type="np", **kwargs).images
-    return (out * 255).round().astype(int)
-
-
-def _assert_same(got: np.ndarray, expected: np.ndarray):
-    assert got.shape == expected.shape and expected.std() > 5
-    diff = np.abs(got - expected)
-    # Identical up to 8-bit rounding: a value on a .5 boundary may round either way.
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"max {diff.max()}, {(diff > 0).mean():.3%} differ"
-
-
 @pytest.mark.parametrize("height,width,seed", [(64, 64, 0), (48, 80, 1234)])
 def test_text_to_image_matches_diffusers(qwen_image_dir, pipe, height, width, seed):
-    router = _router(qwen_image_dir)
+    router = fc.router(qwen_image_dir)
     kwargs = dict(prompt="a red circle on a white background", height=height, width=width, num_inference_steps=4)
-    result = _generate(router, seed=seed, **kwargs)
-    _assert_same(_pixels(result), _diffusers(pipe, [seed], **kwargs))
+    result = fc.generate(router, seed=seed, **kwargs)
+    fc.assert_same(fc.pixels(result), fc.diffusers_pixels(pipe, [seed], **kwargs))
 
 
 def test_true_cfg_with_negative_prompt_and_several_images_match_diffusers(qwen_image_dir, pipe):
     kwargs = dict(prompt="a blue square", negative_prompt="a dark night with many stars", true_cfg_scale=4.0,
                   height=48, width=64, num_inference_steps=3)
-    result = _generate(_router(qwen_image_dir), seed=7, n=2, **kwargs)
-    _assert_same(_pixels(result), _diffusers(pipe, [7, 8], **kwargs))
-    plain = _generate(_router(qwen_image_dir), seed=7, **{**kwargs, "negative_prompt": None})
+    result = fc.generate(fc.router(qwen_image_dir), seed=7, n=2, **kwargs)
+    fc.assert_same(fc.pixels(result), fc.diffusers_pixels(pipe, [7, 8], **kwargs))
+    plain = fc.generate(fc.router(qwen_image_dir), seed=7, **{**kwargs, "negative_prompt": None})
     # (CFG's renormalisation keeps the change small on random weights, but it is there)
-    assert np.abs(_pixels(plain)[0] - _pixels(result)[0]).max() > 4, "the negative prompt changed nothing"
+    assert np.abs(fc.pixels(plain)[0] - fc.pixels(result)[0]).max() > 4, "the negative prompt changed nothing"
 
 
 def test_batched_prompts_of_different_lengths_equal_each_alone(qwen_image_dir):
     """Two requests in one router batch, prompts of different token counts: each image is the
     one its request gets alone (the DiT never sees padding)."""
-    router = _router(qwen_image_dir)
+    router = fc.router(qwen_image_dir)
     requests = [dict(prompt="a cat", seed=1), dict(prompt="a large green triangle on a yellow background", seed=2)]
     common = dict(height=32, width=32, num_inference_steps=2)
-    alone = [_pixels(_generate(router, **r, **common)) for r in requests]
+    alone = [fc.pixels(fc.generate(router, **r, **common)) for r in requests]
 
     async def together():
         return await asyncio.gather(*(router.generate(GenerateRequest(**r, **common)) for r in requests))
 
     for result, want in zip(asyncio.run(together()), alone):
-        np.testing.assert_array_equal(_pixels(result), want)
+        np.testing.assert_array_equal(fc.pixels(result), want)
 
 
 def test_defaults_and_limits(qwen_image_dir):
@@ -127,9 +101,9 @@ def test_defaults_and_limits(qwen_image_dir):
     # QwenImagePipeline's: 50 steps, true CFG 4, 128 x the VAE factor (4 for the tiny VAE), 512 tokens
     assert (defaults.num_inference_steps, defaults.true_cfg_scale, defaults.height, defaults.max_sequence_length) == (
         50, 4.0, 512, 512)
-    router = _router(qwen_image_dir)
+    router = fc.router(qwen_image_dir)
     with pytest.raises(InvalidRequestError, match="max_sequence_length"):
-        _generate(router, prompt="x", max_sequence_length=2048)
+        fc.generate(router, prompt="x", max_sequence_length=2048)
 
 
 @pytest.mark.parametrize("parallel", [dict(ulysses_degree=2), dict(cfg_parallel=True), dict(ring_degree=2),
@@ -138,20 +112,13 @@ def test_defaults_and_limits(qwen_image_dir):
 def test_parallel_replicas_give_single_rank_pixels(qwen_image_dir, parallel):
     # 48x80 with the tiny VAE's factor 4 -> a 6x10 token grid; the 3 heads and the prompts' token
     # counts do not divide by 2, and the negative prompt's length differs from the positive's.
-    kwargs = dict(prompt="a red circle", negative_prompt="dark", true_cfg_scale=3.0, height=48, width=80,
-                  num_inference_steps=2, seed=5)
-    expected = _pixels(_generate(_router(qwen_image_dir), **kwargs))
-    router = _router(qwen_image_dir, **parallel)
-    try:
-        diff = np.abs(_pixels(_generate(router, **kwargs)) - expected)
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-    finally:
-        router.denoiser.stage.close()
+    fc.check_parallel_replica(qwen_image_dir, parallel, prompt="a red circle", negative_prompt="dark",
+                              true_cfg_scale=3.0, height=48, width=80, num_inference_steps=2, seed=5)
 
 
 def test_tensor_parallel_needs_whole_heads(qwen_image_dir):
     with pytest.raises(Exception, match="heads"):
-        _router(qwen_image_dir, tp_size=2)  # 3 heads
+        fc.router(qwen_image_dir, tp_size=2)  # 3 heads
 
 
 def _tp_rank(rank: int, port: int):
@@ -206,42 +173,11 @@ def test_tensor_x_ulysses_parallel_module_matches_single_rank():
 
 
 def test_per_request_lora_matches_diffusers(qwen_image_dir, pipe, tmp_path):
-    """A diffusers-layout LoRA on every block linear, at strength 0.7: ditserve's per-request
-    adapter gives the pixels of diffusers' load_lora_weights + set_adapters(0.7)."""
-    from safetensors.torch import save_file
-
-    from services.denoiser.lora.formats import module_shapes
-    from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
-
-    config = QwenImageConfig.from_dict(ModelDir(qwen_image_dir).component_config("transformer"))
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for module, (n_out, n_in) in module_shapes(QwenImageTransformer, config).items():
-        if module.startswith("transformer_blocks."):
-            state[f"transformer.{module}.lora_A.weight"] = torch.randn(4, n_in, generator=g) * 0.3
-            state[f"transformer.{module}.lora_B.weight"] = torch.randn(n_out, 4, generator=g) * 0.3
-    path = tmp_path / "style.safetensors"
-    save_file(state, str(path))
-
-    kwargs = dict(prompt="a red circle", height=32, width=48, num_inference_steps=2)
-    result = _generate(_router(qwen_image_dir), seed=3, lora=[{"name": "style", "path": str(path), "strength": 0.7}],
-                       **kwargs)
-    pipe.load_lora_weights(str(path), adapter_name="style")
-    try:
-        pipe.set_adapters(["style"], adapter_weights=[0.7])
-        expected = _diffusers(pipe, [3], **kwargs)
-    finally:
-        pipe.delete_adapters("style")
-    _assert_same(_pixels(result), expected)
-    assert np.abs(_pixels(result) - _pixels(_generate(_router(qwen_image_dir), seed=3, **kwargs))).max() > 4
+    """A diffusers-layout LoRA on every block linear, at strength 0.7, against diffusers'."""
+    lora = fc.write_block_lora(tmp_path / "style.safetensors", qwen_image_dir, "qwen_image", ("transformer_blocks.",))
+    fc.check_lora_against_diffusers(qwen_image_dir, pipe, lora, prompt="a red circle", height=32, width=48,
+                                    num_inference_steps=2)
 
 
 def test_per_request_cache(qwen_image_dir):
-    router = _router(qwen_image_dir)
-    kwargs = dict(prompt="a red circle", height=32, width=32, num_inference_steps=12, seed=2)
-    plain = _generate(router, **kwargs)
-    off = _generate(router, cache={"enabled": False}, **kwargs)
-    np.testing.assert_array_equal(_pixels(off), _pixels(plain))
-    fast = _generate(router, cache={"preset": "fast"}, **kwargs)
-    stats = fast.cache_stats
-    assert stats.cached_steps > 0 and stats.computed_steps + stats.cached_steps == 12
+    fc.check_per_request_cache(qwen_image_dir)

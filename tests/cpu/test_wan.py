@@ -3,7 +3,6 @@ WanPipeline on the same tiny directory and seed (same frames), with its FlowMatc
 scheduler, CFG against "" and against a negative prompt, several videos, and parallel replicas;
 the Wan variants the native family lacks go to the diffusers backend."""
 
-import asyncio
 import json
 
 import numpy as np
@@ -11,10 +10,9 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 
-from services.cli import build_in_process_router
-from services.runtime.config import GenerateRequest, StageConfig
 from services.runtime.errors import UnsupportedModelError
 from services.runtime.registry import resolve
+from tests import family_checks as fc
 from tests.tiny_families import build_tiny_wan, build_tiny_wan_i2v
 
 FRAMES = dict(width=48, height=32, num_frames=9, num_inference_steps=3)
@@ -37,14 +35,8 @@ def wan_unipc_dir(tmp_path_factory):
     return path
 
 
-def _router(path, **denoiser_options):
-    return build_in_process_router(StageConfig(model_path=path, device="cpu", dtype="float32"),
-                                   denoiser_options=denoiser_options or None)
-
-
 def _frames(router, **fields) -> np.ndarray:
-    result = asyncio.run(router.generate(GenerateRequest(**{**FRAMES, **fields})))
-    return np.stack([v.pixels for v in result.images]).astype(int)
+    return fc.pixels(fc.generate(router, **{**FRAMES, **fields}))
 
 
 def _diffusers(path, prompt, seeds, **kwargs) -> np.ndarray:
@@ -55,24 +47,18 @@ def _diffusers(path, prompt, seeds, **kwargs) -> np.ndarray:
     return (out * 255).round().astype(int)
 
 
-def _assert_same(got, expected):
-    assert got.shape == expected.shape and expected.std() > 5
-    diff = np.abs(got - expected)
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"max {diff.max()}, {(diff > 0).mean():.3%} differ"
-
-
 @pytest.mark.parametrize("fields", [dict(), dict(guidance_scale=1.0), dict(negative_prompt="dark and blurry")],
                          ids=["cfg-against-empty", "no-cfg", "negative-prompt"])
 def test_frames_match_wan_pipeline(wan_dir, fields):
-    router = _router(wan_dir)
+    router = fc.router(wan_dir)
     assert router.spec.family == "wan" and not router.spec.whole_pipeline
     got = _frames(router, prompt="a red circle", seed=5, **fields)
-    _assert_same(got, _diffusers(wan_dir, "a red circle", [5], **fields))
+    fc.assert_same(got, _diffusers(wan_dir, "a red circle", [5], **fields))
 
 
 def test_unipc_scheduler_and_several_videos_match(wan_unipc_dir):
-    got = _frames(_router(wan_unipc_dir), prompt="a blue square", seed=3, n=2)
-    _assert_same(got, _diffusers(wan_unipc_dir, "a blue square", [3, 4]))
+    got = _frames(fc.router(wan_unipc_dir), prompt="a blue square", seed=3, n=2)
+    fc.assert_same(got, _diffusers(wan_unipc_dir, "a blue square", [3, 4]))
     assert np.abs(got[0] - got[1]).max() > 10  # seeds 3 and 4
 
 
@@ -81,26 +67,19 @@ def test_unipc_scheduler_and_several_videos_match(wan_unipc_dir):
 def test_parallel_replicas_give_single_rank_frames(wan_dir, parallel):
     # 3 latent frames x 2 x 3 patches = 18 video tokens; heads 2. The prompt is not sharded:
     # every rank cross-attends to all of it.
-    kwargs = dict(prompt="a red circle", negative_prompt="dark", seed=5)
-    expected = _frames(_router(wan_dir), **kwargs)
-    router = _router(wan_dir, **parallel)
-    try:
-        diff = np.abs(_frames(router, **kwargs) - expected)
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-    finally:
-        router.denoiser.stage.close()
+    fc.check_parallel_replica(wan_dir, parallel, prompt="a red circle", negative_prompt="dark", seed=5, **FRAMES)
 
 
 def test_wan22_two_experts_switch_at_the_boundary(tmp_path):
     """Wan 2.2 A14B's layout: transformer until t < boundary_ratio x 1000, transformer_2 after,
     both in the one replica; the frames equal WanPipeline's."""
     path = build_tiny_wan(tmp_path / "a14b", two_experts=True)
-    router = _router(path)
+    router = fc.router(path)
     assert router.spec.family == "wan" and router.denoiser.stage.expert_2 is not None
     # 4 steps with shift 7: the first two timesteps lie above 875, so both experts run
     got = _frames(router, prompt="a red circle", seed=2, num_frames=5, num_inference_steps=4)
-    _assert_same(got, _diffusers(path, "a red circle", [2], num_frames=5, num_inference_steps=4))
-    only_first = _router(path)
+    fc.assert_same(got, _diffusers(path, "a red circle", [2], num_frames=5, num_inference_steps=4))
+    only_first = fc.router(path)
     only_first.denoiser.stage.boundary_timestep = 0.0  # every step on the high-noise expert
     assert np.abs(_frames(only_first, prompt="a red circle", seed=2, num_frames=5, num_inference_steps=4)
                   - got).max() > 4
