@@ -1,8 +1,10 @@
-"""One denoiser step with true CFG (two DiT passes) for the families beyond Flux.1: ditserve's
-native DiT against diffusers' on the same random weights, the same card, in the same run.
+"""One denoiser step for the families beyond Flux.1 (with CFG: two DiT passes, as the pipelines
+run them with a negative prompt; Z-Image-Turbo: one, its guidance 0): ditserve's native DiT
+against diffusers' on the same random weights, the same card, in the same run.
 
     python benchmarks/family_step.py --family qwen-image              # 1024x1024, 128 + 32 text tokens
     python benchmarks/family_step.py --family wan2.1-t2v-14b          # 832x480, 81 frames (32760 tokens)
+    python benchmarks/family_step.py --family z-image-turbo           # 1024x1024, 128 caption tokens
     python benchmarks/family_step.py --family qwen-image --tiny --device cpu   # the code path, on CPU
 
 A step is what the pipelines run per denoising step with a negative prompt: the DiT on the
@@ -43,8 +45,8 @@ class Bench:
 QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                   num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
 # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json
-WAN_T2V_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-                   text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+WAN_T2V_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 

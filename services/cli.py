@@ -29,15 +29,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--model-path", help="diffusers-format model directory (default: the embedded tiny model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt",
-                   help="used for true CFG when --true-cfg-scale > 1 (Z-Image: --guidance-scale > 0)")
+                   help="used for true CFG when --true-cfg-scale > 1 (Z-Image: --guidance-scale > 0; Wan: > 1)")
     p.add_argument("--true-cfg-scale", type=float, help="default: the model's (Flux 1.0: off)")
     p.add_argument("--seed", type=int, help="seed of the first image (image i uses seed + i); random if omitted")
     p.add_argument("--num-inference-steps", type=int, help="default: the model's (28 for Flux.1-dev)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 16 for Flux (default: the model's)")
     p.add_argument("--guidance-scale", type=float,
-                   help="distilled guidance (default: the model's, 3.5 for dev); Z-Image's CFG scale")
-    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: the model's)")
+                   help="distilled guidance (default: the model's, 3.5 for dev); the CFG scale of Z-Image, "
+                        "Wan and Flux.2 [klein]")
+    p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
     p.add_argument("--lora-path", action="append", default=[], metavar="FILE",
                    help="a LoRA safetensors file (any common Flux format); repeat to stack adapters")

@@ -1,7 +1,8 @@
 """Initial noise and the latent layouts: latents <-> DiT tokens, and the RoPE tables of a request.
 
 PackedLatents2x2 is Flux.1's (Qwen-Image packs the same way, with centred positions); ZImageLatents
-is Z-Image's patchify, padded to its multiple of 32 tokens.
+is Z-Image's patchify, padded to its multiple of 32 tokens; WanLatents patchifies video latents
+and keeps the prompt out of the sequence; Flux2Latents samples in Flux.2's patchified shape.
 
 Noise is drawn per image from a CPU generator seeded with that image's seed, exactly as
 diffusers' randn_tensor does for a list of CPU generators: the same seed gives the same image on

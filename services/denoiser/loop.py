@@ -74,11 +74,15 @@ def sample(
     # ZImagePipeline's cfg_truncation test, on the fp32 timesteps, computed once (no sync a step).
     guided = [t_norm <= guidance.truncation for t_norm in ((1000 - schedule.timesteps.float()) / 1000).tolist()]
     for i, t in enumerate(schedule.timesteps):
-        # The pipelines' timestep arithmetic, kept as is: cast to the latent dtype, then scaled.
         if experts is not None:
             runner.use_expert(experts[i])
-        t = t.expand(latents.shape[0]).to(latents.dtype)
-        conditioning = {"fraction": t / 1000, "reversed": (1000 - t) / 1000, "raw": t}[timestep]
+        # The pipelines' timestep arithmetic, kept as is.
+        t = t.expand(latents.shape[0])
+        if timestep == "raw":  # WanPipeline hands the scheduler's t over as it is
+            conditioning = t
+        else:  # Flux / Qwen-Image / Z-Image: cast to the latents' dtype first, then scaled
+            t = t.to(latents.dtype)
+            conditioning = t / 1000 if timestep == "fraction" else (1000 - t) / 1000
         velocities = runner.predict(latents, conditioning, inputs, guided[i])
         if timestep == "reversed":
             velocities = [-v for v in velocities]

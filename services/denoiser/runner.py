@@ -54,12 +54,16 @@ class DenoiserRunner:
         dtype: torch.dtype,
         mesh: ParallelMesh | None = None,
         expert_2: torch.nn.Module | None = None,
+        velocity_in_dit_dtype: bool = False,
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
         # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
         # both); `use_expert` picks the one the next steps run.
         self.experts = [model] if expert_2 is None else [model, expert_2]
+        # spec.guidance_in_dit_dtype: predictions stay in the DiT's dtype (WanPipeline), else they
+        # come back in the latents' (ZImagePipeline's fp32 CFG; a no-op where the two agree).
+        self.velocity_in_dit_dtype = velocity_in_dit_dtype
 
     def use_expert(self, index: int) -> None:
         self.model = self.experts[index]
@@ -111,7 +115,8 @@ class DenoiserRunner:
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: StepInputs,
                 guided: bool = True) -> list[torch.Tensor]:
         """Velocity of each branch: [positive] or [positive, negative] (guided: False runs the
-        positive one only, a step the pipeline runs without CFG), in the latents' dtype."""
+        positive one only, a step the pipeline runs without CFG), in the latents' dtype (or the
+        DiT's, see velocity_in_dit_dtype)."""
         branches = [inputs.positive] + ([inputs.negative] if inputs.negative is not None and guided else [])
         # Latents may be fp32 around a bf16 DiT (spec.fp32_latents): the pipeline's casts, in and
         # out (out after the exchanges, which then move the DiT's dtype).
@@ -122,7 +127,7 @@ class DenoiserRunner:
             velocities = all_to_all([mine, mine], shapes, self.mesh.group("cfg"))
         else:
             velocities = [self._forward(x, timestep, b, inputs) for b in branches]
-        return [v.to(latents.dtype) for v in velocities]
+        return velocities if self.velocity_in_dit_dtype else [v.to(latents.dtype) for v in velocities]
 
     def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
         sp = branch.sp

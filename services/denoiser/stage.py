@@ -63,7 +63,8 @@ class DenoiserStage:
         self.layout = FAMILIES[self.spec.denoiser].layout.for_model(transformer.config, self.model.vae_scale_factor)
         self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
         self.defaults = self.spec.defaults(self.model)
-        self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2)
+        self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
+                                     velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype)
         self.lora = LoraRunner(transformer, self.device)
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
@@ -81,6 +82,7 @@ class DenoiserStage:
         if config.layerwise_offload:
             from services.denoiser.offload import enable_layerwise_offload
 
+            # kept with the stage: the offload's hooks and pinned host copies live as long as it
             self.offloads = getattr(self, "offloads", []) + [
                 enable_layerwise_offload(transformer, self.device, config.offload_prefetch)]
         if should_compile(config.compile, self.device):
@@ -112,6 +114,7 @@ class DenoiserStage:
                                  timestep=self.spec.timestep, experts=experts)
             finally:
                 self.lora.deactivate()
+                self.runner.use_expert(0)  # the next request starts on the first expert
             out = self.layout.unpack(latents, grid)
         metrics.lora_loads, metrics.lora_hits = self.adapters.loads - loads, self.adapters.hits - hits
         if self.runner.mesh is not None:  # every rank runs this call: one small all-gather

@@ -34,7 +34,9 @@ def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype,
     config = fam.config_cls.from_dict(model.component_config(component))
     with torch.device("meta"):
         module = fam.model_cls(config, tp=tp)
-    state = {k: v.to(dtype) for k, v in read_safetensors(model, component, device).items()}
+    keep = _keep_in_fp32(class_name) if dtype in (torch.float16, torch.bfloat16) else ()
+    state = {k: v.to(torch.float32 if keep and set(k.split(".")) & keep else dtype)
+             for k, v in read_safetensors(model, component, device).items()}
     state = shard_state_dict(module, state)
     missing, unexpected = _key_diff(module, state)
     if missing or unexpected:
@@ -48,6 +50,15 @@ def load_native_transformer(model: ModelDir, family: str, *, dtype: torch.dtype,
     except RuntimeError as exc:  # shape mismatch
         raise ModelLoadError(f"transformer weights in {model.path}: {str(exc).splitlines()[-1].strip()}") from None
     return module.eval().requires_grad_(False)
+
+
+def _keep_in_fp32(class_name: str) -> set[str]:
+    """Module names diffusers keeps in fp32 when it loads this class in half precision
+    (`_keep_in_fp32_modules`, e.g. Wan's time embedder, modulation tables and norms): the native
+    module gets the same, so its half-precision arithmetic is diffusers'."""
+    import diffusers
+
+    return set(getattr(getattr(diffusers, class_name, None), "_keep_in_fp32_modules", None) or ())
 
 
 def read_safetensors(model: ModelDir, component: str, device: torch.device) -> dict[str, torch.Tensor]:

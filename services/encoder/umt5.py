@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from services.encoder.qwen_vl import encode_each
 from services.runtime.components import load_component
 from services.runtime.errors import InvalidRequestError
 from services.runtime.registry import ModelDir
@@ -35,7 +36,7 @@ def prompt_clean(text: str) -> str:
 class UMT5PromptEncoder:
     def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
         if tp is not None:
-            raise InvalidRequestError("encoder tensor parallelism is implemented for Flux's T5 only", "tp_size")
+            raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
         self.device = device
         self.tokenizer = load_component(model, "tokenizer")
         self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
@@ -44,17 +45,22 @@ class UMT5PromptEncoder:
     def check_tp(model: ModelDir, tp_size: int) -> None:
         if tp_size > 1:
             raise InvalidRequestError(
-                f"encoder --tp-size {tp_size}: tensor parallelism is implemented for Flux's T5 only, not Wan's "
-                "UMT5", "tp_size")
+                f"encoder --tp-size {tp_size}: tensor parallelism is implemented for Flux's T5 encoder only, "
+                "not Wan's UMT5", "tp_size")
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """Returns (embeds [B, max_sequence_length, D] zero past each prompt, pooled [B, 0], None)."""
-        tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_sequence_length,
+        """Returns (embeds [B, max_sequence_length, D] zero past each prompt, pooled [B, 0], None).
+        Each distinct prompt is encoded on its own, as WanPipeline encodes the prompt and the
+        negative prompt: a batched call agrees with it only to rounding in half precision."""
+        embeds, pooled, _ = encode_each(prompts, lambda p: self._encode_one(p, max_sequence_length))
+        return embeds, pooled, None
+
+    def _encode_one(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
+        tokens = self.tokenizer([prompt_clean(prompt)], padding="max_length", max_length=max_sequence_length,
                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
                                 return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        states = self.text_encoder(ids, mask).last_hidden_state.to(self.text_encoder.dtype)
-        # Zero past each row's length (the padded positions' states are not zero by themselves).
-        states = states.masked_fill(~mask.gt(0)[..., None], 0.0)
-        return states, states.new_zeros(len(prompts), 0), None
+        states = self.text_encoder(ids, mask).last_hidden_state.to(self.text_encoder.dtype)[0]
+        # Zero past the prompt's length (the padded positions' states are not zero by themselves).
+        return states.masked_fill(~mask[0].gt(0)[:, None], 0.0)

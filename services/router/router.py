@@ -143,10 +143,12 @@ class Router:
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
             groups.setdefault((lengths[i], lengths[n + i] if first.cfg else None), []).append(i)
-        results = {}
-        for g, members in enumerate(groups.values()):
-            done = await self._denoise_decode([jobs[i] for i in members], enc, members, t_batch, g == 0)
-            results.update(zip(members, done))
+        # Concurrently: with several denoiser replicas the groups run side by side (a single worker
+        # takes them one after another, as it would separate batches).
+        members = list(groups.values())
+        done = await asyncio.gather(*(self._denoise_decode([jobs[i] for i in m], enc, m, t_batch, g == 0)
+                                      for g, m in enumerate(members)))
+        results = {i: r for m, rs in zip(members, done) for i, r in zip(m, rs)}
         return [results[i] for i in range(n)]
 
     async def _denoise_decode(self, jobs: list[_Job], enc, rows_of_jobs: list[int], t_batch: float,

@@ -25,7 +25,7 @@ class EncodeResponse:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     metrics: StageMeasurement = field(default_factory=StageMeasurement)
-    # [B] real tokens per row where rows are zero-padded to the longest prompt (Qwen-Image);
+    # [B] real tokens per row where rows are zero-padded to the longest prompt (Qwen-Image, Z-Image);
     # None: every row is all real.
     prompt_lengths: torch.Tensor | None = None
 

@@ -76,7 +76,9 @@ class ModelDir:
         vae = self.component_config("vae")
         if "block_out_channels" in vae:  # AutoencoderKL: one 2x downsample between consecutive blocks
             return 2 ** (len(vae["block_out_channels"]) - 1)
-        if "temperal_downsample" in vae:  # Wan's video VAE: one spatial 2x per stage
+        if vae.get("scale_factor_spatial"):  # Wan's VAEs say it (8; 16 for Wan 2.2's, which patchifies)
+            return int(vae["scale_factor_spatial"])
+        if "temperal_downsample" in vae:  # Qwen-Image's video-shaped VAE: one spatial 2x per stage
             return 2 ** len(vae["temperal_downsample"])
         if "encoder_block_out_channels" in vae:  # DC-AE (Sana)
             return 2 ** (len(vae["encoder_block_out_channels"]) - 1)

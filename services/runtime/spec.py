@@ -89,6 +89,10 @@ class PipelineSpec:
     # Noise, CFG and the Euler steps stay fp32 whatever the DiT's dtype (ZImagePipeline); else
     # they run in the DiT's dtype, as Flux's and Qwen-Image's pipelines do.
     fp32_latents: bool = False
+    # With fp32_latents: the branches' predictions stay in the DiT's dtype, CFG combines them
+    # there and a FlowMatch Euler step rounds the latents back to it (WanPipeline: only its
+    # noise is drawn in fp32); else they are cast to the latents' dtype first (ZImagePipeline).
+    guidance_in_dit_dtype: bool = False
     # The default sigma grid linspace(1, 1/n, n): "numpy" (FluxPipeline's, float64) or "torch"
     # (ZImagePipeline's, float32; for most n they differ in the last bit), with the resolution
     # shift mu; or "scheduler": the scheduler's own grid from set_timesteps(n) (WanPipeline).

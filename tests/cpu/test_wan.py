@@ -10,6 +10,8 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 
+from services.cli import build_in_process_router
+from services.runtime.config import StageConfig
 from services.runtime.errors import UnsupportedModelError
 from services.runtime.registry import resolve
 from tests import family_checks as fc
@@ -57,9 +59,12 @@ def test_frames_match_wan_pipeline(wan_dir, fields):
 
 
 def test_unipc_scheduler_and_several_videos_match(wan_unipc_dir):
-    got = _frames(fc.router(wan_unipc_dir), prompt="a blue square", seed=3, n=2)
+    router = fc.router(wan_unipc_dir)
+    got = _frames(router, prompt="a blue square", seed=3, n=2)
     fc.assert_same(got, _diffusers(wan_unipc_dir, "a blue square", [3, 4]))
     assert np.abs(got[0] - got[1]).max() > 10  # seeds 3 and 4
+    # the multistep solver's history is the request's own: the same request again, the same frames
+    np.testing.assert_array_equal(_frames(router, prompt="a blue square", seed=3, n=2), got)
 
 
 @pytest.mark.parametrize("parallel", [dict(ulysses_degree=2), dict(cfg_parallel=True), dict(ring_degree=2)],
@@ -79,6 +84,9 @@ def test_wan22_two_experts_switch_at_the_boundary(tmp_path):
     # 4 steps with shift 7: the first two timesteps lie above 875, so both experts run
     got = _frames(router, prompt="a red circle", seed=2, num_frames=5, num_inference_steps=4)
     fc.assert_same(got, _diffusers(path, "a red circle", [2], num_frames=5, num_inference_steps=4))
+    # a second request starts on the first expert again
+    np.testing.assert_array_equal(_frames(router, prompt="a red circle", seed=2, num_frames=5,
+                                          num_inference_steps=4), got)
     only_first = fc.router(path)
     only_first.denoiser.stage.boundary_timestep = 0.0  # every step on the high-noise expert
     assert np.abs(_frames(only_first, prompt="a red circle", seed=2, num_frames=5, num_inference_steps=4)
@@ -101,3 +109,17 @@ def test_defaults(wan_dir):
     d = spec.defaults(model)
     assert (d.num_inference_steps, d.guidance_scale, d.width, d.height, d.num_frames, d.fps) == (50, 5.0, 832, 480,
                                                                                                     81, 16)
+
+
+def test_bf16_frames_are_the_pipelines(wan_dir):
+    """In bf16 as WanPipeline runs it: noise drawn in fp32, the branches combined in bf16, the
+    scheduler's t handed over uncast, the time embedder and norms kept in fp32 (diffusers'
+    _keep_in_fp32_modules), each prompt encoded on its own."""
+    router = build_in_process_router(StageConfig(model_path=wan_dir, device="cpu", dtype="bfloat16"))
+    pipe = WanPipeline.from_pretrained(wan_dir, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    for fields in (dict(), dict(negative_prompt="dark")):
+        got = _frames(router, prompt="a red circle", seed=5, **fields)
+        expected = pipe(prompt="a red circle", generator=[torch.Generator("cpu").manual_seed(5)], output_type="np",
+                        **FRAMES, **fields).frames
+        fc.assert_same(got, (expected * 255).round().astype(int))

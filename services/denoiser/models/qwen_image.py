@@ -166,13 +166,15 @@ class QwenImageTransformer(nn.Module):
         self.txt_norm = nn.RMSNorm(config.joint_attention_dim, eps=1e-6)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.txt_in = nn.Linear(config.joint_attention_dim, dim)
-        self.transformer_blocks = nn.ModuleList([QwenImageBlock(dim, heads, head_dim, tp) for _ in range(config.num_layers)])
+        self.transformer_blocks = nn.ModuleList(
+            [QwenImageBlock(dim, heads, head_dim, tp) for _ in range(config.num_layers)]
+        )
         self.norm_out = AdaLNModulation(dim, 2)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * out_channels)
 
     def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables for the joint [text; image] sequence (once per request). `img_ids` are the
-        centred (0, row, col) positions of QwenLatents; `txt_ids` count 0.. and are moved past
+        centred (0, row, col) positions of CenteredLatents2x2; `txt_ids` count 0.. and are moved past
         the image's largest row / column index, where diffusers places the text."""
         offset = int(img_ids[:, 1:].max().item()) + 1
         ids = torch.cat([txt_ids + offset, img_ids], dim=0)

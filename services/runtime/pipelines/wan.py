@@ -21,8 +21,8 @@ def _wan_defaults(model) -> GenerationDefaults:
 
 def _unserved(model) -> str | None:
     two_experts = model.index.get("transformer_2") not in (None, [None, None])
-    if two_experts and model.index.get("boundary_ratio") is None:
-        return "a transformer_2 without a boundary_ratio"
+    if two_experts != (model.index.get("boundary_ratio") is not None):
+        return "a transformer_2 without a boundary_ratio, or a boundary_ratio without a transformer_2"
     if model.index.get("transformer") in (None, [None, None]):
         return "a pipeline without its first transformer"
     if model.index.get("expand_timesteps"):
@@ -49,6 +49,7 @@ WAN = PipelineSpec(
     cfg=CfgRule(scale="guidance_scale", threshold=1.0, empty_negative=True),
     timestep="raw",
     fp32_latents=True,  # prepare_latents(..., torch.float32)
+    guidance_in_dit_dtype=True,  # noise_pred stays in the transformer's dtype
     sigma_linspace="scheduler",
     unserved=_unserved,
 )
