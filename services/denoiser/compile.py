@@ -44,18 +44,27 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for name in model.block_lists for block in getattr(model, name)]
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", overlap_comm: bool = False) -> None:
+def compile_blocks(model: nn.Module, backend: str = "inductor", overlap_comm: bool = False,
+                   variable_text: bool = False) -> None:
     """`overlap_comm` (a multi-rank replica): let inductor move independent compute between a
     collective and its wait. Measured on 2x H200, Ulysses-2, 1024x1024: 102.2 -> 83.4 ms per step;
     without it the traced all-to-alls are waited on at once and the compiled step is barely
-    faster than eager (106.6 ms)."""
+    faster than eager (106.6 ms).
+
+    `variable_text` (spec.variable_text: Qwen-Image and Z-Image hand the DiT each prompt's own
+    length): shapes start static and torch's automatic dynamic shapes make the dimension that
+    changed symbolic at the first recompile, so a replica compiles ~2 graphs per block instead of
+    one per prompt length (and past MAX_SHAPES, eager). Under sequence parallelism each length
+    is still its own SequenceParallel object, which the graphs guard on: those recompile per
+    length (up to MAX_SHAPES)."""
     if overlap_comm:
         torch._inductor.config.reorder_for_compute_comm_overlap = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_SHAPES)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_SHAPES)
     for block in repeated_blocks(model):
-        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False, backend=backend)
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=None if variable_text else False,
+                                      backend=backend)
 
 
 def should_compile(flag: bool | None, device: torch.device) -> bool:

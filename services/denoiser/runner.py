@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from services.denoiser.cache import BlockCache
+from services.denoiser.compile import MAX_SHAPES
 from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.parallel.comm import all_to_all, broadcast_flag, mean_over
 from services.denoiser.parallel.context import SequenceParallel
@@ -91,6 +92,9 @@ class DenoiserRunner:
         # new object per request would recompile every compiled block.
         key = (text_tokens, image_tokens)
         if key not in self._sp_cache:
+            # as many layouts as compiled blocks keep shapes (prompt lengths vary): drop the oldest
+            if len(self._sp_cache) >= MAX_SHAPES:
+                self._sp_cache.pop(next(iter(self._sp_cache)))
             self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
         return self._sp_cache[key]
 

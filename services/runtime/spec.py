@@ -89,6 +89,9 @@ class PipelineSpec:
     # Noise, CFG and the Euler steps stay fp32 whatever the DiT's dtype (ZImagePipeline); else
     # they run in the DiT's dtype, as Flux's and Qwen-Image's pipelines do.
     fp32_latents: bool = False
+    # The DiT sees each prompt's own token count (Qwen-Image, Z-Image), not a fixed padded length:
+    # compiled blocks then take the text length as a dynamic shape (services/denoiser/compile.py).
+    variable_text: bool = False
     # With fp32_latents: the branches' predictions stay in the DiT's dtype, CFG combines them
     # there and a FlowMatch Euler step rounds the latents back to it (WanPipeline: only its
     # noise is drawn in fp32); else they are cast to the latents' dtype first (ZImagePipeline).

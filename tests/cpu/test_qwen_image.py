@@ -181,3 +181,29 @@ def test_per_request_lora_matches_diffusers(qwen_image_dir, pipe, tmp_path):
 
 def test_per_request_cache(qwen_image_dir):
     fc.check_per_request_cache(qwen_image_dir)
+
+
+def test_compiled_blocks_take_the_text_length_as_a_dynamic_shape():
+    """Each prompt reaches the DiT at its own length: compiled blocks (spec.variable_text) go
+    dynamic at the first recompile instead of compiling one graph per length."""
+    from torch._dynamo.utils import counters
+
+    from services.denoiser.compile import compile_blocks
+    from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    config = QwenImageConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                             num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+    layout, cpu = CenteredLatents2x2(4, 8), torch.device("cpu")
+    graphs = {}
+    for variable in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = QwenImageTransformer(config).eval()
+        compile_blocks(model, backend="eager", variable_text=variable)
+        with torch.no_grad():
+            for text_len in (5, 7, 9, 11, 13):
+                rope = model.rope(layout.text_ids(text_len, cpu), layout.image_ids(6, 8, cpu))
+                model(torch.randn(1, 12, 16), torch.randn(1, text_len, 16), None, torch.rand(1), rope)
+        graphs[variable] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs[False] == 5 and graphs[True] <= 3, graphs

@@ -26,4 +26,5 @@ QWEN_IMAGE = PipelineSpec(
     max_sequence_length_limit=1024,  # the pipeline refuses more
     defaults=_qwen_image_defaults,
     cfg=CfgRule(renorm=True),
+    variable_text=True,
 )

@@ -34,6 +34,7 @@ Z_IMAGE = PipelineSpec(
     features=frozenset({"lora", "cache", "negative_prompt"}),
     cfg=CfgRule(scale="guidance_scale", threshold=0.0, empty_negative=True, from_cond=True),
     timestep="reversed",
+    variable_text=True,
     fp32_latents=True,
     sigma_linspace="torch",
 )
