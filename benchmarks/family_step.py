@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--variable-text", action="store_true",
+                    help="a row compiled as a replica of a variable-text family is (text length dynamic)")
     args = ap.parse_args()
     video = args.family.startswith("wan")
     args.height = args.height or (480 if video else 1024)
@@ -225,6 +227,10 @@ def main() -> None:
         table.run("diffusers compiled", bench.diffusers_step, args.warmup)
         compile_blocks(bench.native)
         table.run("ditserve compiled", bench.native_step(bench.native), args.warmup)
+        if args.variable_text:  # how a Qwen-Image / Z-Image replica compiles (spec.variable_text)
+            dynamic = _shared(bench.native, type(bench.native), bench.native.config)
+            compile_blocks(dynamic, variable_text=True)
+            table.run("ditserve compiled, dynamic text", bench.native_step(dynamic), args.warmup)
     if not args.no_fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
         fp8 = _shared(bench.native, type(bench.native), bench.native.config)
         before = {id(p): p.numel() * p.element_size() for p in fp8.parameters()}
