@@ -66,7 +66,7 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "MyOwnPipeline"}')
     with pytest.raises(UnsupportedModelError, match="MyOwnPipeline"):
         resolve(tmp_path / "m")
-    # a native class whose directory lacks what the family reads: the missing file is named
+    # a native class whose directory lacks its components: the missing ones are named
     (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
-    with pytest.raises(ModelNotFoundError, match="component 'transformer' has no config.json"):
+    with pytest.raises(UnsupportedModelError, match="WanPipeline needs components tokenizer, text_encoder"):
         resolve(tmp_path / "m")
