@@ -72,6 +72,10 @@ class FlowMatchSchedule:
             raise UnsupportedModelError(f"scheduler {name} is not supported")
         if name in MULTISTEP and sigma_linspace != "scheduler":
             raise UnsupportedModelError(f"scheduler {name} is supported only where the pipeline uses its own grid")
+        if sigma_linspace == "scheduler" and scheduler_config.get("use_dynamic_shifting"):
+            # set_timesteps(n) alone would raise on every request: the pipeline passes no mu
+            raise UnsupportedModelError(f"scheduler {name or 'FlowMatchEulerDiscreteScheduler'} with "
+                                        "use_dynamic_shifting needs a resolution shift this pipeline does not give")
         if scheduler_config.get("stochastic_sampling"):
             raise UnsupportedModelError("FlowMatchEulerDiscreteScheduler with stochastic_sampling is not supported")
         self.config = scheduler_config

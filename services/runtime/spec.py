@@ -110,6 +110,15 @@ class PipelineSpec:
     # family lacks), or None; `--backend auto` then serves it through the diffusers backend.
     unserved: Callable[["ModelDir"], str | None] = lambda model: None
 
+    def __post_init__(self):
+        # The string-valued choices, checked when a spec is defined (import time), not mid-request.
+        for name, value, allowed in (("timestep", self.timestep, ("fraction", "reversed", "raw")),
+                                     ("sigma_linspace", self.sigma_linspace, ("numpy", "torch", "scheduler")),
+                                     ("mu", self.mu, ("calculate_shift", "compute_empirical_mu")),
+                                     ("cfg.scale", self.cfg.scale, ("true_cfg_scale", "guidance_scale"))):
+            if value not in allowed:
+                raise ValueError(f"{self.family} spec: {name} {value!r} is not one of {', '.join(allowed)}")
+
     def size_multiple(self, model: "ModelDir") -> int:
         return model.vae_scale_factor * self.latent_patch
 

@@ -2,10 +2,10 @@
 replica owns a placement group and its second rank is a Ray actor in it."""
 
 import asyncio
-import subprocess
-import time
 import base64
 import io
+import subprocess
+import time
 
 import httpx
 import numpy as np
