@@ -62,7 +62,6 @@ class DenoiserStage:
                                           self.spec.mu)
         self.layout = FAMILIES[self.spec.denoiser].layout.for_model(transformer.config, self.model.vae_scale_factor)
         self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
-        self.defaults = self.spec.defaults(self.model)
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype)
         self.lora = LoraRunner(transformer, self.device)
@@ -125,7 +124,7 @@ class DenoiserStage:
         rule = self.spec.cfg
         scale = request.guidance_scale if rule.scale == "guidance_scale" else request.true_cfg_scale
         return Guidance(scale, from_cond=rule.from_cond, renorm=rule.renorm,
-                        max_norm_ratio=self.defaults.cfg_normalization, truncation=self.defaults.cfg_truncation)
+                        max_norm_ratio=request.cfg_normalization, truncation=request.cfg_truncation)
 
     def _use_loras(self, request: DenoiseRequest) -> None:
         if request.loras and len(request.loras) != len(request.seeds):

@@ -33,6 +33,8 @@ class ImageGenerationBody(BaseModel):
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float | None = None
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
     max_sequence_length: int | None = None
     timeout_s: float | None = Field(None, gt=0, description="per-request deadline")
     lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
@@ -49,6 +51,8 @@ class ImageGenerationBody(BaseModel):
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
             true_cfg_scale=self.true_cfg_scale,
+            cfg_normalization=self.cfg_normalization,
+            cfg_truncation=self.cfg_truncation,
             seed=self.seed,
             n=self.n,
             max_sequence_length=self.max_sequence_length,

@@ -41,6 +41,8 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
         num_inference_steps=opt("num_inference_steps"),
         guidance_scale=opt("guidance_scale"),
         true_cfg_scale=opt("true_cfg_scale"),
+        cfg_normalization=opt("cfg_normalization"),
+        cfg_truncation=opt("cfg_truncation"),
         seed=opt("seed"),
         n=m.n or 1,
         max_sequence_length=opt("max_sequence_length"),

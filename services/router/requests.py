@@ -49,6 +49,8 @@ class ResolvedRequest:
     # Classifier-free guidance runs: the negative prompt is encoded and denoised too (the
     # family's rule, PipelineSpec.cfg; the negative prompt is set whenever it runs).
     cfg: bool = False
+    cfg_normalization: float = 0.0  # ZImagePipeline's CFG limits (the "cfg_limits" feature)
+    cfg_truncation: float = 1.0
 
     @property
     def batch_key(self) -> tuple:
@@ -59,6 +61,7 @@ class ResolvedRequest:
             self.num_inference_steps,
             self.guidance_scale,
             self.true_cfg_scale if self.cfg else None,
+            (self.cfg_normalization, self.cfg_truncation) if self.cfg else None,
             self.negative_prompt is not None,
             self.num_frames,
             self.fps,
@@ -106,6 +109,9 @@ def resolve_request(
                            ("negative_prompt", req.negative_prompt is not None)):
         if asked and feature not in spec.features:
             raise InvalidRequestError(f"{feature} is not available for {spec.family}", feature)
+    for name in ("cfg_normalization", "cfg_truncation"):  # the "cfg_limits" feature (ZImagePipeline's)
+        if getattr(req, name) is not None and "cfg_limits" not in spec.features:
+            raise InvalidRequestError(f"{name} is not available for {spec.family}", name)
     if "cache" not in spec.features:
         default_cache = None  # the server's default policy applies where caching exists
     guidance_scale = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
@@ -139,6 +145,8 @@ def resolve_request(
         mask=mask,
         inputs_digest=_digest(req),
         cfg=cfg,
+        cfg_normalization=req.cfg_normalization if req.cfg_normalization is not None else defaults.cfg_normalization,
+        cfg_truncation=req.cfg_truncation if req.cfg_truncation is not None else defaults.cfg_truncation,
     )
 
 

@@ -189,6 +189,8 @@ class Router:
                 cache=first.cache.model_dump(exclude_none=True) if first.cache is not None else None,
                 num_frames=first.num_frames,
                 fps=first.fps,
+                cfg_normalization=first.cfg_normalization,
+                cfg_truncation=first.cfg_truncation,
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),

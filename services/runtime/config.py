@@ -50,6 +50,11 @@ class GenerateRequest(BaseModel):
     # Real classifier-free guidance against negative_prompt; applies only when > 1 and a
     # negative prompt is given (diffusers' FluxPipeline rule).
     true_cfg_scale: float | None = Field(None, ge=0.0)  # None: the model's default (Flux 1.0, Qwen-Image 4.0)
+    # ZImagePipeline's CFG limits (families with the "cfg_limits" feature): cap the guided
+    # prediction's norm at this times the conditional one's (0: off), and run no CFG once the
+    # denoising progress (1000 - t) / 1000 exceeds cfg_truncation.
+    cfg_normalization: float | None = Field(None, ge=0.0)
+    cfg_truncation: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     max_sequence_length: int | None = Field(None, ge=1)

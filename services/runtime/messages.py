@@ -77,6 +77,9 @@ class DenoiseRequest:
     # Input images (uint8 [H, W, 3] each) and mask (uint8 [H, W]) shared by the batch.
     input_images: list[torch.Tensor] = field(default_factory=list)
     mask: torch.Tensor | None = None
+    # ZImagePipeline's CFG limits (resolved: the request's or the model's defaults).
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
 
 
 @dataclass

@@ -21,7 +21,8 @@ class GenerationDefaults:
     width: int
     max_sequence_length: int
     true_cfg_scale: float = 1.0  # real CFG against a negative prompt applies when > 1
-    # ZImagePipeline's cfg_normalization and cfg_truncation (with its CfgRule): cap the guided
+    # ZImagePipeline's cfg_normalization and cfg_truncation (the request fields' defaults, for
+    # specs with the "cfg_limits" feature): cap the guided
     # velocity's norm, per image, at this times the conditional one's (0: off); run no CFG on
     # steps whose (1000 - t) / 1000 exceeds cfg_truncation (1: never skipped).
     cfg_normalization: float = 0.0
@@ -77,6 +78,7 @@ class PipelineSpec:
     # whole pipeline (the diffusers backend) and returns pixels.
     stages: tuple[str, ...] = ("encoder", "denoiser", "vae")
     # Per-request options the family serves; a request that asks for another gets a 400.
+    # ("cfg_limits": the request fields cfg_normalization / cfg_truncation, ZImagePipeline's.)
     features: frozenset[str] = frozenset({"lora", "cache", "negative_prompt"})
     # Video: the VAE compresses time by this factor, so clips have 1 + k * frame_multiple frames.
     frame_multiple: int = 1

@@ -84,6 +84,8 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
         num_frames=r.num_frames,
         fps=r.fps,
         input_images=[tensor_to_proto(t) for t in r.input_images],
+        cfg_normalization=r.cfg_normalization,
+        cfg_truncation=r.cfg_truncation,
     )
     if r.mask is not None:
         m.mask.CopyFrom(tensor_to_proto(r.mask))
@@ -139,6 +141,8 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         fps=m.fps,
         input_images=[tensor_from_proto(t) for t in m.input_images],
         mask=tensor_from_proto(m.mask) if m.HasField("mask") else None,
+        cfg_normalization=m.cfg_normalization,
+        cfg_truncation=m.cfg_truncation if m.HasField("cfg_truncation") else 1.0,
     )
 
 

@@ -87,3 +87,23 @@ def test_stage_messages_round_trip():
     resp = EncodeResponse(torch.randn(2, 5, 4), torch.zeros(2, 0), prompt_lengths=torch.tensor([5, 3]))
     back = wire.encode_response_from_proto(wire.encode_response_to_proto(resp))
     assert back.pooled_prompt_embeds.shape == (2, 0) and back.prompt_lengths.tolist() == [5, 3]
+
+
+def test_cfg_limits_travel_from_rest_and_grpc_to_the_denoiser():
+    """Z-Image's per-request cfg_normalization / cfg_truncation: the REST body and the public gRPC
+    request give the same GenerateRequest, and the stage message keeps an explicit truncation
+    of 0 apart from unset (1)."""
+    from services.gateway.api_types import ImageGenerationBody
+    from services.gateway.grpc_api import request_from_proto
+    from services.runtime.proto import generation_pb2
+
+    rest = ImageGenerationBody(prompt="x", cfg_normalization=0.8, cfg_truncation=0.0).to_generate_request()
+    grpc_req = request_from_proto(generation_pb2.GenerateRequest(prompt="x", cfg_normalization=0.8, cfg_truncation=0.0))
+    assert (rest.cfg_normalization, rest.cfg_truncation) == (grpc_req.cfg_normalization, grpc_req.cfg_truncation) \
+        == (0.8, 0.0)
+    assert request_from_proto(generation_pb2.GenerateRequest(prompt="x")).cfg_truncation is None
+    cond = Conditioning(torch.zeros(1, 2, 4), torch.zeros(1, 0))
+    for truncation in (0.0, 1.0, 0.3):
+        req = DenoiseRequest(cond, cond, 64, 64, 4, 5.0, 1.0, [1], cfg_normalization=0.8, cfg_truncation=truncation)
+        back = wire.denoise_request_from_proto(wire.denoise_request_to_proto(req))
+        assert (back.cfg_normalization, back.cfg_truncation) == (0.8, truncation)

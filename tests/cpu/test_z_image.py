@@ -5,7 +5,6 @@ cache.
 The DiT module itself is tested in test_z_image_module.py."""
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 from diffusers import ZImagePipeline
 
 from services.cli import build_in_process_router
-from services.runtime import registry
 from services.runtime.config import GenerateRequest, StageConfig
 from services.runtime.errors import InvalidRequestError
 from services.runtime.registry import resolve
@@ -61,17 +59,22 @@ def test_bf16_keeps_the_pipelines_fp32_latents(z_image_dir):
 # With 4 steps (1000 - t) / 1000 is 0, 0.1, 0.25, 0.5: truncation 0.2 runs the last two without CFG.
 @pytest.mark.parametrize("options", [dict(cfg_normalization=0.8), dict(cfg_truncation=0.2)],
                          ids=["normalization", "truncation"])
-def test_cfg_normalization_and_truncation_as_spec_defaults(z_image_dir, pipe, monkeypatch, options):
-    """ZImagePipeline's cfg_normalization / cfg_truncation, set as the family's defaults."""
-    spec = registry._SPECS_BY_CLASS["ZImagePipeline"]
+def test_cfg_normalization_and_truncation_per_request(z_image_dir, pipe, options):
+    """ZImagePipeline's cfg_normalization / cfg_truncation, as request fields; other families
+    refuse them with a 400."""
     kwargs = dict(prompt="a blue square", negative_prompt="dark", guidance_scale=6.0, height=48, width=64,
                   num_inference_steps=4)
-    plain = fc.pixels(fc.generate(fc.router(z_image_dir), seed=4, **kwargs))
-    monkeypatch.setitem(registry._SPECS_BY_CLASS, "ZImagePipeline", dataclasses.replace(
-        spec, defaults=lambda model: dataclasses.replace(spec.defaults(model), **options)))
-    result = fc.pixels(fc.generate(fc.router(z_image_dir), seed=4, **kwargs))
+    router = fc.router(z_image_dir)
+    plain = fc.pixels(fc.generate(router, seed=4, **kwargs))
+    result = fc.pixels(fc.generate(router, seed=4, **options, **kwargs))
     fc.assert_same(result, fc.diffusers_pixels(pipe, [4], **options, **kwargs))
     assert np.abs(result - plain).max() > 4, f"{options} changed nothing"
+
+
+def test_cfg_limits_are_refused_where_the_pipeline_has_none(qwen_image_dir):
+    with pytest.raises(InvalidRequestError, match="cfg_truncation is not available for qwen_image") as err:
+        fc.generate(fc.router(qwen_image_dir), prompt="x", cfg_truncation=0.5)
+    assert err.value.param == "cfg_truncation"
 
 
 def test_batched_prompts_of_different_lengths_equal_each_alone(z_image_dir):

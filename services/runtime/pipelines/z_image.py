@@ -31,7 +31,7 @@ Z_IMAGE = PipelineSpec(
     latent_patch=2,
     max_sequence_length_limit=992,  # the released checkpoints' (see _z_image_defaults)
     defaults=_z_image_defaults,
-    features=frozenset({"lora", "cache", "negative_prompt"}),
+    features=frozenset({"lora", "cache", "negative_prompt", "cfg_limits"}),
     cfg=CfgRule(scale="guidance_scale", threshold=0.0, empty_negative=True, from_cond=True),
     timestep="reversed",
     variable_text=True,

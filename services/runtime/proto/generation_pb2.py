@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.runtime.proto import common_pb2 as ditserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64itserve/v1/generation.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\"\x99\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\t\n\x01n\x18\n \x01(\x05\x12\x15\n\routput_format\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12&\n\x04lora\x18\r \x03(\x0b\x32\x18.ditserve.v1.LoraAdapter\x12\'\n\x05\x63\x61\x63he\x18\x0e \x01(\x0b\x32\x18.ditserve.v1.CachePolicy\x12\x17\n\nnum_frames\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x10\n\x03\x66ps\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x14\n\x07seconds\x18\x11 \x01(\x01H\n\x88\x01\x01\x12\x14\n\x0cinput_images\x18\x12 \x03(\x0c\x12\x11\n\x04mask\x18\x13 \x01(\x0cH\x0b\x88\x01\x01\x42\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seedB\x16\n\x14_max_sequence_lengthB\r\n\x0b_num_framesB\x06\n\x04_fpsB\n\n\x08_secondsB\x07\n\x05_mask\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"v\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x05\"H\n\x0bStageReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x03\"\xf5\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.ditserve.v1.Image\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.ditserve.v1.StageReport\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12,\n\x0b\x63\x61\x63he_stats\x18\x07 \x01(\x0b\x32\x17.ditserve.v1.CacheStats\x12\"\n\x06videos\x18\x08 \x03(\x0b\x32\x12.ditserve.v1.Video\"t\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.ditserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\";\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0epipeline_class\x18\x03 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Model2\xf2\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1d.ditserve.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1a.ditserve.v1.GenerateEvent0\x01\x12M\n\nListModels\x12\x1e.ditserve.v1.ListModelsRequest\x1a\x1f.ditserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64itserve/v1/generation.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\"\xff\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0etrue_cfg_scale\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\t\n\x01n\x18\n \x01(\x05\x12\x15\n\routput_format\x18\x0b \x01(\t\x12 \n\x13max_sequence_length\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12&\n\x04lora\x18\r \x03(\x0b\x32\x18.ditserve.v1.LoraAdapter\x12\'\n\x05\x63\x61\x63he\x18\x0e \x01(\x0b\x32\x18.ditserve.v1.CachePolicy\x12\x17\n\nnum_frames\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x10\n\x03\x66ps\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x14\n\x07seconds\x18\x11 \x01(\x01H\n\x88\x01\x01\x12\x14\n\x0cinput_images\x18\x12 \x03(\x0c\x12\x11\n\x04mask\x18\x13 \x01(\x0cH\x0b\x88\x01\x01\x12\x1e\n\x11\x63\x66g_normalization\x18\x14 \x01(\x01H\x0c\x88\x01\x01\x12\x1b\n\x0e\x63\x66g_truncation\x18\x15 \x01(\x01H\r\x88\x01\x01\x42\x12\n\x10_negative_promptB\x08\n\x06_widthB\t\n\x07_heightB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x11\n\x0f_true_cfg_scaleB\x07\n\x05_seedB\x16\n\x14_max_sequence_lengthB\r\n\x0b_num_framesB\x06\n\x04_fpsB\n\n\x08_secondsB\x07\n\x05_maskB\x14\n\x12_cfg_normalizationB\x11\n\x0f_cfg_truncation\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"v\n\x05Video\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x05\"H\n\x0bStageReport\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x19\n\x11peak_memory_bytes\x18\x03 \x01(\x03\"\xf5\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06images\x18\x03 \x03(\x0b\x32\x12.ditserve.v1.Image\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.ditserve.v1.StageReport\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12,\n\x0b\x63\x61\x63he_stats\x18\x07 \x01(\x0b\x32\x17.ditserve.v1.CacheStats\x12\"\n\x06videos\x18\x08 \x03(\x0b\x32\x12.ditserve.v1.Video\"t\n\rGenerateEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.ditserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\";\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0epipeline_class\x18\x03 \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.ditserve.v1.Model2\xf2\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1d.ditserve.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.ditserve.v1.GenerateRequest\x1a\x1a.ditserve.v1.GenerateEvent0\x01\x12M\n\nListModels\x12\x1e.ditserve.v1.ListModelsRequest\x1a\x1f.ditserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.runtime.proto.gene
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=72
-  _globals['_GENERATEREQUEST']._serialized_end=737
-  _globals['_IMAGE']._serialized_start=739
-  _globals['_IMAGE']._serialized_end=824
-  _globals['_VIDEO']._serialized_start=826
-  _globals['_VIDEO']._serialized_end=944
-  _globals['_STAGEREPORT']._serialized_start=946
-  _globals['_STAGEREPORT']._serialized_end=1018
-  _globals['_GENERATERESPONSE']._serialized_start=1021
-  _globals['_GENERATERESPONSE']._serialized_end=1266
-  _globals['_GENERATEEVENT']._serialized_start=1268
-  _globals['_GENERATEEVENT']._serialized_end=1384
-  _globals['_LISTMODELSREQUEST']._serialized_start=1386
-  _globals['_LISTMODELSREQUEST']._serialized_end=1405
-  _globals['_MODEL']._serialized_start=1407
-  _globals['_MODEL']._serialized_end=1466
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1468
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1524
-  _globals['_GENERATION']._serialized_start=1527
-  _globals['_GENERATION']._serialized_end=1769
+  _globals['_GENERATEREQUEST']._serialized_end=839
+  _globals['_IMAGE']._serialized_start=841
+  _globals['_IMAGE']._serialized_end=926
+  _globals['_VIDEO']._serialized_start=928
+  _globals['_VIDEO']._serialized_end=1046
+  _globals['_STAGEREPORT']._serialized_start=1048
+  _globals['_STAGEREPORT']._serialized_end=1120
+  _globals['_GENERATERESPONSE']._serialized_start=1123
+  _globals['_GENERATERESPONSE']._serialized_end=1368
+  _globals['_GENERATEEVENT']._serialized_start=1370
+  _globals['_GENERATEEVENT']._serialized_end=1486
+  _globals['_LISTMODELSREQUEST']._serialized_start=1488
+  _globals['_LISTMODELSREQUEST']._serialized_end=1507
+  _globals['_MODEL']._serialized_start=1509
+  _globals['_MODEL']._serialized_end=1568
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1570
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1626
+  _globals['_GENERATION']._serialized_start=1629
+  _globals['_GENERATION']._serialized_end=1871
 # @@protoc_insertion_point(module_scope)
