@@ -6,9 +6,8 @@ to max_sequence_length and truncated there (the template counts), the language m
 that attention mask, and hidden_states[-2] is kept at the real tokens only. There is no pooled
 embedding.
 
-As in qwen_vl.py, each distinct prompt is encoded on its own, as diffusers encodes a
-single-prompt request (padded to max_sequence_length as it is), so a request's embeddings do not
-depend on the other prompts of its batch; rows come back zero-padded to the longest one, with
+Each distinct prompt is encoded on its own (single_model.encode_each), padded to
+max_sequence_length as the pipeline pads it; rows come back zero-padded to the longest one, with
 `lengths` saying how many tokens of each are real.
 
 Flux.2 [klein] encodes with the same Qwen3 and template differently (Flux2KleinPromptEncoder,
@@ -18,29 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from services.encoder.qwen_vl import encode_each
-from services.runtime.components import load_component
-from services.runtime.errors import InvalidRequestError
-from services.runtime.registry import ModelDir
-from services.runtime.tensor_parallel import TensorParallel
+from services.encoder.single_model import SingleModelPromptEncoder, encode_each
 
 
-class Qwen3PromptEncoder:
-    family = "Z-Image"  # whose encoding this is (in messages)
-
-    def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
-        if tp is not None:
-            raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
-        self.device = device
-        self.tokenizer = load_component(model, "tokenizer")
-        self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
-
-    @classmethod
-    def check_tp(cls, model: ModelDir, tp_size: int) -> None:
-        if tp_size > 1:
-            raise InvalidRequestError(
-                f"encoder --tp-size {tp_size}: tensor parallelism is implemented for T5 encoders only, not "
-                f"{cls.family}'s Qwen3", "tp_size")
+class Qwen3PromptEncoder(SingleModelPromptEncoder):
+    name = "Z-Image's Qwen3"
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +48,7 @@ class Flux2KleinPromptEncoder(Qwen3PromptEncoder):
     rows are equally long and no `lengths` come back. Each distinct prompt is encoded alone, as
     the pipeline encodes a one-prompt request."""
 
-    family = "Flux.2 [klein]"
+    name = "Flux.2 [klein]'s Qwen3"
     LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers default
 
     @torch.inference_mode()

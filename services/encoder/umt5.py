@@ -13,11 +13,7 @@ import re
 
 import torch
 
-from services.encoder.qwen_vl import encode_each
-from services.runtime.components import load_component
-from services.runtime.errors import InvalidRequestError
-from services.runtime.registry import ModelDir
-from services.runtime.tensor_parallel import TensorParallel
+from services.encoder.single_model import SingleModelPromptEncoder, encode_each
 
 
 def prompt_clean(text: str) -> str:
@@ -33,20 +29,8 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class UMT5PromptEncoder:
-    def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None):
-        if tp is not None:
-            raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
-        self.device = device
-        self.tokenizer = load_component(model, "tokenizer")
-        self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
-
-    @staticmethod
-    def check_tp(model: ModelDir, tp_size: int) -> None:
-        if tp_size > 1:
-            raise InvalidRequestError(
-                f"encoder --tp-size {tp_size}: tensor parallelism is implemented for Flux's T5 encoder only, "
-                "not Wan's UMT5", "tp_size")
+class UMT5PromptEncoder(SingleModelPromptEncoder):
+    name = "Wan's UMT5"
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, None]:

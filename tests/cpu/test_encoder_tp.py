@@ -9,6 +9,7 @@ import base64
 import copy
 import io
 import os
+import re
 import time
 
 import httpx
@@ -172,3 +173,11 @@ def test_tensor_parallel_encoder_worker_behind_serve_gives_single_rank_pixels(fl
                 proc.kill()
     assert np.abs(pixels - _pixels(build_in_process_router(StageConfig(model_path=flux_tp_dir, device="cpu",
                                                                      dtype="float32")))).max() <= 1
+
+
+@pytest.mark.parametrize("fixture,name", [("qwen_image_dir", "Qwen-Image's Qwen2.5-VL"),
+                                          ("z_image_dir", "Z-Image's Qwen3")])
+def test_encoders_without_tensor_parallelism_refuse_it_before_any_rank_starts(fixture, name, request):
+    with pytest.raises(InvalidRequestError, match=f"implemented for T5 encoders only, not {re.escape(name)}") as err:
+        EncoderStage(EncoderConfig(model_path=request.getfixturevalue(fixture), device="cpu", tp_size=2))
+    assert err.value.param == "tp_size"

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from services.denoiser.attention import attention
+from services.denoiser.models.config import from_config_json
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 if TYPE_CHECKING:  # block cache
@@ -45,12 +46,7 @@ class FluxConfig:
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "FluxConfig":
-        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
-        if "axes_dims_rope" in fields:
-            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
-        return cls(**fields)
+    from_dict = classmethod(from_config_json)
 
     @property
     def inner_dim(self) -> int:

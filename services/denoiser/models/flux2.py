@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.denoiser.attention import attention
+from services.denoiser.models.config import from_config_json
 from services.denoiser.models.flux import apply_rope, rope_tables, timestep_embedding
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
 
@@ -85,12 +86,7 @@ class Flux2Config:
     eps: float = 1e-6
     guidance_embeds: bool = True
 
-    @classmethod
-    def from_dict(cls, config: dict) -> Flux2Config:
-        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
-        if "axes_dims_rope" in fields:
-            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
-        return cls(**fields)
+    from_dict = classmethod(from_config_json)
 
     @property
     def inner_dim(self) -> int:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from services.denoiser.models.config import from_config_json
 from services.denoiser.models.flux import AdaLNModulation, FeedForward, FluxAttention, MLPEmbedder, modulate
 from services.denoiser.parallel.tp import TensorParallel
 from services.runtime.errors import UnsupportedModelError
@@ -53,12 +54,7 @@ class QwenImageConfig:
     use_additional_t_cond: bool = False
     use_layer3d_rope: bool = False
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "QwenImageConfig":
-        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
-        if "axes_dims_rope" in fields:
-            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
-        return cls(**fields)
+    from_dict = classmethod(from_config_json)
 
     @property
     def inner_dim(self) -> int:

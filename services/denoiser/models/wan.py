@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.denoiser.attention import attention, local_attention
+from services.denoiser.models.config import from_config_json
 from services.denoiser.models.flux import FeedForward, MLPEmbedder, timestep_embedding
 from services.denoiser.parallel.tp import (
     AcrossHeadsRMSNorm,
@@ -62,12 +63,7 @@ class WanConfig:
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
 
-    @classmethod
-    def from_dict(cls, config: dict) -> WanConfig:
-        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
-        if "patch_size" in fields:
-            fields["patch_size"] = tuple(fields["patch_size"])
-        return cls(**fields)
+    from_dict = classmethod(from_config_json)
 
     @property
     def inner_dim(self) -> int:

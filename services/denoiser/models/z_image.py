@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from services.denoiser.attention import attention
 from services.denoiser.latents import Z_IMAGE_PATCH as PATCH
 from services.denoiser.latents import padded_len
+from services.denoiser.models.config import from_config_json
 from services.denoiser.models.flux import apply_rope, layer_norm, timestep_embedding
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
@@ -79,13 +80,7 @@ class ZImageConfig:
     axes_dims: tuple[int, ...] = (32, 48, 48)
     axes_lens: tuple[int, ...] = (1024, 512, 512)
 
-    @classmethod
-    def from_dict(cls, config: dict) -> ZImageConfig:
-        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
-        for name in ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"):
-            if name in fields:
-                fields[name] = tuple(fields[name])
-        return cls(**fields)
+    from_dict = classmethod(from_config_json)
 
     @property
     def head_dim(self) -> int:
