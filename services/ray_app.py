@@ -49,6 +49,9 @@ class StageDeployment:
     async def decode(self, request):
         return await self.client.decode(request)
 
+    async def encode_images(self, request):
+        return await self.client.encode_images(request)
+
     async def denoise_stream(self, request):
         lora_set = serve.get_multiplexed_model_id()
         if lora_set:

@@ -185,23 +185,15 @@ def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
-    """QwenImagePipeline: a Qwen2.5-VL text encoder (its vision tower unused for text-to-image),
-    the Qwen-Image MMDiT, Qwen-Image's VAE. True CFG with a negative prompt is its default."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+def _qwen_vl(tok, seed: int):
+    """A tiny Qwen2.5-VL (vision tower included) whose special-token ids are `tok`'s."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tok = build_qwen_tokenizer(seed)
     vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]  # ids the model config names
     tok.add_special_tokens({"additional_special_tokens": vision})
     start, end, pad = tok.convert_tokens_to_ids(vision)
     torch.manual_seed(seed)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": len(tok),
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
@@ -209,19 +201,90 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
         hidden_size=16, vocab_size=len(tok), vision_start_token_id=start, vision_end_token_id=end,
         image_token_id=pad, vision_token_id=pad, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+
+
+def _qwen_image_dit():
+    from diffusers import QwenImageTransformer2DModel
+
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                               attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
                                               guidance_embeds=False, axes_dims_rope=(8, 4, 4))
     _widen(transformer)
+    return transformer
+
+
+def _qwen_image_scheduler():
+    """Qwen-Image's own scheduler config: resolution-dependent exponential shift, terminal 0.02."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+
+def qwen_vl_processor(processor_dir: str | Path):
+    """diffusers' `processor` for a tiny edit checkpoint: a Qwen2VLProcessor of the saved
+    tokenizer and image processor. Its constructor insists on a video processor, which needs
+    torchvision (not installed here, and unused by the edit pipelines), so its attributes are set
+    as __init__ would; __call__ is transformers' own."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+
+    tok = AutoTokenizer.from_pretrained(processor_dir)
+    proc = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
+    proc.image_token_id, proc.video_token_id = tok.convert_tokens_to_ids("<|image_pad|>"), None
+    proc.image_processor, proc.tokenizer = AutoImageProcessor.from_pretrained(processor_dir), tok
+    proc.video_processor, proc.chat_template = None, None
+    return proc
+
+
+def build_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0, plus: bool = False) -> Path:
+    """QwenImageEditPipeline (or QwenImageEditPlusPipeline): Qwen-Image's layout with a Qwen2.5-VL
+    that sees the input image (its processor/ folder: the tokenizer and Qwen2VLImageProcessor,
+    capped at 112x112 pixels so the vision tower stays cheap), and a VAE that also encodes. The
+    pipelines encode input images at about 1024x1024, so the VAE is narrower than Qwen-Image's."""
+    import json
+
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImageEditPlusPipeline
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = build_qwen_tokenizer(seed)
+    text_encoder = _qwen_vl(tok, seed)
+    transformer = _qwen_image_dit()
+    torch.manual_seed(seed)
+    # Qwen-Image's downsampling by 8, so the ~1024x1024 input image is 64x64 tokens, not 128x128.
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.05],
+                                 latents_std=[1.5, 0.8, 2.0, 1.2])
+    scheduler = _qwen_image_scheduler()
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    # The processor is written by hand below (see qwen_vl_processor); model_index.json names it.
+    pipe = cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, processor=None,
+               transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    out = Path(out_dir)
+    index = json.loads((out / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out / "processor")
+    tok.save_pretrained(out / "processor")
+    return out
+
+
+def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """QwenImagePipeline: a Qwen2.5-VL text encoder (its vision tower unused for text-to-image),
+    the Qwen-Image MMDiT, Qwen-Image's VAE. True CFG with a negative prompt is its default."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    tok = build_qwen_tokenizer(seed)
+    text_encoder = _qwen_vl(tok, seed)
+    transformer = _qwen_image_dit()
     torch.manual_seed(seed)
     # A per-channel normalisation that is not the identity, so decoding must undo it right.
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.05],
                                  latents_std=[1.5, 0.8, 2.0, 1.2])
-    # Qwen-Image's own scheduler config: resolution-dependent exponential shift, terminal 0.02.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
-        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    scheduler = _qwen_image_scheduler()
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                              transformer=transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)

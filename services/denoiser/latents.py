@@ -87,11 +87,23 @@ class PackedLatents2x2:
 class CenteredLatents2x2(PackedLatents2x2):
     """Qwen-Image's layout: the same 2x2 packing, with RoPE positions centred on the image
     (rows -(H - H//2) .. H//2 - 1 of H token rows, columns likewise) and text positions counting
-    from 0 on every axis (the model moves them past the image, see qwen_image.py)."""
+    from 0 on every axis (the model moves them past the image, see qwen_image.py).
 
-    def image_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+    An edit model's input images (spec.image_conditioning) follow the noise tokens in the
+    sequence, each packed the same way and centred on its own grid, at RoPE frame 1, 2, ...
+    (QwenEmbedRope's index into the pipeline's img_shapes list)."""
+
+    def rope(self, model, text_len: int, grid: tuple[int, ...], device: torch.device,
+             references: tuple[tuple[int, ...], ...] = ()):
+        """As PackedLatents2x2.rope; `references`: the latent grids of the input images whose
+        tokens follow the noise's."""
+        ids = torch.cat([self.image_ids(*g, device, frame=i) for i, g in enumerate((grid, *references))])
+        return model.rope(self.text_ids(text_len, device), ids)
+
+    def image_ids(self, h: int, w: int, device: torch.device, frame: int = 0) -> torch.Tensor:
         rows, cols = h // 2, w // 2
         ids = torch.zeros(rows, cols, 3, device=device)
+        ids[..., 0] = frame
         ids[..., 1] += torch.arange(rows, device=device)[:, None] - (rows - rows // 2)
         ids[..., 2] += torch.arange(cols, device=device)[None, :] - (cols - cols // 2)
         return ids.reshape(-1, 3)

@@ -37,6 +37,9 @@ class StepInputs:
     positive: BranchInputs
     negative: BranchInputs | None
     guidance: torch.Tensor | None
+    # Packed tokens [1, R, D] of the batch's input images (image editing), appended to every
+    # image's noise tokens in each forward; the DiT's output keeps only the noise tokens.
+    reference: torch.Tensor | None = None
 
     def cache_stats(self) -> CacheStats | None:
         """The request's steps as the positive branch ran them (computed / from the cache)."""
@@ -71,15 +74,21 @@ class DenoiserRunner:
 
     def prepare(
         self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int,
-        grid: tuple[int, ...], cache: ResolvedCache | None = None,
+        grid: tuple[int, ...], cache: ResolvedCache | None = None, references: list[torch.Tensor] = (),
     ) -> StepInputs:
+        """`references`: normalised latents [C, h, w] of the input images (image editing)."""
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
+        reference = None
+        if references:
+            reference = torch.cat([self.layout.pack(r[None].to(self.device, self.dtype)) for r in references], dim=1)
+        grids = tuple(tuple(r.shape[1:]) for r in references)
         return StepInputs(
-            positive=self._branch(positive, grid, cache),
-            negative=self._branch(negative, grid, cache) if negative is not None else None,
+            positive=self._branch(positive, grid, cache, grids),
+            negative=self._branch(negative, grid, cache, grids) if negative is not None else None,
             guidance=guidance,
+            reference=reference,
         )
 
     def _agree(self, metric: torch.Tensor) -> torch.Tensor:
@@ -98,10 +107,13 @@ class DenoiserRunner:
             self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
         return self._sp_cache[key]
 
-    def _branch(self, cond: Conditioning, grid: tuple[int, ...], cache: ResolvedCache | None) -> BranchInputs:
+    def _branch(self, cond: Conditioning, grid: tuple[int, ...], cache: ResolvedCache | None,
+                references: tuple[tuple[int, ...], ...] = ()) -> BranchInputs:
         text_len = cond.prompt_embeds.shape[1]
         embeds = self.layout.pad_text(cond.prompt_embeds.to(self.device, self.dtype))
-        rope = self.layout.rope(self.model, text_len, grid, self.device)
+        # (only layouts of families with image conditioning take reference grids)
+        extra = {"references": references} if references else {}
+        rope = self.layout.rope(self.model, text_len, grid, self.device, **extra)
         agree = self._agree if self.mesh is not None and self.mesh.degrees.world_size > 1 else None
         sp = None
         if self.mesh is not None and self.mesh.sp_size > 1:  # rope has a row per sequence token
@@ -134,12 +146,17 @@ class DenoiserRunner:
         return velocities if self.velocity_in_dit_dtype else [v.to(latents.dtype) for v in velocities]
 
     def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+        noise_tokens = latents.shape[1]
+        if inputs.reference is not None:  # the pipeline's cat([latents, image_latents], dim=1)
+            reference = inputs.reference.expand(latents.shape[0], -1, -1)
+            latents = torch.cat([latents, reference], dim=1)
         sp = branch.sp
         if sp is None:
-            return self.model(
+            out = self.model(
                 latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance,
                 cache=branch.cache,
             )
+            return out[:, :noise_tokens] if inputs.reference is not None else out
         text, image = sp.shard(branch.prompt_embeds, latents)
         if not self.layout.text_in_sequence:
             text = branch.prompt_embeds
@@ -148,7 +165,8 @@ class DenoiserRunner:
                 image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance,
                 cache=branch.cache,
             )
-        return sp.gather_image(local)
+        out = sp.gather_image(local)
+        return out[:, :noise_tokens] if inputs.reference is not None else out
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Rank 0's decision (e.g. its client went away), the same on every rank of the replica."""

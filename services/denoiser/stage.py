@@ -101,8 +101,14 @@ class DenoiserStage:
             latents = self.layout.pack(noise)
             schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(grid), self.device)
             cache = CachePolicy(**request.cache).resolved(request.num_inference_steps) if request.cache else None
+            if bool(request.reference_latents) != (self.spec.image_conditioning is not None):
+                raise InvalidRequestError(
+                    f"image: {self.spec.family} " + ("needs the latents of its input image(s)"
+                                                     if self.spec.image_conditioning else "takes no input images"),
+                    "image")
             inputs = self.runner.prepare(
-                request.positive, request.negative, request.guidance_scale, len(request.seeds), grid, cache
+                request.positive, request.negative, request.guidance_scale, len(request.seeds), grid, cache,
+                references=request.reference_latents,
             )
             self._use_loras(request)
             try:
@@ -149,5 +155,10 @@ def warm_up(stage, config: DenoiserConfig) -> None:
             prompt_embeds=torch.zeros(1, text_len, transformer.joint_attention_dim),
             pooled_prompt_embeds=torch.zeros(1, transformer.pooled_projection_dim),
         )
+        # An edit model attends to an input image too: one of the output's size stands in for it.
+        layout = fam.layout.for_model(transformer, model.vae_scale_factor)
+        references = [torch.zeros(layout.channels, *layout.latent_grid(height, width))] \
+            if spec.image_conditioning is not None else []
         stage.denoise(DenoiseRequest(positive=cond, negative=None, height=height, width=width,
-                                     num_inference_steps=1, guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0]))
+                                     num_inference_steps=1, guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0],
+                                     reference_latents=references))

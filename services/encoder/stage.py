@@ -5,13 +5,15 @@ interface, backed by that many ranks."""
 
 from __future__ import annotations
 
+import torch
+
 from services.encoder.clip_t5 import ClipT5PromptEncoder
 from services.encoder.qwen3 import Flux2KleinPromptEncoder, Qwen3PromptEncoder
-from services.encoder.qwen_vl import QwenVLPromptEncoder
+from services.encoder.qwen_vl import QwenVLEditPlusPromptEncoder, QwenVLEditPromptEncoder, QwenVLPromptEncoder
 from services.encoder.umt5 import UMT5PromptEncoder
 from services.runtime.config import EncoderConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
-from services.runtime.errors import UnsupportedModelError
+from services.runtime.errors import InvalidRequestError, UnsupportedModelError
 from services.runtime.messages import EncodeRequest, EncodeResponse
 from services.runtime.registry import resolve
 from services.runtime.spec import PipelineSpec
@@ -19,9 +21,11 @@ from services.runtime.tensor_parallel import TensorParallel
 
 # Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=), has
 # check_tp(model, tp_size), which refuses a degree the model cannot be split into, and
-# encode(prompts, max_sequence_length) -> (embeds, pooled, lengths or None).
+# encode(prompts, max_sequence_length) -> (embeds, pooled, lengths or None); those with
+# `takes_images` (the edit models') take encode(prompts, max_sequence_length, images) and need images.
 PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder, "qwen3": Qwen3PromptEncoder,
-                   "umt5": UMT5PromptEncoder, "qwen3_flux2_klein": Flux2KleinPromptEncoder}
+                   "umt5": UMT5PromptEncoder, "qwen3_flux2_klein": Flux2KleinPromptEncoder,
+                   "qwen_vl_edit": QwenVLEditPromptEncoder, "qwen_vl_edit_plus": QwenVLEditPlusPromptEncoder}
 
 
 def prompt_encoder_class(spec: PipelineSpec):
@@ -51,10 +55,23 @@ class EncoderStage:
         # One encode before the first request: on a GPU the first call pays for CUDA kernels'
         # loading and cuBLAS's set-up (~0.3 s), which is not the first user's to wait for. In a
         # group every rank runs this same call while it starts, so their collectives pair up.
-        self.encode(EncodeRequest(prompts=[""], max_sequence_length=self.spec.defaults(self.model).max_sequence_length))
+        # (An edit model's encoder warms up with a small grey image.)
+        images = [torch.full((64, 64, 3), 128, dtype=torch.uint8)] if self.takes_images else []
+        self.encode(EncodeRequest(prompts=[""], max_sequence_length=self.spec.defaults(self.model).max_sequence_length,
+                                  images=images))
+
+    @property
+    def takes_images(self) -> bool:
+        return getattr(self.encoder, "takes_images", False)
 
     def encode(self, request: EncodeRequest) -> EncodeResponse:
+        if request.images and not self.takes_images:
+            raise InvalidRequestError(f"image: {self.spec.family}'s prompt encoder takes no images", "image")
         with measure(self.device) as metrics:
-            embeds, pooled, lengths = self.encoder.encode(request.prompts, request.max_sequence_length)
+            if self.takes_images:
+                embeds, pooled, lengths = self.encoder.encode(request.prompts, request.max_sequence_length,
+                                                              request.images)
+            else:
+                embeds, pooled, lengths = self.encoder.encode(request.prompts, request.max_sequence_length)
         return EncodeResponse(prompt_embeds=embeds, pooled_prompt_embeds=pooled, metrics=metrics,
                               prompt_lengths=lengths)

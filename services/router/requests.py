@@ -92,8 +92,13 @@ def resolve_request(
     req: GenerateRequest, model: ModelDir, spec: PipelineSpec, default_cache: CachePolicy | None = None
 ) -> ResolvedRequest:
     defaults = spec.defaults(model)
-    height = req.height if req.height is not None else defaults.height
-    width = req.width if req.width is not None else defaults.width
+    images, mask = _input_images(req, spec)
+    default_height, default_width = defaults.height, defaults.width
+    if spec.image_conditioning is not None and images:  # an edit model: the input image's aspect ratio
+        h, w = images[spec.image_conditioning.size_from].shape[:2]
+        default_width, default_height = spec.image_conditioning.vae_size(w, h)
+    height = req.height if req.height is not None else default_height
+    width = req.width if req.width is not None else default_width
     multiple = spec.size_multiple(model)
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
@@ -125,7 +130,6 @@ def resolve_request(
         negative_prompt = ""
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     num_frames, fps = _frames(req, spec, defaults)
-    images, mask = _input_images(req, spec)
     return ResolvedRequest(
         prompt=req.prompt,
         negative_prompt=negative_prompt,

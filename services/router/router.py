@@ -19,7 +19,14 @@ from services.router.requests import GeneratedImage, GenerateResult, ResolvedReq
 from services.runtime import metrics
 from services.runtime.config import GenerateRequest, RouterConfig
 from services.runtime.errors import DeadlineExceededError, InvalidRequestError
-from services.runtime.messages import Conditioning, DecodeRequest, DenoiseRequest, EncodeRequest
+from services.runtime.messages import (
+    Conditioning,
+    DecodeRequest,
+    DenoiseRequest,
+    EncodeRequest,
+    VaeEncodeRequest,
+    VaeEncodeResponse,
+)
 from services.runtime.registry import ModelDir
 from services.runtime.spec import PipelineSpec
 from services.runtime.stage_client import DenoiserClient, EncoderClient, StepCallback, VaeClient
@@ -136,9 +143,18 @@ class Router:
         prompts = [j.request.prompt for j in jobs]
         if first.cfg:
             prompts += [j.request.negative_prompt for j in jobs]
-        enc = await self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length), timeout_s=timeout)
+        images = [torch.from_numpy(np.array(im)) for im in first.images]  # the batch shares them
+        if self.spec.image_conditioning is not None:
+            # An edit model: the encoder sees the input images with each prompt while the VAE
+            # encodes them to the latents the DiT attends to; the two run side by side.
+            enc, refs = await asyncio.gather(
+                self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length, images=images), timeout_s=timeout),
+                self.vae.encode_images(VaeEncodeRequest(images), timeout_s=timeout))
+        else:
+            enc, refs = await self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length),
+                                                  timeout_s=timeout), None
         if enc.prompt_lengths is None:
-            return await self._denoise_decode(jobs, enc, list(range(len(jobs))), t_batch, True)
+            return await self._denoise_decode(jobs, enc, list(range(len(jobs))), t_batch, True, refs)
         n, lengths = len(jobs), enc.prompt_lengths.tolist()
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
@@ -146,16 +162,17 @@ class Router:
         # Concurrently: with several denoiser replicas the groups run side by side (a single worker
         # takes them one after another, as it would separate batches).
         members = list(groups.values())
-        done = await asyncio.gather(*(self._denoise_decode([jobs[i] for i in m], enc, m, t_batch, g == 0)
+        done = await asyncio.gather(*(self._denoise_decode([jobs[i] for i in m], enc, m, t_batch, g == 0, refs)
                                       for g, m in enumerate(members)))
         results = {i: r for m, rs in zip(members, done) for i, r in zip(m, rs)}
         return [results[i] for i in range(n)]
 
     async def _denoise_decode(self, jobs: list[_Job], enc, rows_of_jobs: list[int], t_batch: float,
-                              first_group: bool):
+                              first_group: bool, refs: VaeEncodeResponse | None = None):
         """Denoise and decode `jobs`, whose prompts are rows `rows_of_jobs` of `enc` (and their
-        negative prompts the same rows + the batch's job count, after them). The encoder call is
-        recorded in the metrics with the batch's first group only: it ran once."""
+        negative prompts the same rows + the batch's job count, after them); `refs`: the VAE's
+        latents of the batch's input images (an edit model). The encoder and VAE-encode calls
+        are recorded in the metrics with the batch's first group only: they ran once."""
         first = jobs[0].request
         cfg = first.cfg
         counts = [len(j.request.seeds) for j in jobs]
@@ -191,6 +208,7 @@ class Router:
                 fps=first.fps,
                 cfg_normalization=first.cfg_normalization,
                 cfg_truncation=first.cfg_truncation,
+                reference_latents=refs.latents if refs is not None else [],
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),
@@ -199,7 +217,9 @@ class Router:
             DecodeRequest(latents=den.latents), timeout_s=max(j.deadline for j in jobs) - time.monotonic()
         )
         stages = {"encoder": enc.metrics, "denoiser": den.metrics, "vae": dec.metrics}
-        observed = stages if first_group else {k: v for k, v in stages.items() if k != "encoder"}
+        if refs is not None:
+            stages["vae_encode"] = refs.metrics
+        observed = stages if first_group else {k: v for k, v in stages.items() if k not in ("encoder", "vae_encode")}
         metrics.observe_batch(observed, sum(counts), first.num_inference_steps, den.cache_stats,
                               time.perf_counter() - t_batch)
         return _split(jobs, dec.images, stages, den.cache_stats)
@@ -226,7 +246,7 @@ class Router:
                 max_sequence_length=first.max_sequence_length,
                 num_frames=first.num_frames,
                 fps=first.fps,
-                input_images=[torch.from_numpy(np.ascontiguousarray(im)) for im in first.images],
+                input_images=[torch.from_numpy(np.array(im)) for im in first.images],
                 mask=torch.from_numpy(np.ascontiguousarray(first.mask)) if first.mask is not None else None,
             ),
             on_step=on_step,

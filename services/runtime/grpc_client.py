@@ -25,6 +25,8 @@ from services.runtime.messages import (
     DenoiseResponse,
     EncodeRequest,
     EncodeResponse,
+    VaeEncodeRequest,
+    VaeEncodeResponse,
 )
 from services.runtime.proto import stages_pb2_grpc
 from services.runtime.stage_client import StepCallback
@@ -140,3 +142,10 @@ class GrpcVaeClient(_GrpcStage):
         if metrics is None:
             raise StageUnavailableError(f"vae at {self.address} ended its stream without a result")
         return DecodeResponse(images=images.tensor(), metrics=metrics)
+
+    async def encode_images(self, request: VaeEncodeRequest, timeout_s: float | None = None) -> VaeEncodeResponse:
+        try:
+            reply = await self.stub.Encode(wire.vae_encode_request_to_proto(request), timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _typed_error(self.stage, self.address, err) from None
+        return wire.vae_encode_response_from_proto(reply)

@@ -16,6 +16,9 @@ from services.runtime.device import StageMeasurement
 class EncodeRequest:
     prompts: list[str]
     max_sequence_length: int
+    # Input images (uint8 [H, W, 3]) every prompt is encoded with: an edit model's encoder sees
+    # them through its vision tower (spec.image_conditioning); empty for text-only encoding.
+    images: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +83,9 @@ class DenoiseRequest:
     # ZImagePipeline's CFG limits (resolved: the request's or the model's defaults).
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
+    # Normalised latents [C, h, w] of the batch's input images (the VAE stage's encode), whose
+    # tokens the DiT attends to after the noise tokens (spec.image_conditioning); empty: none.
+    reference_latents: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -101,4 +107,17 @@ class DecodeRequest:
 class DecodeResponse:
     # uint8 [B, H, W, 3], rounded exactly as diffusers' image processor does.
     images: torch.Tensor
+    metrics: StageMeasurement = field(default_factory=StageMeasurement)
+
+
+@dataclass
+class VaeEncodeRequest:
+    # Input images, uint8 [H, W, 3] each; the VAE stage resizes them as the family's pipeline does.
+    images: list[torch.Tensor]
+
+
+@dataclass
+class VaeEncodeResponse:
+    # One normalised latent [C, h, w] per image, in the latent space the DiT samples in.
+    latents: list[torch.Tensor]
     metrics: StageMeasurement = field(default_factory=StageMeasurement)

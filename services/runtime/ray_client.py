@@ -92,6 +92,9 @@ class RayStageClient:
     async def decode(self, request, timeout_s: float | None = None):
         return await _call(self.stage, self.handle.decode.remote(request), timeout_s)
 
+    async def encode_images(self, request, timeout_s: float | None = None):
+        return await _call(self.stage, self.handle.encode_images.remote(request), timeout_s)
+
     async def denoise(self, request, on_step: StepCallback | None = None, timeout_s: float | None = None):
         options = {"stream": True}
         lora_set = lora_set_id(request)

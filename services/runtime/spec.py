@@ -6,6 +6,7 @@ the stages and the CLI read specs; nothing else switches on a model name."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -55,6 +56,32 @@ class CfgRule:
 
     def disabled(self, model: "ModelDir") -> bool:
         return bool(self.disabled_by) and bool(model.index.get(self.disabled_by))
+
+
+def calculate_dimensions(area: int, width: int, height: int, multiple: int = 32) -> tuple[int, int]:
+    """(width, height) of about `area` pixels with the aspect ratio of width x height, each
+    rounded to a multiple of `multiple`: the Qwen-Image-Edit pipelines' calculate_dimensions,
+    float for float (Python rounds halves to even, as there)."""
+    ratio = width / height
+    w = math.sqrt(area * ratio)
+    h = w / ratio
+    return round(w / multiple) * multiple, round(h / multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ImageConditioning:
+    """Input images that condition the DiT as extra tokens (QwenImageEditPipeline,
+    QwenImageEditPlusPipeline): the VAE stage encodes each one, resized to about `vae_area`
+    pixels in its own aspect ratio, to normalised latents; the DiT attends over their packed
+    tokens after the noise tokens (each image its own RoPE frame) and its output keeps only the
+    noise tokens. The output's default size is that of image `size_from` at `vae_area`."""
+
+    vae_area: int = 1024 * 1024
+    size_from: int = 0  # Edit: its one image; Edit-Plus: the last (-1)
+
+    def vae_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the VAE stage encodes an input image of this size at."""
+        return calculate_dimensions(self.vae_area, width, height)
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,9 @@ class PipelineSpec:
     # config's base and max) or "compute_empirical_mu" (Flux.2's pipelines: a fit in image_seq_len
     # and the step count; services/denoiser/schedule.py).
     mu: str = "calculate_shift"
+    # Input images encoded by the VAE stage and attended to by the DiT (image editing); None: the
+    # family takes no such images.
+    image_conditioning: ImageConditioning | None = None
 
     # A reason this spec cannot serve a directory of its pipeline class (a variant the native
     # family lacks), or None; `--backend auto` then serves it through the diffusers backend.

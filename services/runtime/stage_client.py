@@ -19,6 +19,8 @@ from services.runtime.messages import (
     DenoiseResponse,
     EncodeRequest,
     EncodeResponse,
+    VaeEncodeRequest,
+    VaeEncodeResponse,
 )
 
 # Called after each denoising step with (steps_done, steps_total).
@@ -37,6 +39,10 @@ class DenoiserClient(Protocol):
 
 class VaeClient(Protocol):
     async def decode(self, request: DecodeRequest, timeout_s: float | None = None) -> DecodeResponse: ...
+
+    # Input images -> latents (image editing). Not `encode`: a Ray handle's methods share one
+    # namespace with the encoder stage's.
+    async def encode_images(self, request: VaeEncodeRequest, timeout_s: float | None = None) -> VaeEncodeResponse: ...
 
 
 class _InProcess:
@@ -89,3 +95,6 @@ class InProcessDenoiser(_InProcess):
 class InProcessVae(_InProcess):
     async def decode(self, request: DecodeRequest, timeout_s: float | None = None) -> DecodeResponse:
         return await self._run(self.stage.decode, request)
+
+    async def encode_images(self, request: VaeEncodeRequest, timeout_s: float | None = None) -> VaeEncodeResponse:
+        return await self._run(self.stage.encode, request)

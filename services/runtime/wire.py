@@ -16,6 +16,8 @@ from services.runtime.messages import (
     DenoiseRequest,
     EncodeRequest,
     EncodeResponse,
+    VaeEncodeRequest,
+    VaeEncodeResponse,
 )
 from services.runtime.proto import common_pb2, stages_pb2
 
@@ -33,11 +35,13 @@ def metrics_from_proto(m: common_pb2.StageMetrics) -> StageMeasurement:
 
 
 def encode_request_to_proto(r: EncodeRequest) -> stages_pb2.EncodeRequest:
-    return stages_pb2.EncodeRequest(prompts=r.prompts, max_sequence_length=r.max_sequence_length)
+    return stages_pb2.EncodeRequest(prompts=r.prompts, max_sequence_length=r.max_sequence_length,
+                                    images=[tensor_to_proto(t) for t in r.images])
 
 
 def encode_request_from_proto(m: stages_pb2.EncodeRequest) -> EncodeRequest:
-    return EncodeRequest(prompts=list(m.prompts), max_sequence_length=m.max_sequence_length)
+    return EncodeRequest(prompts=list(m.prompts), max_sequence_length=m.max_sequence_length,
+                         images=[tensor_from_proto(t) for t in m.images])
 
 
 def encode_response_to_proto(r: EncodeResponse) -> stages_pb2.EncodeResponse:
@@ -86,6 +90,7 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
         input_images=[tensor_to_proto(t) for t in r.input_images],
         cfg_normalization=r.cfg_normalization,
         cfg_truncation=r.cfg_truncation,
+        reference_latents=[tensor_to_proto(t) for t in r.reference_latents],
     )
     if r.mask is not None:
         m.mask.CopyFrom(tensor_to_proto(r.mask))
@@ -143,6 +148,7 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         mask=tensor_from_proto(m.mask) if m.HasField("mask") else None,
         cfg_normalization=m.cfg_normalization,
         cfg_truncation=m.cfg_truncation if m.HasField("cfg_truncation") else 1.0,
+        reference_latents=[tensor_from_proto(t) for t in m.reference_latents],
     )
 
 
@@ -152,3 +158,20 @@ def decode_request_to_proto(r: DecodeRequest) -> stages_pb2.DecodeRequest:
 
 def decode_request_from_proto(m: stages_pb2.DecodeRequest) -> DecodeRequest:
     return DecodeRequest(latents=tensor_from_proto(m.latents))
+
+
+def vae_encode_request_to_proto(r: VaeEncodeRequest) -> stages_pb2.VaeEncodeRequest:
+    return stages_pb2.VaeEncodeRequest(images=[tensor_to_proto(t) for t in r.images])
+
+
+def vae_encode_request_from_proto(m: stages_pb2.VaeEncodeRequest) -> VaeEncodeRequest:
+    return VaeEncodeRequest(images=[tensor_from_proto(t) for t in m.images])
+
+
+def vae_encode_response_to_proto(r: VaeEncodeResponse) -> stages_pb2.VaeEncodeResponse:
+    return stages_pb2.VaeEncodeResponse(latents=[tensor_to_proto(t) for t in r.latents],
+                                        metrics=metrics_to_proto(r.metrics))
+
+
+def vae_encode_response_from_proto(m: stages_pb2.VaeEncodeResponse) -> VaeEncodeResponse:
+    return VaeEncodeResponse(latents=[tensor_from_proto(t) for t in m.latents], metrics=metrics_from_proto(m.metrics))

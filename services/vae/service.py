@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
-
 from services.runtime import wire
 from services.runtime.codec import tensor_chunks
 from services.runtime.grpc_server import SerializedStage
@@ -21,8 +19,9 @@ class VaeService(stages_pb2_grpc.VaeServicer):
             yield stages_pb2.DecodeEvent(images=chunk)
         yield stages_pb2.DecodeEvent(metrics=wire.metrics_to_proto(response.metrics))
 
-    def Encode(self, request_iterator, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "VAE encode arrives with image editing")
+    def Encode(self, request, context):
+        response = self.serial.call(context, lambda: self.stage.encode(wire.vae_encode_request_from_proto(request)))
+        return wire.vae_encode_response_to_proto(response)
 
     def add_to(self, server) -> None:
         stages_pb2_grpc.add_VaeServicer_to_server(self, server)

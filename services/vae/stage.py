@@ -9,7 +9,11 @@ Two normalisations, as the pipelines apply them: AutoencoderKL's scaling_factor 
 Wan's), which decode [B, C, frames, h, w]; an image is their one-frame clip.
 Flux.2's AutoencoderKLFlux2 (batch_norm_eps in its config) takes its latents in 2x2 patches,
 [B, 4C, h/2, w/2], normalised per patch channel by the VAE's batch-norm statistics: undone, then
-unpatchified before decoding."""
+unpatchified before decoding.
+
+Encoding (image editing, spec.image_conditioning) is the edit pipelines' _encode_vae_image: the
+input resized by diffusers' VaeImageProcessor to the spec's size, the distribution's mode, then
+normalised per channel."""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ import torch
 from services.runtime.components import load_component
 from services.runtime.config import StageConfig, VaeConfig, warmup_size
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
-from services.runtime.errors import UnsupportedModelError
-from services.runtime.messages import DecodeRequest, DecodeResponse
+from services.runtime.errors import InvalidRequestError, UnsupportedModelError
+from services.runtime.messages import DecodeRequest, DecodeResponse, VaeEncodeRequest, VaeEncodeResponse
 from services.runtime.registry import resolve
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,15 @@ class VaeStage:
         elif not self.batch_norm:  # (the batch-norm statistics are read at decode, as the pipeline does)
             self.scaling_factor = vae_config.scaling_factor
             self.shift_factor = vae_config.shift_factor or 0.0
+        self.image_processor = None
+        if self.spec.image_conditioning is not None:
+            if not self.per_channel:
+                raise UnsupportedModelError(f"{self.spec.family}: encoding input images is implemented for "
+                                            "per-channel normalised VAEs (Qwen-Image's) only")
+            from diffusers.image_processor import VaeImageProcessor
+
+            # The edit pipelines' own processor: resize (Lanczos) and scale to [-1, 1].
+            self.image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor * 2)
         if isinstance(config, VaeConfig):
             self.warm_up(config.warmup_resolutions)
 
@@ -95,3 +108,28 @@ class VaeStage:
             image = image.float()
             images = (image * 255).round().to(torch.uint8)
         return DecodeResponse(images=images, metrics=metrics)
+
+    @torch.inference_mode()
+    def encode(self, request: VaeEncodeRequest) -> VaeEncodeResponse:
+        """Each input image (uint8 [H, W, 3]) -> its normalised latent [C, h, w], as the edit
+        pipelines prepare their image latents (one image at a time, so sizes may differ)."""
+        from PIL import Image
+
+        rule = self.spec.image_conditioning
+        if rule is None:
+            raise InvalidRequestError(f"image: {self.spec.family} takes no input images", "image")
+        latents = []
+        with measure(self.device) as metrics:
+            for pixels in request.images:
+                if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+                    raise InvalidRequestError(f"image: expected uint8 [H, W, 3] pixels, got {pixels.dtype} "
+                                              f"{list(pixels.shape)}", "image")
+                image = Image.fromarray(pixels.numpy())
+                width, height = rule.vae_size(image.width, image.height)
+                x = self.image_processor.preprocess(image, height, width).unsqueeze(2)  # a one-frame clip
+                x = x.to(self.device, self.dtype)
+                z = self.vae.encode(x).latent_dist.mode()
+                mean = self.latents_mean.to(self.device, z.dtype)
+                std = self.latents_std.to(self.device, z.dtype)
+                latents.append(((z - mean) / std)[0, :, 0].cpu())
+        return VaeEncodeResponse(latents=latents, metrics=metrics)

@@ -35,3 +35,19 @@ def z_image_dir(tmp_path_factory):
     from tests.tiny_families import build_tiny_z_image
 
     return build_tiny_z_image(tmp_path_factory.mktemp("z-image") / "model")
+
+
+@pytest.fixture(scope="session")
+def qwen_image_edit_dir(tmp_path_factory):
+    """A tiny Qwen-Image-Edit layout: Qwen2.5-VL with its vision tower and processor, the MMDiT, a VAE that encodes."""
+    from tests.tiny_families import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("qwen-image-edit") / "model")
+
+
+@pytest.fixture(scope="session")
+def qwen_image_edit_plus_dir(tmp_path_factory):
+    """The same with QwenImageEditPlusPipeline's model_index.json (several input images)."""
+    from tests.tiny_families import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("qwen-image-edit-plus") / "model", plus=True)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("prompts", "max_sequence_length")
+    __slots__ = ("prompts", "max_sequence_length", "images")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     max_sequence_length: int
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "metrics", "prompt_lengths")
@@ -36,7 +38,7 @@ class Conditioning(_message.Message):
     def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length", "num_frames", "input_images", "mask", "fps", "cfg_normalization", "cfg_truncation")
+    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length", "num_frames", "input_images", "mask", "fps", "cfg_normalization", "cfg_truncation", "reference_latents")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +58,7 @@ class DenoiseRequest(_message.Message):
     FPS_FIELD_NUMBER: _ClassVar[int]
     CFG_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     CFG_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     positive: Conditioning
     negative: Conditioning
     height: int
@@ -75,7 +78,8 @@ class DenoiseRequest(_message.Message):
     fps: int
     cfg_normalization: float
     cfg_truncation: float
-    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., num_frames: _Optional[int] = ..., input_images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., fps: _Optional[int] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ...) -> None: ...
+    reference_latents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., num_frames: _Optional[int] = ..., input_images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., fps: _Optional[int] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., reference_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "latents", "metrics", "cache_stats", "images")
@@ -105,10 +109,16 @@ class DecodeEvent(_message.Message):
     metrics: _common_pb2.StageMetrics
     def __init__(self, images: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
 
-class EncodeLatentsResponse(_message.Message):
+class VaeEncodeRequest(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class VaeEncodeResponse(_message.Message):
     __slots__ = ("latents", "metrics")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
-    latents: _common_pb2.Tensor
+    latents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
     metrics: _common_pb2.StageMetrics
-    def __init__(self, latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
+    def __init__(self, latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...

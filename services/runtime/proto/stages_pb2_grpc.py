@@ -3,7 +3,6 @@
 import grpc
 import warnings
 
-from services.runtime.proto import common_pb2 as ditserve_dot_v1_dot_common__pb2
 from services.runtime.proto import stages_pb2 as ditserve_dot_v1_dot_stages__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
@@ -191,10 +190,10 @@ class VaeStub:
                 request_serializer=ditserve_dot_v1_dot_stages__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=ditserve_dot_v1_dot_stages__pb2.DecodeEvent.FromString,
                 _registered_method=True)
-        self.Encode = channel.stream_unary(
+        self.Encode = channel.unary_unary(
                 '/ditserve.v1.Vae/Encode',
-                request_serializer=ditserve_dot_v1_dot_common__pb2.TensorChunk.SerializeToString,
-                response_deserializer=ditserve_dot_v1_dot_stages__pb2.EncodeLatentsResponse.FromString,
+                request_serializer=ditserve_dot_v1_dot_stages__pb2.VaeEncodeRequest.SerializeToString,
+                response_deserializer=ditserve_dot_v1_dot_stages__pb2.VaeEncodeResponse.FromString,
                 _registered_method=True)
 
 
@@ -208,8 +207,8 @@ class VaeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Encode(self, request_iterator, context):
-        """Reserved for image editing / image-to-video: pixels in, latents out.
+    def Encode(self, request, context):
+        """Image editing: input pixels in, normalised latents out (one per image).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -223,10 +222,10 @@ def add_VaeServicer_to_server(servicer, server):
                     request_deserializer=ditserve_dot_v1_dot_stages__pb2.DecodeRequest.FromString,
                     response_serializer=ditserve_dot_v1_dot_stages__pb2.DecodeEvent.SerializeToString,
             ),
-            'Encode': grpc.stream_unary_rpc_method_handler(
+            'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=ditserve_dot_v1_dot_common__pb2.TensorChunk.FromString,
-                    response_serializer=ditserve_dot_v1_dot_stages__pb2.EncodeLatentsResponse.SerializeToString,
+                    request_deserializer=ditserve_dot_v1_dot_stages__pb2.VaeEncodeRequest.FromString,
+                    response_serializer=ditserve_dot_v1_dot_stages__pb2.VaeEncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,7 +266,7 @@ class Vae:
             _registered_method=True)
 
     @staticmethod
-    def Encode(request_iterator,
+    def Encode(request,
             target,
             options=(),
             channel_credentials=None,
@@ -277,12 +276,12 @@ class Vae:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
             '/ditserve.v1.Vae/Encode',
-            ditserve_dot_v1_dot_common__pb2.TensorChunk.SerializeToString,
-            ditserve_dot_v1_dot_stages__pb2.EncodeLatentsResponse.FromString,
+            ditserve_dot_v1_dot_stages__pb2.VaeEncodeRequest.SerializeToString,
+            ditserve_dot_v1_dot_stages__pb2.VaeEncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
