@@ -3,7 +3,9 @@ run them with a negative prompt; Z-Image-Turbo: one, its guidance 0): ditserve's
 against diffusers' on the same random weights, the same card, in the same run.
 
     python benchmarks/family_step.py --family qwen-image              # 1024x1024, 128 + 32 text tokens
+    python benchmarks/family_step.py --family qwen-image-edit         # 1024x1024 from a 1024x1024 image
     python benchmarks/family_step.py --family wan2.1-t2v-14b          # 832x480, 81 frames (32760 tokens)
+    python benchmarks/family_step.py --family wan2.1-i2v-14b          # the same with I2V's channels + CLIP
     python benchmarks/family_step.py --family z-image-turbo           # 1024x1024, 128 caption tokens
     python benchmarks/family_step.py --family qwen-image --tiny --device cpu   # the code path, on CPU
 
@@ -48,6 +50,12 @@ QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, 
 WAN_T2V_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+# Wan-AI/Wan2.1-I2V-14B-480P-Diffusers transformer/config.json: 36 input channels (noise, first-frame
+# mask and latents) and cross-attention to 257 CLIP ViT-H tokens next to the text.
+WAN_I2V_14B = dict(WAN_T2V_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+# Qwen-Image-Edit: the input image's Qwen2.5-VL tokens join the prompt's. A ~1024x1024 image is
+# smart-resized to 1036x1036, 37x37 patches of 28 merged 2x2: 342 vision tokens.
+QWEN_EDIT_VISION_TOKENS = 342
 
 
 def _shared(ref, native_cls, config):
@@ -58,7 +66,13 @@ def _shared(ref, native_cls, config):
     return native.eval().requires_grad_(False)
 
 
-def qwen_image(args, device, dtype, tiny: bool) -> Bench:
+def qwen_image_edit(args, device, dtype, tiny: bool) -> Bench:
+    """Qwen-Image-Edit: the output's tokens followed by the input image's (the same size here),
+    the text its prompt's plus the image's vision tokens; the output keeps the first half."""
+    return qwen_image(args, device, dtype, tiny, edit=True)
+
+
+def qwen_image(args, device, dtype, tiny: bool, edit: bool = False) -> Bench:
     from diffusers import QwenImageTransformer2DModel
 
     from services.denoiser.latents import CenteredLatents2x2
@@ -76,39 +90,52 @@ def qwen_image(args, device, dtype, tiny: bool) -> Bench:
     layout = CenteredLatents2x2(config.in_channels // 4, 8)
     h, w = layout.latent_hw(args.height, args.width)
     g = torch.Generator(device).manual_seed(1)
-    x = torch.randn(1, (h // 2) * (w // 2), config.in_channels, generator=g, device=device, dtype=dtype)
+    images = 2 if edit else 1  # the output, then the input image's latents (edit)
+    x = torch.randn(1, images * (h // 2) * (w // 2), config.in_channels, generator=g, device=device, dtype=dtype)
+    vision = QWEN_EDIT_VISION_TOKENS if edit and not tiny else 0
+    text_lens = (args.text_len + vision, args.neg_text_len + vision)
     texts = [torch.randn(1, n, config.joint_attention_dim, generator=g, device=device, dtype=dtype)
-             for n in (args.text_len, args.neg_text_len)]
+             for n in text_lens]
     t = torch.full((1,), 0.5, device=device, dtype=dtype)
+    grids = ((h, w),) * images
     with torch.inference_mode():  # once per request in the runner
-        ropes = [native.rope(layout.text_ids(c.shape[1], device), layout.image_ids(h, w, device)) for c in texts]
+        ropes = [layout.rope(native, c.shape[1], grids[0], device, references=grids[1:]) for c in texts]
+    out_tokens = (h // 2) * (w // 2)
 
     def diffusers_step():
         with torch.inference_mode():
             return torch.stack([ref(hidden_states=x, encoder_hidden_states=c, encoder_hidden_states_mask=None,
-                                    timestep=t, img_shapes=[[(1, h // 2, w // 2)]], return_dict=False)[0]
-                                for c in texts])
+                                    timestep=t, img_shapes=[[(1, h // 2, w // 2)] * images],
+                                    return_dict=False)[0][:, :out_tokens] for c in texts])
 
     def native_step(model):
         def fn():
             with torch.inference_mode():
-                return torch.stack([model(x, c, None, t, r) for c, r in zip(texts, ropes)])
+                return torch.stack([model(x, c, None, t, r)[:, :out_tokens] for c, r in zip(texts, ropes)])
         return fn
 
     n, d = x.shape[1], config.inner_dim
     flops = sum(config.num_layers * (24 * (n + c.shape[1]) * d * d + 4 * (n + c.shape[1]) ** 2 * d) for c in texts)
+    what = f"Qwen-Image-Edit {args.height}x{args.width} from a same-size image" if edit else \
+        f"Qwen-Image {args.height}x{args.width}"
     return Bench(ref, native, diffusers_step, native_step, flops,
-                 f"Qwen-Image {args.height}x{args.width} ({n} image tokens, text {args.text_len} / "
-                 f"{args.neg_text_len} tokens), true CFG: 2 DiT passes per step")
+                 f"{what} ({n} image tokens, text {text_lens[0]} / {text_lens[1]} tokens), true CFG: "
+                 "2 DiT passes per step")
 
 
-def wan(args, device, dtype, tiny: bool) -> Bench:
+def wan_i2v(args, device, dtype, tiny: bool) -> Bench:
+    """Wan 2.1 I2V-14B: the step of LightX2V's published table (480p, with CFG)."""
+    return wan(args, device, dtype, tiny, i2v=True)
+
+
+def wan(args, device, dtype, tiny: bool, i2v: bool = False) -> Bench:
     from diffusers import WanTransformer3DModel
 
     from services.denoiser.models.wan import WanConfig, WanTransformer, patchify, unpatchify
 
-    cfg = dict(WAN_T2V_14B, num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=48,
-               num_layers=2) if tiny else WAN_T2V_14B
+    base = WAN_I2V_14B if i2v else WAN_T2V_14B
+    cfg = dict(base, num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=48, num_layers=2,
+               **({"image_dim": 16, "added_kv_proj_dim": 24} if i2v else {})) if tiny else base
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     ref = materialise(lambda: WanTransformer3DModel(**cfg), device, dtype).eval().requires_grad_(False)
@@ -121,6 +148,10 @@ def wan(args, device, dtype, tiny: bool) -> Bench:
     latents = torch.randn(1, config.in_channels, frames, h, w, generator=g, device=device, dtype=dtype)
     # WanPipeline pads every prompt to 512 T5 tokens (zeros past its length), positive and negative.
     texts = [torch.randn(1, 512, config.text_dim, generator=g, device=device, dtype=dtype) for _ in range(2)]
+    # Wan 2.1 I2V: 257 CLIP tokens (the same for both branches); the latents above have the
+    # 36 input channels, as the pipeline's cat([latents, condition]) hands them over.
+    image = {"encoder_hidden_states_image": torch.randn(1, 257, config.image_dim, generator=g, device=device,
+                                                        dtype=dtype)} if i2v else {}
     t = torch.full((1,), 500.0, device=device)
     patch = config.patch_size
     with torch.inference_mode():
@@ -128,23 +159,23 @@ def wan(args, device, dtype, tiny: bool) -> Bench:
 
     def diffusers_step():
         with torch.inference_mode():
-            return torch.stack([ref(hidden_states=latents, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
-                                for c in texts])
+            return torch.stack([ref(hidden_states=latents, timestep=t, encoder_hidden_states=c, return_dict=False,
+                                    **image)[0] for c in texts])
 
     def native_step(model):
         def fn():
             with torch.inference_mode():
                 tokens = patchify(latents, patch)
-                out = [unpatchify(model(tokens, c, None, t, rope), frames, h, w, patch, config.out_channels or 16)
-                       for c in texts]
+                out = [unpatchify(model(tokens, c, None, t, rope, **image), frames, h, w, patch,
+                                  config.out_channels or 16) for c in texts]
                 return torch.stack(out)
         return fn
 
-    n, d, text = frames * h * w // (patch[1] * patch[2]), config.inner_dim, 512
+    n, d, text = frames * h * w // (patch[1] * patch[2]), config.inner_dim, 512 + (257 if i2v else 0)
     per_pass = config.num_layers * 2 * (n * (6 * d * d + 2 * d * config.ffn_dim) + 2 * n * n * d + 2 * n * text * d)
     return Bench(ref, native, diffusers_step, native_step, 2 * per_pass,
-                 f"Wan 2.1 T2V-14B {args.width}x{args.height}, {args.num_frames} frames ({n} tokens, 512 text), "
-                 "CFG: 2 DiT passes per step")
+                 f"Wan 2.1 {'I2V' if i2v else 'T2V'}-14B {args.width}x{args.height}, {args.num_frames} frames "
+                 f"({n} tokens, 512 text{' + 257 CLIP' if i2v else ''}), CFG: 2 DiT passes per step")
 
 
 def z_image(args, device, dtype, tiny: bool) -> Bench:
@@ -187,7 +218,8 @@ def z_image(args, device, dtype, tiny: bool) -> Bench:
                  "padded), one DiT pass per step (guidance 0)")
 
 
-FAMILIES = {"qwen-image": qwen_image, "wan2.1-t2v-14b": wan, "z-image-turbo": z_image}
+FAMILIES = {"qwen-image": qwen_image, "qwen-image-edit": qwen_image_edit, "wan2.1-t2v-14b": wan,
+            "wan2.1-i2v-14b": wan_i2v, "z-image-turbo": z_image}
 
 
 def main() -> None:

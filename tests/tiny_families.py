@@ -86,8 +86,11 @@ def build_tiny_pixart_sigma(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def _wan_components(seed: int, in_channels: int = 16) -> dict:
-    """Tokenizer, UMT5 text encoder, one Wan 3D DiT and Wan's causal video VAE (4x in time)."""
+def _wan_components(seed: int, in_channels: int = 16, image_dim: int | None = None, ti2v: bool = False) -> dict:
+    """Tokenizer, UMT5 text encoder, one Wan 3D DiT and Wan's causal video VAE (4x in time).
+    `image_dim`: Wan 2.1 I2V's DiT, which cross-attends to CLIP image tokens of that width too.
+    `ti2v`: Wan 2.2 TI2V-5B's VAE instead (16x in space: 2x2 pixel patches, then 8x; residual
+    blocks), 8 latent channels here (48 in the real one), and a DiT of those channels."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -97,14 +100,24 @@ def _wan_components(seed: int, in_channels: int = 16) -> dict:
         vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    image = {"image_dim": image_dim, "added_kv_proj_dim": 2 * 12} if image_dim else {}
+    latent = 8 if ti2v else 16
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=latent if ti2v else in_channels,
+        out_channels=latent,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **image)
     _widen(transformer)
     torch.manual_seed(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    if ti2v:  # per-channel statistics that are not the identity, so encode and decode must undo them right
+        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+                               in_channels=12, out_channels=12, scale_factor_spatial=16, scale_factor_temporal=4,
+                               latents_mean=[0.1, -0.2, 0.3, 0.0, 0.05, -0.1, 0.2, 0.0],
+                               latents_std=[1.5, 0.8, 2.0, 1.2, 1.0, 0.9, 1.1, 1.3])
+    else:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
     return {"tokenizer": tok, "text_encoder": text_encoder, "transformer": transformer, "vae": vae}
 
 
@@ -124,13 +137,40 @@ def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False
     return Path(out_dir)
 
 
-def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0) -> Path:
-    """WanImageToVideoPipeline without a CLIP image encoder (the Wan 2.2 layout): the first frame
-    is VAE-encoded and joins the noise as 16 latent + 4 mask channels (in_channels 36)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0, clip: bool = False, two_experts: bool = False) -> Path:
+    """WanImageToVideoPipeline: the first frame is VAE-encoded and joins the noise as 4 mask + 16
+    latent channels (in_channels 36). Without `clip` the Wan 2.2 layout (no image encoder); with
+    it Wan 2.1 I2V's, whose DiT also cross-attends to a CLIP vision model's tokens (a 28x28
+    input, 2x2 patches of 14: 5 tokens). `two_experts`: Wan 2.2 I2V A14B's transformer_2."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    pipe = WanImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-                                   **_wan_components(seed, in_channels=36))
+    parts = _wan_components(seed, in_channels=36, image_dim=16 if clip else None)
+    if clip:
+        torch.manual_seed(seed + 2)
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, image_size=28,
+            patch_size=14, projection_dim=16))
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 28},
+                                                      crop_size={"height": 28, "width": 28})
+    if two_experts:
+        torch.manual_seed(seed + 1)
+        parts["transformer_2"] = WanTransformer3DModel(**parts["transformer"].config)
+        _widen(parts["transformer_2"])
+        parts["boundary_ratio"] = 0.875
+    pipe = WanImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **parts)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def build_tiny_wan_ti2v(out_dir: str | Path, seed: int = 0, i2v: bool = False) -> Path:
+    """Wan 2.2 TI2V-5B's layout (expand_timesteps: a timestep per token; its 16x VAE): WanPipeline
+    for text-to-video, or WanImageToVideoPipeline (`i2v`), whose first latent frame is the image's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+    cls = WanImageToVideoPipeline if i2v else WanPipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), expand_timesteps=True,
+               **_wan_components(seed, ti2v=True))
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 

@@ -196,7 +196,25 @@ class WanLatents(PackedLatents2x2):
 
     @classmethod
     def for_model(cls, config, vae_scale_factor: int):
-        return cls(config.in_channels, vae_scale_factor, config.patch_size, config.out_channels or config.in_channels)
+        # The sampled latent has the prediction's channels; an image-to-video DiT takes more
+        # (in_channels 36 = 16 noise + 4 mask + 16 first-frame latent channels).
+        out_channels = config.out_channels or config.in_channels
+        return cls(out_channels, vae_scale_factor, config.patch_size, out_channels)
+
+    def first_frame_condition(self, latent: torch.Tensor) -> torch.Tensor:
+        """WanImageToVideoPipeline's condition for a first-frame clip's latent [C, f, h, w]: a
+        mask (4 channels: the VAE's temporal factor; 1 on the first latent frame, which holds
+        the given frame, 0 after) then the latent, patchified as the noise is: [1, N, P*(4 + C)]."""
+        mask = torch.zeros(4, *latent.shape[1:], dtype=latent.dtype, device=latent.device)
+        mask[:, 0] = 1
+        return self.pack(torch.cat([mask, latent], dim=0)[None])
+
+    def join_channels(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Tokens of the channel-wise cat([latents, condition], dim=1): features are (pt, ph, pw, C)
+        ordered, so each patch position's channels are joined."""
+        p = math.prod(self.patch3d)
+        joined = torch.cat([tokens.unflatten(-1, (p, -1)), condition.unflatten(-1, (p, -1))], dim=-1)
+        return joined.flatten(-2)
 
     def latent_grid(self, height: int, width: int, frames: int = 0) -> tuple[int, ...]:
         return max(frames, 1), height // self.vae_scale_factor, width // self.vae_scale_factor

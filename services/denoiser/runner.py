@@ -40,6 +40,17 @@ class StepInputs:
     # Packed tokens [1, R, D] of the batch's input images (image editing), appended to every
     # image's noise tokens in each forward; the DiT's output keeps only the noise tokens.
     reference: torch.Tensor | None = None
+    # Tokens [1, N, P*C'] of image-to-video's first-frame condition, joined to the noise tokens'
+    # channels in each forward (the layout's join_channels).
+    channels: torch.Tensor | None = None
+    # The encoder's image tokens [1, T, D] (Wan 2.1 I2V's CLIP), cross-attended by both branches.
+    image_embeds: torch.Tensor | None = None
+    # A timestep per token (Wan 2.2 TI2V's expand_timesteps): this [N] fp32 mask times t (0 on
+    # tokens that hold a given first frame, 1 elsewhere); None: one timestep per image.
+    timestep_mask: torch.Tensor | None = None
+    # Tokens [1, n, D] of a given first latent frame that replace the first n tokens of every
+    # forward's input (Wan 2.2 TI2V image-to-video), in the DiT's dtype.
+    first_tokens: torch.Tensor | None = None
 
     def cache_stats(self) -> CacheStats | None:
         """The request's steps as the positive branch ran them (computed / from the cache)."""
@@ -75,20 +86,34 @@ class DenoiserRunner:
     def prepare(
         self, positive: Conditioning, negative: Conditioning | None, guidance_scale: float, batch: int,
         grid: tuple[int, ...], cache: ResolvedCache | None = None, references: list[torch.Tensor] = (),
+        reference_mode: str = "tokens", image_embeds: torch.Tensor | None = None,
+        timestep_mask: torch.Tensor | None = None,
     ) -> StepInputs:
-        """`references`: normalised latents [C, h, w] of the input images (image editing)."""
+        """`references`: normalised latents of the input images, per `reference_mode`: [C, h, w]
+        per image ("tokens", image editing), the first-frame clip's [C, f, h, w] ("first_frame",
+        image-to-video), or the first latent frame [C, 1, h, w] ("first_latent", TI2V's
+        image-to-video). `image_embeds`: [1, T, D]. `timestep_mask`: see StepInputs."""
         guidance = None
         if self.model.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
-        reference = None
-        if references:
+        reference = channels = first_tokens = None
+        grids: tuple[tuple[int, ...], ...] = ()
+        if references and reference_mode == "first_frame":
+            channels = self.layout.first_frame_condition(references[0]).to(self.device, self.dtype)
+        elif references and reference_mode == "first_latent":
+            first_tokens = self.layout.pack(references[0][None].to(self.device, self.dtype))
+        elif references:
             reference = torch.cat([self.layout.pack(r[None].to(self.device, self.dtype)) for r in references], dim=1)
-        grids = tuple(tuple(r.shape[1:]) for r in references)
+            grids = tuple(tuple(r.shape[1:]) for r in references)
         return StepInputs(
             positive=self._branch(positive, grid, cache, grids),
             negative=self._branch(negative, grid, cache, grids) if negative is not None else None,
             guidance=guidance,
             reference=reference,
+            channels=channels,
+            image_embeds=image_embeds.to(self.device, self.dtype) if image_embeds is not None else None,
+            timestep_mask=timestep_mask.to(self.device) if timestep_mask is not None else None,
+            first_tokens=first_tokens,
         )
 
     def _agree(self, metric: torch.Tensor) -> torch.Tensor:
@@ -146,24 +171,35 @@ class DenoiserRunner:
         return velocities if self.velocity_in_dit_dtype else [v.to(latents.dtype) for v in velocities]
 
     def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
-        noise_tokens = latents.shape[1]
-        if inputs.reference is not None:  # the pipeline's cat([latents, image_latents], dim=1)
-            reference = inputs.reference.expand(latents.shape[0], -1, -1)
-            latents = torch.cat([latents, reference], dim=1)
+        noise_tokens, batch = latents.shape[1], latents.shape[0]
+        if inputs.reference is not None:  # the edit pipelines' cat([latents, image_latents], dim=1)
+            latents = torch.cat([latents, inputs.reference.expand(batch, -1, -1)], dim=1)
+        if inputs.channels is not None:  # WanImageToVideoPipeline's cat([latents, condition], dim=1)
+            latents = self.layout.join_channels(latents, inputs.channels.expand(batch, -1, -1))
+        if inputs.first_tokens is not None:  # TI2V: (1 - mask) * condition + mask * latents
+            first = inputs.first_tokens
+            latents = torch.cat([first.expand(batch, -1, -1), latents[:, first.shape[1]:]], dim=1)
+        if inputs.timestep_mask is not None:  # TI2V: (mask * t), a timestep per token
+            timestep = inputs.timestep_mask[None, :] * timestep[:, None]
+        extra = {}
+        if inputs.image_embeds is not None:  # whole on every rank, like the text
+            extra["encoder_hidden_states_image"] = inputs.image_embeds.expand(batch, -1, -1)
         sp = branch.sp
         if sp is None:
             out = self.model(
                 latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance,
-                cache=branch.cache,
+                cache=branch.cache, **extra,
             )
             return out[:, :noise_tokens] if inputs.reference is not None else out
         text, image = sp.shard(branch.prompt_embeds, latents)
         if not self.layout.text_in_sequence:
             text = branch.prompt_embeds
+        if timestep.ndim == 2:  # per-token timesteps: the same shard as the tokens
+            timestep = sp.shard(branch.prompt_embeds, timestep)[1]
         with sp.active():
             local = self.model(
                 image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance,
-                cache=branch.cache,
+                cache=branch.cache, **extra,
             )
         out = sp.gather_image(local)
         return out[:, :noise_tokens] if inputs.reference is not None else out

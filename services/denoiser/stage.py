@@ -62,6 +62,8 @@ class DenoiserStage:
                                           self.spec.mu)
         self.layout = FAMILIES[self.spec.denoiser].layout.for_model(transformer.config, self.model.vae_scale_factor)
         self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
+        # Wan 2.2 TI2V: a timestep per token, and image-to-video through the first latent frame.
+        self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype)
         self.lora = LoraRunner(transformer, self.device)
@@ -101,14 +103,29 @@ class DenoiserStage:
             latents = self.layout.pack(noise)
             schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(grid), self.device)
             cache = CachePolicy(**request.cache).resolved(request.num_inference_steps) if request.cache else None
-            if bool(request.reference_latents) != (self.spec.image_conditioning is not None):
-                raise InvalidRequestError(
-                    f"image: {self.spec.family} " + ("needs the latents of its input image(s)"
-                                                     if self.spec.image_conditioning else "takes no input images"),
-                    "image")
+            rule = self.spec.image_conditioning
+            if bool(request.reference_latents) != (rule is not None):
+                raise InvalidRequestError(f"image: {self.spec.family} " + (
+                    "needs the latents of its input image(s)" if rule else "takes no input images"), "image")
+            first_grid = (1, *grid[1:]) if self.expand_timesteps else grid  # TI2V: the first latent frame only
+            if rule is not None and rule.mode == "first_frame" and (
+                    len(request.reference_latents) != 1 or tuple(request.reference_latents[0].shape[1:]) != first_grid):
+                raise InvalidRequestError(f"image: the first-frame latents {[tuple(r.shape) for r in request.reference_latents]} "
+                                          f"do not match the output's latent grid {first_grid}", "image")
+            mode = rule.mode if rule else "tokens"
+            timestep_mask, first = None, None
+            if self.expand_timesteps:
+                # WanPipeline's mask of ones (a per-token copy of t); with an input image its first
+                # latent frame is the image's latents, at timestep 0 (WanImageToVideoPipeline).
+                timestep_mask = torch.ones(latents.shape[1], dtype=torch.float32)
+                if mode == "first_frame":
+                    mode, first = "first_latent", self.layout.pack(request.reference_latents[0][None]).to(
+                        self.device, latents.dtype)
+                    timestep_mask[: first.shape[1]] = 0
             inputs = self.runner.prepare(
                 request.positive, request.negative, request.guidance_scale, len(request.seeds), grid, cache,
-                references=request.reference_latents,
+                references=request.reference_latents, reference_mode=mode, image_embeds=request.image_embeds,
+                timestep_mask=timestep_mask,
             )
             self._use_loras(request)
             try:
@@ -120,6 +137,8 @@ class DenoiserStage:
             finally:
                 self.lora.deactivate()
                 self.runner.use_expert(0)  # the next request starts on the first expert
+            if first is not None:  # the pipeline's last (1 - mask) * condition + mask * latents
+                latents = torch.cat([first.expand(latents.shape[0], -1, -1), latents[:, first.shape[1]:]], dim=1)
             out = self.layout.unpack(latents, grid)
         metrics.lora_loads, metrics.lora_hits = self.adapters.loads - loads, self.adapters.hits - hits
         if self.runner.mesh is not None:  # every rank runs this call: one small all-gather
@@ -155,10 +174,13 @@ def warm_up(stage, config: DenoiserConfig) -> None:
             prompt_embeds=torch.zeros(1, text_len, transformer.joint_attention_dim),
             pooled_prompt_embeds=torch.zeros(1, transformer.pooled_projection_dim),
         )
-        # An edit model attends to an input image too: one of the output's size stands in for it.
+        # A model conditioned on an input image gets zeros of its latent's shape (an edit model:
+        # one image of the output's size; image-to-video: the clip), and CLIP tokens if it takes them.
         layout = fam.layout.for_model(transformer, model.vae_scale_factor)
-        references = [torch.zeros(layout.channels, *layout.latent_grid(height, width))] \
+        references = [torch.zeros(layout.channels, *layout.latent_grid(height, width, 1))] \
             if spec.image_conditioning is not None else []
+        image_dim = getattr(transformer, "image_dim", None)
         stage.denoise(DenoiseRequest(positive=cond, negative=None, height=height, width=width,
                                      num_inference_steps=1, guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0],
-                                     reference_latents=references))
+                                     num_frames=1 if "video" in spec.features else 0, reference_latents=references,
+                                     image_embeds=torch.zeros(1, 257, image_dim) if image_dim else None))

@@ -103,7 +103,8 @@ class QwenVLEditPromptEncoder(QwenVLPromptEncoder):
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int, images: list[torch.Tensor] = ()):
         """As QwenVLPromptEncoder.encode, each prompt with every image of `images` (uint8
-        [H, W, 3]). No max_sequence_length cut: the edit pipelines apply none."""
+        [H, W, 3]), and no separate image tokens (None). No max_sequence_length cut: the edit
+        pipelines apply none."""
         from PIL import Image
 
         if not images:
@@ -117,7 +118,9 @@ class QwenVLEditPromptEncoder(QwenVLPromptEncoder):
         vision = self.image_processor(images=condition, return_tensors="pt")
         # Qwen2VLProcessor.replace_image_token: one pad per merged patch of that image's grid.
         pads = [IMAGE_PAD * int(grid.prod() // self.merge) for grid in vision["image_grid_thw"]]
-        return encode_each(prompts, lambda p: self._encode_with_images(self.text(p, len(pils)), pads, vision))
+        embeds, pooled, lengths = encode_each(
+            prompts, lambda p: self._encode_with_images(self.text(p, len(pils)), pads, vision))
+        return embeds, pooled, lengths, None  # (the images reach the DiT as tokens of the prompt)
 
     def _encode_with_images(self, text: str, pads: list[str], vision) -> torch.Tensor:
         pieces = text.split(IMAGE_PAD)

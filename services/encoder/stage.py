@@ -10,7 +10,7 @@ import torch
 from services.encoder.clip_t5 import ClipT5PromptEncoder
 from services.encoder.qwen3 import Flux2KleinPromptEncoder, Qwen3PromptEncoder
 from services.encoder.qwen_vl import QwenVLEditPlusPromptEncoder, QwenVLEditPromptEncoder, QwenVLPromptEncoder
-from services.encoder.umt5 import UMT5PromptEncoder
+from services.encoder.umt5 import UMT5PromptEncoder, WanImageToVideoPromptEncoder
 from services.runtime.config import EncoderConfig, StageConfig
 from services.runtime.device import default_dtype, measure, parse_device, parse_dtype
 from services.runtime.errors import InvalidRequestError, UnsupportedModelError
@@ -22,10 +22,12 @@ from services.runtime.tensor_parallel import TensorParallel
 # Prompt-encoder kinds a pipeline spec may name. Each takes (model, device=, dtype=, tp=), has
 # check_tp(model, tp_size), which refuses a degree the model cannot be split into, and
 # encode(prompts, max_sequence_length) -> (embeds, pooled, lengths or None); those with
-# `takes_images` (the edit models') take encode(prompts, max_sequence_length, images) and need images.
+# `takes_images` (edit and image-to-video models') take encode(prompts, max_sequence_length, images),
+# need images, and return (embeds, pooled, lengths or None, image tokens or None).
 PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder, "qwen3": Qwen3PromptEncoder,
                    "umt5": UMT5PromptEncoder, "qwen3_flux2_klein": Flux2KleinPromptEncoder,
-                   "qwen_vl_edit": QwenVLEditPromptEncoder, "qwen_vl_edit_plus": QwenVLEditPlusPromptEncoder}
+                   "qwen_vl_edit": QwenVLEditPromptEncoder, "qwen_vl_edit_plus": QwenVLEditPlusPromptEncoder,
+                   "umt5_i2v": WanImageToVideoPromptEncoder}
 
 
 def prompt_encoder_class(spec: PipelineSpec):
@@ -67,11 +69,12 @@ class EncoderStage:
     def encode(self, request: EncodeRequest) -> EncodeResponse:
         if request.images and not self.takes_images:
             raise InvalidRequestError(f"image: {self.spec.family}'s prompt encoder takes no images", "image")
+        image_embeds = None
         with measure(self.device) as metrics:
             if self.takes_images:
-                embeds, pooled, lengths = self.encoder.encode(request.prompts, request.max_sequence_length,
-                                                              request.images)
+                embeds, pooled, lengths, image_embeds = self.encoder.encode(
+                    request.prompts, request.max_sequence_length, request.images)
             else:
                 embeds, pooled, lengths = self.encoder.encode(request.prompts, request.max_sequence_length)
         return EncodeResponse(prompt_embeds=embeds, pooled_prompt_embeds=pooled, metrics=metrics,
-                              prompt_lengths=lengths)
+                              prompt_lengths=lengths, image_embeds=image_embeds)

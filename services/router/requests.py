@@ -94,9 +94,10 @@ def resolve_request(
     defaults = spec.defaults(model)
     images, mask = _input_images(req, spec)
     default_height, default_width = defaults.height, defaults.width
-    if spec.image_conditioning is not None and images:  # an edit model: the input image's aspect ratio
-        h, w = images[spec.image_conditioning.size_from].shape[:2]
-        default_width, default_height = spec.image_conditioning.vae_size(w, h)
+    rule = spec.image_conditioning
+    if rule is not None and rule.size_from is not None and images:  # an edit model: the image's aspect ratio
+        h, w = images[rule.size_from].shape[:2]
+        default_width, default_height = rule.vae_size(w, h)
     height = req.height if req.height is not None else default_height
     width = req.width if req.width is not None else default_width
     multiple = spec.size_multiple(model)

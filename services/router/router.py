@@ -145,11 +145,13 @@ class Router:
             prompts += [j.request.negative_prompt for j in jobs]
         images = [torch.from_numpy(np.array(im)) for im in first.images]  # the batch shares them
         if self.spec.image_conditioning is not None:
-            # An edit model: the encoder sees the input images with each prompt while the VAE
-            # encodes them to the latents the DiT attends to; the two run side by side.
+            # An edit or image-to-video model: the encoder sees the input images (with each prompt,
+            # or through its own image encoder) while the VAE encodes them to the latents the DiT
+            # is conditioned on; the two run side by side.
             enc, refs = await asyncio.gather(
                 self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length, images=images), timeout_s=timeout),
-                self.vae.encode_images(VaeEncodeRequest(images), timeout_s=timeout))
+                self.vae.encode_images(VaeEncodeRequest(images, first.height, first.width, first.num_frames),
+                                       timeout_s=timeout))
         else:
             enc, refs = await self.encoder.encode(EncodeRequest(prompts, first.max_sequence_length),
                                                   timeout_s=timeout), None
@@ -209,6 +211,7 @@ class Router:
                 cfg_normalization=first.cfg_normalization,
                 cfg_truncation=first.cfg_truncation,
                 reference_latents=refs.latents if refs is not None else [],
+                image_embeds=enc.image_embeds,
             ),
             on_step=on_step,
             timeout_s=max(j.deadline for j in jobs) - time.monotonic(),

@@ -31,6 +31,9 @@ class EncodeResponse:
     # [B] real tokens per row where rows are zero-padded to the longest prompt (Qwen-Image, Z-Image);
     # None: every row is all real.
     prompt_lengths: torch.Tensor | None = None
+    # [N, T, D] image-encoder tokens of the request's input images, shared by every prompt (Wan 2.1
+    # I2V's CLIP hidden states); None where the family has no image encoder.
+    image_embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -83,9 +86,13 @@ class DenoiseRequest:
     # ZImagePipeline's CFG limits (resolved: the request's or the model's defaults).
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
-    # Normalised latents [C, h, w] of the batch's input images (the VAE stage's encode), whose
-    # tokens the DiT attends to after the noise tokens (spec.image_conditioning); empty: none.
+    # Normalised latents of the batch's input images (the VAE stage's encode; spec.image_conditioning):
+    # [C, h, w] per image whose tokens the DiT attends to ("tokens"), or the one first-frame clip's
+    # [C, f, h, w] ("first_frame"); empty: none.
     reference_latents: list[torch.Tensor] = field(default_factory=list)
+    # The encoder's image tokens [N, T, D] (EncodeResponse.image_embeds), the same for every image
+    # of the batch and both CFG branches; None: none.
+    image_embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,6 +121,10 @@ class DecodeResponse:
 class VaeEncodeRequest:
     # Input images, uint8 [H, W, 3] each; the VAE stage resizes them as the family's pipeline does.
     images: list[torch.Tensor]
+    # The requested output ("first_frame" conditioning encodes a clip of this size and length).
+    height: int = 0
+    width: int = 0
+    num_frames: int = 0
 
 
 @dataclass

@@ -70,17 +70,26 @@ def calculate_dimensions(area: int, width: int, height: int, multiple: int = 32)
 
 @dataclass(frozen=True)
 class ImageConditioning:
-    """Input images that condition the DiT as extra tokens (QwenImageEditPipeline,
-    QwenImageEditPlusPipeline): the VAE stage encodes each one, resized to about `vae_area`
-    pixels in its own aspect ratio, to normalised latents; the DiT attends over their packed
-    tokens after the noise tokens (each image its own RoPE frame) and its output keeps only the
-    noise tokens. The output's default size is that of image `size_from` at `vae_area`."""
+    """Input images that the VAE stage encodes and the DiT is conditioned on. Two schemes:
 
+    - "tokens" (QwenImageEditPipeline, QwenImageEditPlusPipeline): each image, resized to about
+      `vae_area` pixels in its own aspect ratio, becomes normalised latents whose packed tokens
+      the DiT attends to after the noise tokens (each image its own RoPE frame); the output
+      keeps only the noise tokens. The output's default size is image `size_from`'s at `vae_area`.
+    - "first_frame" (WanImageToVideoPipeline): the image, resized to the requested size, is the
+      first frame of an otherwise black clip of the requested length; its normalised latents
+      and a mask of the first latent frame join the noise as extra input channels."""
+
+    mode: str = "tokens"
     vae_area: int = 1024 * 1024
-    size_from: int = 0  # Edit: its one image; Edit-Plus: the last (-1)
+    size_from: int | None = 0  # None: the output size defaults to the model's, not an image's
+
+    def __post_init__(self):
+        if self.mode not in ("tokens", "first_frame"):
+            raise ValueError(f"image conditioning mode {self.mode!r} is not one of tokens, first_frame")
 
     def vae_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the VAE stage encodes an input image of this size at."""
+        """(width, height) the VAE stage encodes an input image of this size at ("tokens")."""
         return calculate_dimensions(self.vae_area, width, height)
 
 

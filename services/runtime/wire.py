@@ -50,6 +50,7 @@ def encode_response_to_proto(r: EncodeResponse) -> stages_pb2.EncodeResponse:
         pooled_prompt_embeds=tensor_to_proto(r.pooled_prompt_embeds),
         metrics=metrics_to_proto(r.metrics),
         prompt_lengths=r.prompt_lengths.tolist() if r.prompt_lengths is not None else [],
+        image_embeds=tensor_to_proto(r.image_embeds) if r.image_embeds is not None else None,
     )
 
 
@@ -59,6 +60,7 @@ def encode_response_from_proto(m: stages_pb2.EncodeResponse) -> EncodeResponse:
         pooled_prompt_embeds=tensor_from_proto(m.pooled_prompt_embeds),
         metrics=metrics_from_proto(m.metrics),
         prompt_lengths=torch.tensor(list(m.prompt_lengths), dtype=torch.int64) if m.prompt_lengths else None,
+        image_embeds=tensor_from_proto(m.image_embeds) if m.HasField("image_embeds") else None,
     )
 
 
@@ -94,6 +96,8 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
     )
     if r.mask is not None:
         m.mask.CopyFrom(tensor_to_proto(r.mask))
+    if r.image_embeds is not None:
+        m.image_embeds.CopyFrom(tensor_to_proto(r.image_embeds))
     if r.positive is not None:
         m.positive.CopyFrom(_cond_to_proto(r.positive))
     if r.negative is not None:
@@ -149,6 +153,7 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         cfg_normalization=m.cfg_normalization,
         cfg_truncation=m.cfg_truncation if m.HasField("cfg_truncation") else 1.0,
         reference_latents=[tensor_from_proto(t) for t in m.reference_latents],
+        image_embeds=tensor_from_proto(m.image_embeds) if m.HasField("image_embeds") else None,
     )
 
 
@@ -161,11 +166,13 @@ def decode_request_from_proto(m: stages_pb2.DecodeRequest) -> DecodeRequest:
 
 
 def vae_encode_request_to_proto(r: VaeEncodeRequest) -> stages_pb2.VaeEncodeRequest:
-    return stages_pb2.VaeEncodeRequest(images=[tensor_to_proto(t) for t in r.images])
+    return stages_pb2.VaeEncodeRequest(images=[tensor_to_proto(t) for t in r.images], height=r.height,
+                                       width=r.width, num_frames=r.num_frames)
 
 
 def vae_encode_request_from_proto(m: stages_pb2.VaeEncodeRequest) -> VaeEncodeRequest:
-    return VaeEncodeRequest(images=[tensor_from_proto(t) for t in m.images])
+    return VaeEncodeRequest(images=[tensor_from_proto(t) for t in m.images], height=m.height, width=m.width,
+                            num_frames=m.num_frames)
 
 
 def vae_encode_response_to_proto(r: VaeEncodeResponse) -> stages_pb2.VaeEncodeResponse:

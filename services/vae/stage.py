@@ -66,7 +66,8 @@ class VaeStage:
                                             "per-channel normalised VAEs (Qwen-Image's) only")
             from diffusers.image_processor import VaeImageProcessor
 
-            # The edit pipelines' own processor: resize (Lanczos) and scale to [-1, 1].
+            # The pipelines' own processor (an edit pipeline's, or WanImageToVideoPipeline's
+            # VideoProcessor, the same preprocess): resize (Lanczos) and scale to [-1, 1].
             self.image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor * 2)
         if isinstance(config, VaeConfig):
             self.warm_up(config.warmup_resolutions)
@@ -111,25 +112,48 @@ class VaeStage:
 
     @torch.inference_mode()
     def encode(self, request: VaeEncodeRequest) -> VaeEncodeResponse:
-        """Each input image (uint8 [H, W, 3]) -> its normalised latent [C, h, w], as the edit
-        pipelines prepare their image latents (one image at a time, so sizes may differ)."""
+        """Input images (uint8 [H, W, 3]) -> normalised latents, as the family's pipeline
+        prepares them (spec.ImageConditioning): one [C, h, w] per image ("tokens", each image
+        encoded on its own, so sizes may differ), or the first-frame clip's [C, f, h, w]."""
         from PIL import Image
 
         rule = self.spec.image_conditioning
         if rule is None:
             raise InvalidRequestError(f"image: {self.spec.family} takes no input images", "image")
-        latents = []
+        for pixels in request.images:
+            if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+                raise InvalidRequestError(f"image: expected uint8 [H, W, 3] pixels, got {pixels.dtype} "
+                                          f"{list(pixels.shape)}", "image")
+        images = [Image.fromarray(p.numpy()) for p in request.images]
         with measure(self.device) as metrics:
-            for pixels in request.images:
-                if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
-                    raise InvalidRequestError(f"image: expected uint8 [H, W, 3] pixels, got {pixels.dtype} "
-                                              f"{list(pixels.shape)}", "image")
-                image = Image.fromarray(pixels.numpy())
-                width, height = rule.vae_size(image.width, image.height)
-                x = self.image_processor.preprocess(image, height, width).unsqueeze(2)  # a one-frame clip
-                x = x.to(self.device, self.dtype)
-                z = self.vae.encode(x).latent_dist.mode()
-                mean = self.latents_mean.to(self.device, z.dtype)
-                std = self.latents_std.to(self.device, z.dtype)
-                latents.append(((z - mean) / std)[0, :, 0].cpu())
+            if rule.mode == "tokens":
+                latents = [self._encode_image(image, *reversed(rule.vae_size(image.width, image.height)))
+                           for image in images]
+            else:
+                latents = [self._encode_first_frame(images[0], request)]
         return VaeEncodeResponse(latents=latents, metrics=metrics)
+
+    def _encode_image(self, image, height: int, width: int) -> torch.Tensor:
+        """The edit pipelines' _encode_vae_image on a one-frame clip: (mode - mean) / std."""
+        x = self.image_processor.preprocess(image, height, width).unsqueeze(2).to(self.device, self.dtype)
+        z = self.vae.encode(x).latent_dist.mode()
+        mean, std = self.latents_mean.to(self.device, z.dtype), self.latents_std.to(self.device, z.dtype)
+        return ((z - mean) / std)[0, :, 0].cpu()
+
+    def _encode_first_frame(self, image, request: VaeEncodeRequest) -> torch.Tensor:
+        """WanImageToVideoPipeline.prepare_latents' latent_condition: the image resized to the
+        output size, then num_frames - 1 black frames, encoded whole (TI2V: the frame alone);
+        (mode - mean) * (1 / std) in fp32 (the pipeline's arithmetic, which rounds differently
+        from a division)."""
+        if request.num_frames < 1 or request.height < 1 or request.width < 1:
+            raise InvalidRequestError("image-to-video encoding needs the output's height, width and num_frames",
+                                      "num_frames")
+        first = self.image_processor.preprocess(image, height=request.height, width=request.width)
+        first = first.to(torch.float32)[:, :, None]
+        clip = torch.cat([first, first.new_zeros(1, 3, request.num_frames - 1, request.height, request.width)], dim=2)
+        if self.model.index.get("expand_timesteps"):  # Wan 2.2 TI2V: the frame alone (its first latent frame)
+            clip = first
+        z = self.vae.encode(clip.to(self.device, self.dtype)).latent_dist.mode().to(torch.float32)
+        mean = self.latents_mean.to(self.device, torch.float32)
+        inv_std = 1.0 / self.latents_std.to(self.device, torch.float32)
+        return ((z - mean) * inv_std)[0].cpu()

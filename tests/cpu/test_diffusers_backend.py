@@ -321,11 +321,14 @@ def test_input_images_reach_only_models_that_take_them(flux_dev_dir, img2img_dir
     assert main(args) == 2 and "image: diffusers:FluxImg2ImgPipeline needs an input image" in capsys.readouterr().err
 
 
-def test_image_to_video_with_input_reference(wan_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "diffusers"], ids=["native", "diffusers"])
+def test_image_to_video_with_input_reference(wan_dir, tmp_path, backend):
+    """OpenAI's videos API with `input_reference` on WanImageToVideoPipeline, served natively
+    (the first frame through the VAE worker's encode) and through the diffusers backend."""
     from tests.tiny_families import build_tiny_wan_i2v
 
     i2v_dir = build_tiny_wan_i2v(tmp_path / "wan-i2v")
-    serve, http_port, _ = start_serve(i2v_dir, "--video-jobs-path", str(tmp_path / "v.sqlite3"))
+    serve, http_port, _ = start_serve(i2v_dir, "--video-jobs-path", str(tmp_path / "v.sqlite3"), "--backend", backend)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused")
         video = client.videos.create_and_poll(prompt="the square moves", size="64x48",

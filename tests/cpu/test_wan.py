@@ -95,13 +95,18 @@ def test_wan22_two_experts_switch_at_the_boundary(tmp_path):
 
 def test_variants_without_a_native_path_go_to_the_diffusers_backend(tmp_path):
     i2v = build_tiny_wan_i2v(tmp_path / "i2v")
+    assert resolve(i2v)[1].family == "wan_i2v"
+    config = json.loads((i2v / "transformer" / "config.json").read_text())  # first-last-frame's DiT
+    (i2v / "transformer" / "config.json").write_text(json.dumps({**config, "pos_embed_seq_len": 10}))
     assert resolve(i2v)[1].family == "diffusers:WanImageToVideoPipeline"
-    ti2v = build_tiny_wan(tmp_path / "ti2v")
-    index = json.loads((ti2v / "model_index.json").read_text())
-    (ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
-    assert resolve(ti2v)[1].family == "diffusers:WanPipeline"
-    with pytest.raises(UnsupportedModelError, match="does not serve Wan 2.2 TI2V's per-token timesteps"):
-        resolve(ti2v, "native")
+    with pytest.raises(UnsupportedModelError, match="first-last-frame"):
+        resolve(i2v, "native")
+    i2v_ti2v = build_tiny_wan_i2v(tmp_path / "i2v-expand")  # per-token timesteps with I2V's 36 channels
+    index = json.loads((i2v_ti2v / "model_index.json").read_text())
+    (i2v_ti2v / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    assert resolve(i2v_ti2v)[1].family == "diffusers:WanImageToVideoPipeline"
+    with pytest.raises(UnsupportedModelError, match="per-token timesteps"):
+        resolve(i2v_ti2v, "native")
 
 
 def test_defaults(wan_dir):

@@ -2,12 +2,23 @@
 VAE. Wan 2.1 has one DiT; Wan 2.2 A14B two experts (transformer for the high-noise steps,
 transformer_2 after the boundary timestep), both held by one denoiser replica.
 
-Wan 2.2 TI2V-5B (per-token timesteps, a 16x VAE) and the image-to-video pipelines are not served
-natively yet: `unserved` says so and `--backend auto` serves those through the diffusers backend."""
+Image-to-video (WanImageToVideoPipeline: Wan 2.1 I2V with its CLIP image encoder, Wan 2.2 I2V
+A14B without one) conditions the same DiT on the first frame: the VAE stage encodes it as the
+first frame of a black clip, whose latents and a first-frame mask join the noise's channels, and
+Wan 2.1's CLIP tokens are cross-attended next to the text.
+
+Wan 2.2 TI2V-5B (`expand_timesteps` in model_index.json, a 16x VAE) runs on the same specs: its DiT
+takes a timestep per token, and its image-to-video replaces the first latent frame by the image's
+latents (timestep 0 there) instead of adding input channels (services/denoiser/stage.py).
+
+The first-last-frame variant is not served natively yet: `unserved` says so and `--backend auto`
+serves it through the diffusers backend."""
 
 from __future__ import annotations
 
-from services.runtime.spec import CfgRule, GenerationDefaults, PipelineSpec
+import dataclasses
+
+from services.runtime.spec import CfgRule, GenerationDefaults, ImageConditioning, PipelineSpec
 
 # Wan's VAEs fold 4 frames into one latent frame (temperal_downsample [False, True, True]).
 WAN_TEMPORAL_FACTOR = 4
@@ -19,16 +30,35 @@ def _wan_defaults(model) -> GenerationDefaults:
     return GenerationDefaults(50, 5.0, 480, 832, 512, num_frames=81, fps=16)
 
 
-def _unserved(model) -> str | None:
+def _unserved_layout(model) -> str | None:
+    """What both pipelines need: the first transformer, both experts' parts or neither, and no
+    per-token timesteps."""
     two_experts = model.index.get("transformer_2") not in (None, [None, None])
     if two_experts != (model.index.get("boundary_ratio") is not None):
         return "a transformer_2 without a boundary_ratio, or a boundary_ratio without a transformer_2"
     if model.index.get("transformer") in (None, [None, None]):
         return "a pipeline without its first transformer"
-    if model.index.get("expand_timesteps"):
-        return "Wan 2.2 TI2V's per-token timesteps (expand_timesteps)"
+    return None
+
+
+def _unserved(model) -> str | None:
+    if (why := _unserved_layout(model)) is not None:
+        return why
     if model.component_config("transformer").get("image_dim"):
         return "image conditioning (image_dim)"
+    return None
+
+
+def _unserved_i2v(model) -> str | None:
+    if (why := _unserved_layout(model)) is not None:
+        return why
+    transformer = model.component_config("transformer")
+    if transformer.get("pos_embed_seq_len"):
+        return "the first-last-frame variant (pos_embed_seq_len)"
+    if bool(transformer.get("image_dim")) != (model.index.get("image_encoder") not in (None, [None, None])):
+        return "image_dim without an image_encoder, or an image_encoder for a DiT without image_dim"
+    if model.index.get("expand_timesteps") and transformer.get("in_channels") != transformer.get("out_channels"):
+        return "per-token timesteps (expand_timesteps) with extra input channels"
     return None
 
 
@@ -52,4 +82,17 @@ WAN = PipelineSpec(
     guidance_in_dit_dtype=True,  # noise_pred stays in the transformer's dtype
     sigma_linspace="scheduler",
     unserved=_unserved,
+)
+
+# WanImageToVideoPipeline: the same DiT family with 36 input channels (16 noise, 4 mask, 16 of the
+# first frame's latents); its defaults are WanPipeline's (832x480, 81 frames), not the image's.
+WAN_I2V = dataclasses.replace(
+    WAN,
+    family="wan_i2v",
+    pipeline_classes=("WanImageToVideoPipeline",),
+    prompt_encoder="umt5_i2v",
+    encoder_components=("tokenizer", "text_encoder", "image_processor", "image_encoder"),
+    features=WAN.features | {"image", "image_required"},
+    image_conditioning=ImageConditioning(mode="first_frame", size_from=None),
+    unserved=_unserved_i2v,
 )

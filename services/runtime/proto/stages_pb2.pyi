@@ -18,16 +18,18 @@ class EncodeRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "metrics", "prompt_lengths")
+    __slots__ = ("prompt_embeds", "pooled_prompt_embeds", "metrics", "prompt_lengths", "image_embeds")
     PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_PROMPT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     prompt_embeds: _common_pb2.Tensor
     pooled_prompt_embeds: _common_pb2.Tensor
     metrics: _common_pb2.StageMetrics
     prompt_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    image_embeds: _common_pb2.Tensor
+    def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ..., prompt_lengths: _Optional[_Iterable[int]] = ..., image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Conditioning(_message.Message):
     __slots__ = ("prompt_embeds", "pooled_prompt_embeds")
@@ -38,7 +40,7 @@ class Conditioning(_message.Message):
     def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length", "num_frames", "input_images", "mask", "fps", "cfg_normalization", "cfg_truncation", "reference_latents")
+    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length", "num_frames", "input_images", "mask", "fps", "cfg_normalization", "cfg_truncation", "reference_latents", "image_embeds")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,7 @@ class DenoiseRequest(_message.Message):
     CFG_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     CFG_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     positive: Conditioning
     negative: Conditioning
     height: int
@@ -79,7 +82,8 @@ class DenoiseRequest(_message.Message):
     cfg_normalization: float
     cfg_truncation: float
     reference_latents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
-    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., num_frames: _Optional[int] = ..., input_images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., fps: _Optional[int] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., reference_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    image_embeds: _common_pb2.Tensor
+    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., num_frames: _Optional[int] = ..., input_images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., fps: _Optional[int] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., reference_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "latents", "metrics", "cache_stats", "images")
@@ -110,10 +114,16 @@ class DecodeEvent(_message.Message):
     def __init__(self, images: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ..., metrics: _Optional[_Union[_common_pb2.StageMetrics, _Mapping]] = ...) -> None: ...
 
 class VaeEncodeRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "height", "width", "num_frames")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    height: int
+    width: int
+    num_frames: int
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ...) -> None: ...
 
 class VaeEncodeResponse(_message.Message):
     __slots__ = ("latents", "metrics")
