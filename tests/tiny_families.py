@@ -331,17 +331,25 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def _flux2_vae(seed: int):
+    """Flux.2's VAE (2x2 latent patches) with batch-norm statistics that are not the identity."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # decoding must undo these right
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.num_features))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    return vae
+
+
 def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, is_distilled: bool = False) -> Path:
     """Flux2KleinPipeline (Flux.2 [klein]): a Qwen3 causal LM whose layers 9 / 18 / 27 feed the
     DiT (so 28 tiny layers), the Flux.2 MMDiT, Flux.2's VAE (2x2 latent patches) with batch-norm
     statistics that are not the identity, and dynamic shifting (so the schedule depends on the mu
     the pipeline passes, Flux.2's empirical one). `is_distilled`: the step-distilled variant's flag."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_qwen_tokenizer(seed)
@@ -354,14 +362,63 @@ def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, is_distilled: boo
                                           timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
                                           guidance_embeds=False)
     _widen(transformer)
-    torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4,
-                             norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
-    with torch.no_grad():  # decoding must undo these right
-        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, vae.bn.num_features))
-        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
+    vae = _flux2_vae(seed)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                               transformer=transformer, is_distilled=is_distilled)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+# Enough of Mistral Small 3's chat template for a system turn and text user turns, in its markup.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for c in message['content'] %}{{ c['text'] }}{% endfor %}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{% for c in message['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build_tiny_flux2_dev(out_dir: str | Path, seed: int = 0) -> Path:
+    """Flux2Pipeline (Flux.2 [dev]): a Mistral 3 (30 tiny layers: the pipeline reads 10, 20, 30;
+    a one-layer Pixtral vision tower, unused for text), the Flux.2 MMDiT with its guidance
+    embedding, Flux.2's batch-norm VAE. Its `tokenizer` component is a PixtralProcessor folder as
+    the real checkpoint ships it (tokenizer files, chat template, preprocessor and processor
+    configs); the processor class needs torchvision, so tests hand diffusers the tokenizer in it."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = build_qwen_tokenizer(seed)
+    tok.add_special_tokens({"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]",
+                                                          "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]})
+    tok.bos_token, tok.chat_template = "<|im_start|>", MISTRAL_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 37,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "max_position_embeddings": 1024, "pad_token_id": tok.pad_token_id},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 64, "patch_size": 16},
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=True)
+    _widen(transformer)
+    vae = _flux2_vae(seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                         transformer=transformer)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    out = Path(out_dir)
+    index = json.loads((out / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}))
+    PixtralImageProcessorPil().save_pretrained(out / "tokenizer")
+    (out / "tokenizer" / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "PixtralProcessor", "patch_size": 16, "spatial_merge_size": 2, "image_token": "[IMG]",
+         "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}))
+    return out

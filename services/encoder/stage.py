@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from services.encoder.clip_t5 import ClipT5PromptEncoder
+from services.encoder.mistral3 import Mistral3PromptEncoder
 from services.encoder.qwen3 import Flux2KleinPromptEncoder, Qwen3PromptEncoder
 from services.encoder.qwen_vl import QwenVLEditPlusPromptEncoder, QwenVLEditPromptEncoder, QwenVLPromptEncoder
 from services.encoder.umt5 import UMT5PromptEncoder, WanImageToVideoPromptEncoder
@@ -27,7 +28,7 @@ from services.runtime.tensor_parallel import TensorParallel
 PROMPT_ENCODERS = {"clip_t5": ClipT5PromptEncoder, "qwen_vl": QwenVLPromptEncoder, "qwen3": Qwen3PromptEncoder,
                    "umt5": UMT5PromptEncoder, "qwen3_flux2_klein": Flux2KleinPromptEncoder,
                    "qwen_vl_edit": QwenVLEditPromptEncoder, "qwen_vl_edit_plus": QwenVLEditPlusPromptEncoder,
-                   "umt5_i2v": WanImageToVideoPromptEncoder}
+                   "umt5_i2v": WanImageToVideoPromptEncoder, "mistral3_flux2": Mistral3PromptEncoder}
 
 
 def prompt_encoder_class(spec: PipelineSpec):

@@ -1,10 +1,13 @@
 """Flux.2 [klein] (Flux2KleinPipeline: the 4B / 9B models, distilled or base): a Qwen3 prompt
 encoder (three of its layers per token), the Flux.2 DiT, and Flux.2's batch-norm VAE.
 
-Flux.2 [dev] (Flux2Pipeline, a Mistral-3 prompt encoder) has no spec here: the diffusers backend
-serves it."""
+Flux.2 [dev] (Flux2Pipeline): the same DiT (with a guidance embedding: guidance-distilled, no CFG)
+and VAE, and a Mistral Small 3 prompt encoder (three of its layers per token). Reference images
+(editing) of either pipeline are served by --backend diffusers only."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from services.runtime.spec import CfgRule, GenerationDefaults, PipelineSpec
 
@@ -36,4 +39,22 @@ FLUX2_KLEIN = PipelineSpec(
     features=frozenset({"lora", "cache"}),
     cfg=CfgRule(scale="guidance_scale", threshold=1.0, empty_negative=True, disabled_by="is_distilled"),
     mu="compute_empirical_mu",
+)
+
+
+def _dev_defaults(model) -> GenerationDefaults:
+    # Flux2Pipeline.__call__'s: 50 steps, guidance 4.0 (embedded: the model is guidance-distilled),
+    # 128 x the VAE's downsampling (1024), 512 text tokens.
+    size = 128 * model.vae_scale_factor
+    return GenerationDefaults(50, 4.0, size, size, 512)
+
+
+FLUX2_DEV = dataclasses.replace(
+    FLUX2_KLEIN,
+    family="flux2_dev",
+    pipeline_classes=("Flux2Pipeline",),
+    prompt_encoder="mistral3_flux2",
+    defaults=_dev_defaults,
+    # No negative prompt and no CFG: guidance_scale goes into the DiT's guidance embedding.
+    cfg=CfgRule(scale="guidance_scale", threshold=float("inf")),
 )
