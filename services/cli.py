@@ -38,6 +38,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance-scale", type=float,
                    help="distilled guidance (default: the model's, 3.5 for dev); the CFG scale of Z-Image, "
                         "Wan and Flux.2 [klein]")
+    p.add_argument("--guidance-scale-2", type=float,
+                   help="two-expert models (Wan 2.2 A14B): the low-noise expert's CFG scale (default: --guidance-scale)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt; files get a -N suffix")
     p.add_argument("--lora-path", action="append", default=[], metavar="FILE",
@@ -214,6 +216,7 @@ def _generate(args) -> int:
         height=args.height,
         width=args.width,
         guidance_scale=args.guidance_scale,
+        guidance_scale_2=args.guidance_scale_2,
         max_sequence_length=args.max_sequence_length,
         n=args.num_images,
         output_format=fmt if not video else "png",

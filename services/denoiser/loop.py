@@ -57,6 +57,7 @@ def sample(
     on_step: Callable[[int, int], None] | None = None,
     timestep: str = "fraction",
     experts: list[int] | None = None,
+    guidance_2: Guidance | None = None,
 ) -> torch.Tensor:
     """Run every step of `schedule` from packed noise `latents`; returns packed latents.
 
@@ -64,7 +65,8 @@ def sample(
     conditioned on. With "reversed" it also predicts the negated velocity; negating before CFG
     (the pipeline negates after it) changes nothing: IEEE rounding is symmetric, so each
     Guidance formula, norms included, gives exactly the negation of its value on the raw outputs.
-    `experts`: the runner's expert for each step (Wan 2.2 A14B), else the one model throughout.
+    `experts`: the runner's expert for each step (Wan 2.2 A14B), else the one model throughout;
+    `guidance_2` (if given) combines the branches on the second expert's steps.
 
     `on_step` may raise RequestCancelledError to stop; on a multi-rank replica every rank stops
     at the same step (rank 0 decides), so no rank is left waiting in a collective."""
@@ -86,7 +88,8 @@ def sample(
         velocities = runner.predict(latents, conditioning, inputs, guided[i])
         if timestep == "reversed":
             velocities = [-v for v in velocities]
-        velocity = guidance.combine(*velocities) if len(velocities) == 2 else velocities[0]
+        rule = guidance_2 if guidance_2 is not None and experts is not None and experts[i] == 1 else guidance
+        velocity = rule.combine(*velocities) if len(velocities) == 2 else velocities[0]
         if schedule.scheduler is None:
             latents = euler_step(latents, velocity, schedule.sigmas[i], schedule.sigmas[i + 1])
         else:  # a multistep solver (UniPC) keeps its own history: the request's own instance

@@ -133,7 +133,8 @@ class DenoiserStage:
                 experts = None if self.boundary_timestep is None else [
                     0 if t >= self.boundary_timestep else 1 for t in schedule.timesteps.tolist()]
                 latents = sample(self.runner, latents, inputs, schedule, self._guidance(request), on_step,
-                                 timestep=self.spec.timestep, experts=experts)
+                                 timestep=self.spec.timestep, experts=experts,
+                                 guidance_2=self._guidance(request, expert=1) if experts else None)
             finally:
                 self.lora.deactivate()
                 self.runner.use_expert(0)  # the next request starts on the first expert
@@ -145,9 +146,13 @@ class DenoiserStage:
             metrics.peak_memory_by_rank = gather_ints(metrics.peak_memory_bytes, self.device)
         return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
 
-    def _guidance(self, request: DenoiseRequest) -> Guidance:
+    def _guidance(self, request: DenoiseRequest, expert: int = 0) -> Guidance:
+        """How the branches combine; `expert` 1: on a two-expert model's low-noise steps, whose
+        scale is guidance_scale_2 (WanPipeline's; None there means guidance_scale)."""
         rule = self.spec.cfg
         scale = request.guidance_scale if rule.scale == "guidance_scale" else request.true_cfg_scale
+        if expert == 1 and request.guidance_scale_2 is not None:
+            scale = request.guidance_scale_2
         return Guidance(scale, from_cond=rule.from_cond, renorm=rule.renorm,
                         max_norm_ratio=request.cfg_normalization, truncation=request.cfg_truncation)
 

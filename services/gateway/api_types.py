@@ -88,6 +88,7 @@ class VideoBody(BaseModel):
     fps: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None  # two-expert models (Wan 2.2 A14B): the low-noise steps' scale
     negative_prompt: str | None = None
     seed: int | None = None
 
@@ -95,8 +96,8 @@ class VideoBody(BaseModel):
         width, height = _parse_size(self.size)
         return GenerateRequest.parse(
             prompt=self.prompt, negative_prompt=self.negative_prompt, width=width, height=height,
-            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, seed=self.seed,
-            num_frames=self.num_frames, fps=self.fps, seconds=self.seconds, images=list(images),
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            guidance_scale_2=self.guidance_scale_2, seed=self.seed, num_frames=self.num_frames, fps=self.fps, seconds=self.seconds, images=list(images),
         )
 
 

@@ -43,6 +43,7 @@ def request_from_proto(m: generation_pb2.GenerateRequest) -> GenerateRequest:
         true_cfg_scale=opt("true_cfg_scale"),
         cfg_normalization=opt("cfg_normalization"),
         cfg_truncation=opt("cfg_truncation"),
+        guidance_scale_2=opt("guidance_scale_2"),
         seed=opt("seed"),
         n=m.n or 1,
         max_sequence_length=opt("max_sequence_length"),

@@ -51,6 +51,7 @@ class ResolvedRequest:
     cfg: bool = False
     cfg_normalization: float = 0.0  # ZImagePipeline's CFG limits (the "cfg_limits" feature)
     cfg_truncation: float = 1.0
+    guidance_scale_2: float | None = None  # a two-expert model's low-noise CFG scale
 
     @property
     def batch_key(self) -> tuple:
@@ -62,6 +63,7 @@ class ResolvedRequest:
             self.guidance_scale,
             self.true_cfg_scale if self.cfg else None,
             (self.cfg_normalization, self.cfg_truncation) if self.cfg else None,
+            self.guidance_scale_2,
             self.negative_prompt is not None,
             self.num_frames,
             self.fps,
@@ -118,6 +120,9 @@ def resolve_request(
     for name in ("cfg_normalization", "cfg_truncation"):  # the "cfg_limits" feature (ZImagePipeline's)
         if getattr(req, name) is not None and "cfg_limits" not in spec.features:
             raise InvalidRequestError(f"{name} is not available for {spec.family}", name)
+    if req.guidance_scale_2 is not None and model.index.get("boundary_ratio") is None:
+        raise InvalidRequestError(f"guidance_scale_2: {spec.family} has one expert (no boundary_ratio); it is the "
+                                  "low-noise expert's CFG scale of two-expert models (Wan 2.2 A14B)", "guidance_scale_2")
     if "cache" not in spec.features:
         default_cache = None  # the server's default policy applies where caching exists
     guidance_scale = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
@@ -152,6 +157,8 @@ def resolve_request(
         cfg=cfg,
         cfg_normalization=req.cfg_normalization if req.cfg_normalization is not None else defaults.cfg_normalization,
         cfg_truncation=req.cfg_truncation if req.cfg_truncation is not None else defaults.cfg_truncation,
+        guidance_scale_2=req.guidance_scale_2 if req.guidance_scale_2 is not None else (
+            guidance_scale if model.index.get("boundary_ratio") is not None else None),
     )
 
 

@@ -210,6 +210,7 @@ class Router:
                 fps=first.fps,
                 cfg_normalization=first.cfg_normalization,
                 cfg_truncation=first.cfg_truncation,
+                guidance_scale_2=first.guidance_scale_2,
                 reference_latents=refs.latents if refs is not None else [],
                 image_embeds=enc.image_embeds,
             ),

@@ -55,6 +55,9 @@ class GenerateRequest(BaseModel):
     # denoising progress (1000 - t) / 1000 exceeds cfg_truncation.
     cfg_normalization: float | None = Field(None, ge=0.0)
     cfg_truncation: float | None = Field(None, ge=0.0, le=1.0)
+    # Two-expert models (Wan 2.2 A14B): the CFG scale of the low-noise expert's steps; None:
+    # guidance_scale, as WanPipeline defaults it.
+    guidance_scale_2: float | None = Field(None, ge=0.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     max_sequence_length: int | None = Field(None, ge=1)

@@ -86,6 +86,8 @@ class DenoiseRequest:
     # ZImagePipeline's CFG limits (resolved: the request's or the model's defaults).
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
+    # A two-expert model's CFG scale on the low-noise expert's steps; None: guidance_scale.
+    guidance_scale_2: float | None = None
     # Normalised latents of the batch's input images (the VAE stage's encode; spec.image_conditioning):
     # [C, h, w] per image whose tokens the DiT attends to ("tokens"), or the one first-frame clip's
     # [C, f, h, w] ("first_frame"); empty: none.

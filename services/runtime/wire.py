@@ -93,6 +93,7 @@ def denoise_request_to_proto(r: DenoiseRequest) -> stages_pb2.DenoiseRequest:
         cfg_normalization=r.cfg_normalization,
         cfg_truncation=r.cfg_truncation,
         reference_latents=[tensor_to_proto(t) for t in r.reference_latents],
+        guidance_scale_2=r.guidance_scale_2,
     )
     if r.mask is not None:
         m.mask.CopyFrom(tensor_to_proto(r.mask))
@@ -154,6 +155,7 @@ def denoise_request_from_proto(m: stages_pb2.DenoiseRequest) -> DenoiseRequest:
         cfg_truncation=m.cfg_truncation if m.HasField("cfg_truncation") else 1.0,
         reference_latents=[tensor_from_proto(t) for t in m.reference_latents],
         image_embeds=tensor_from_proto(m.image_embeds) if m.HasField("image_embeds") else None,
+        guidance_scale_2=m.guidance_scale_2 if m.HasField("guidance_scale_2") else None,
     )
 
 

@@ -65,6 +65,9 @@ def test_wan22_i2v_two_experts_match_diffusers(tmp_path):
     kwargs = dict(prompt="a blue square", negative_prompt="dark", num_frames=5, num_inference_steps=4)
     got = fc.pixels(fc.generate(router, seed=6, images=[image], **{**FRAMES, **kwargs}))
     fc.assert_same(got, _diffusers(path, image, [6], **kwargs))
+    # the low-noise expert's own CFG scale (WanPipeline's guidance_scale_2)
+    got = fc.pixels(fc.generate(router, seed=6, images=[image], guidance_scale_2=2.0, **{**FRAMES, **kwargs}))
+    fc.assert_same(got, _diffusers(path, image, [6], guidance_scale_2=2.0, **kwargs))
 
 
 @pytest.mark.parametrize("parallel", [dict(ulysses_degree=2), dict(cfg_parallel=True)], ids=["ulysses2", "cfg2"])
@@ -75,6 +78,8 @@ def test_parallel_replicas_give_single_rank_frames(wan21_i2v_dir, parallel):
 
 def test_bad_input_is_refused(wan21_i2v_dir):
     router = fc.router(wan21_i2v_dir)
+    with pytest.raises(InvalidRequestError, match="guidance_scale_2: wan_i2v has one expert"):
+        fc.generate(router, prompt="x", images=[_png(1)], guidance_scale_2=3.0, **FRAMES)
     with pytest.raises(InvalidRequestError, match="needs an input image"):
         fc.generate(router, prompt="x", **FRAMES)
     with pytest.raises(InvalidRequestError, match="num_frames 8 does not fit"):

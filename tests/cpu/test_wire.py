@@ -87,6 +87,34 @@ def test_stage_messages_round_trip():
     resp = EncodeResponse(torch.randn(2, 5, 4), torch.zeros(2, 0), prompt_lengths=torch.tensor([5, 3]))
     back = wire.encode_response_from_proto(wire.encode_response_to_proto(resp))
     assert back.pooled_prompt_embeds.shape == (2, 0) and back.prompt_lengths.tolist() == [5, 3]
+    assert back.image_embeds is None
+
+
+def test_image_conditioning_travels_between_stages():
+    """What edit and image-to-video requests add: input pixels to the encoder and to the VAE's
+    Encode (with the output's size), latents and image tokens back, both on to the denoiser; a
+    two-expert model's second CFG scale, unset apart from 0."""
+    from services.runtime.messages import EncodeRequest, VaeEncodeRequest, VaeEncodeResponse
+
+    pixels = [torch.randint(0, 256, (6, 8, 3), dtype=torch.uint8), torch.randint(0, 256, (4, 4, 3), dtype=torch.uint8)]
+    back = wire.encode_request_from_proto(wire.encode_request_to_proto(EncodeRequest(["a"], 16, images=pixels)))
+    assert all(torch.equal(a, b) for a, b in zip(back.images, pixels)) and len(back.images) == 2
+    clip = EncodeResponse(torch.randn(1, 5, 4), torch.zeros(1, 0), image_embeds=torch.randn(1, 257, 8))
+    assert torch.equal(wire.encode_response_from_proto(wire.encode_response_to_proto(clip)).image_embeds,
+                       clip.image_embeds)
+    req = VaeEncodeRequest(pixels[:1], height=480, width=832, num_frames=81)
+    back = wire.vae_encode_request_from_proto(wire.vae_encode_request_to_proto(req))
+    assert (back.height, back.width, back.num_frames) == (480, 832, 81) and torch.equal(back.images[0], pixels[0])
+    latents = [torch.randn(16, 3, 6, 8), torch.randn(16, 2, 2)]
+    back = wire.vae_encode_response_from_proto(wire.vae_encode_response_to_proto(VaeEncodeResponse(latents)))
+    assert all(torch.equal(a, b) for a, b in zip(back.latents, latents))
+    cond = Conditioning(torch.zeros(1, 2, 4), torch.zeros(1, 0))
+    for scale_2 in (None, 0.0, 3.0):
+        req = DenoiseRequest(cond, None, 64, 64, 4, 5.0, 1.0, [1], reference_latents=latents,
+                             image_embeds=clip.image_embeds, guidance_scale_2=scale_2)
+        back = wire.denoise_request_from_proto(wire.denoise_request_to_proto(req))
+        assert back.guidance_scale_2 == scale_2 and torch.equal(back.image_embeds, clip.image_embeds)
+        assert [tuple(t.shape) for t in back.reference_latents] == [(16, 3, 6, 8), (16, 2, 2)]
 
 
 def test_cfg_limits_travel_from_rest_and_grpc_to_the_denoiser():

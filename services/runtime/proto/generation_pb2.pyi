@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "n", "output_format", "max_sequence_length", "lora", "cache", "num_frames", "fps", "seconds", "input_images", "mask", "cfg_normalization", "cfg_truncation")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "n", "output_format", "max_sequence_length", "lora", "cache", "num_frames", "fps", "seconds", "input_images", "mask", "cfg_normalization", "cfg_truncation", "guidance_scale_2")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class GenerateRequest(_message.Message):
     MASK_FIELD_NUMBER: _ClassVar[int]
     CFG_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     CFG_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -51,7 +52,8 @@ class GenerateRequest(_message.Message):
     mask: bytes
     cfg_normalization: float
     cfg_truncation: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., output_format: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[_common_pb2.LoraAdapter, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., seconds: _Optional[float] = ..., input_images: _Optional[_Iterable[bytes]] = ..., mask: _Optional[bytes] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ...) -> None: ...
+    guidance_scale_2: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., output_format: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[_common_pb2.LoraAdapter, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., seconds: _Optional[float] = ..., input_images: _Optional[_Iterable[bytes]] = ..., mask: _Optional[bytes] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed")

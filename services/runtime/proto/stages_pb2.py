@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.runtime.proto import common_pb2 as ditserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64itserve/v1/stages.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\"b\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x02 \x01(\x05\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.ditserve.v1.Tensor\"\xde\x01\n\x0e\x45ncodeResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12*\n\x07metrics\x18\x03 \x01(\x0b\x32\x19.ditserve.v1.StageMetrics\x12\x16\n\x0eprompt_lengths\x18\x04 \x03(\x05\x12)\n\x0cimage_embeds\x18\x05 \x01(\x0b\x32\x13.ditserve.v1.Tensor\"m\n\x0c\x43onditioning\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Tensor\"\x9b\x05\n\x0e\x44\x65noiseRequest\x12+\n\x08positive\x18\x01 \x01(\x0b\x32\x19.ditserve.v1.Conditioning\x12+\n\x08negative\x18\x02 \x01(\x0b\x32\x19.ditserve.v1.Conditioning\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x01\x12\x16\n\x0etrue_cfg_scale\x18\x07 \x01(\x01\x12\r\n\x05seeds\x18\x08 \x03(\x03\x12.\n\x0csample_loras\x18\t \x03(\x0b\x32\x18.ditserve.v1.SampleLoras\x12\'\n\x05\x63\x61\x63he\x18\n \x01(\x0b\x32\x18.ditserve.v1.CachePolicy\x12\x0f\n\x07prompts\x18\x0b \x03(\t\x12\x18\n\x10negative_prompts\x18\x0c \x03(\t\x12\x1b\n\x13max_sequence_length\x18\r \x01(\x05\x12\x12\n\nnum_frames\x18\x0e \x01(\x05\x12)\n\x0cinput_images\x18\x0f \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12!\n\x04mask\x18\x10 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0b\n\x03\x66ps\x18\x11 \x01(\x05\x12\x19\n\x11\x63\x66g_normalization\x18\x12 \x01(\x01\x12\x1b\n\x0e\x63\x66g_truncation\x18\x13 \x01(\x01H\x00\x88\x01\x01\x12.\n\x11reference_latents\x18\x14 \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12)\n\x0cimage_embeds\x18\x15 \x01(\x0b\x32\x13.ditserve.v1.TensorB\x11\n\x0f_cfg_truncation\"\xf9\x01\n\x0c\x44\x65noiseEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12+\n\x07latents\x18\x02 \x01(\x0b\x32\x18.ditserve.v1.TensorChunkH\x00\x12,\n\x07metrics\x18\x03 \x01(\x0b\x32\x19.ditserve.v1.StageMetricsH\x00\x12.\n\x0b\x63\x61\x63he_stats\x18\x04 \x01(\x0b\x32\x17.ditserve.v1.CacheStatsH\x00\x12*\n\x06images\x18\x05 \x01(\x0b\x32\x18.ditserve.v1.TensorChunkH\x00\x42\x07\n\x05\x65vent\"5\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\"p\n\x0b\x44\x65\x63odeEvent\x12*\n\x06images\x18\x01 \x01(\x0b\x32\x18.ditserve.v1.TensorChunkH\x00\x12,\n\x07metrics\x18\x02 \x01(\x0b\x32\x19.ditserve.v1.StageMetricsH\x00\x42\x07\n\x05\x65vent\"j\n\x10VaeEncodeRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\"e\n\x11VaeEncodeResponse\x12$\n\x07latents\x18\x01 \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12*\n\x07metrics\x18\x02 \x01(\x0b\x32\x19.ditserve.v1.StageMetrics2L\n\x07\x45ncoder\x12\x41\n\x06\x45ncode\x12\x1a.ditserve.v1.EncodeRequest\x1a\x1b.ditserve.v1.EncodeResponse2O\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.ditserve.v1.DenoiseRequest\x1a\x19.ditserve.v1.DenoiseEvent0\x01\x32\x90\x01\n\x03Vae\x12@\n\x06\x44\x65\x63ode\x12\x1a.ditserve.v1.DecodeRequest\x1a\x18.ditserve.v1.DecodeEvent0\x01\x12G\n\x06\x45ncode\x12\x1d.ditserve.v1.VaeEncodeRequest\x1a\x1e.ditserve.v1.VaeEncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64itserve/v1/stages.proto\x12\x0b\x64itserve.v1\x1a\x18\x64itserve/v1/common.proto\"b\n\rEncodeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x02 \x01(\x05\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.ditserve.v1.Tensor\"\xde\x01\n\x0e\x45ncodeResponse\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12*\n\x07metrics\x18\x03 \x01(\x0b\x32\x19.ditserve.v1.StageMetrics\x12\x16\n\x0eprompt_lengths\x18\x04 \x03(\x05\x12)\n\x0cimage_embeds\x18\x05 \x01(\x0b\x32\x13.ditserve.v1.Tensor\"m\n\x0c\x43onditioning\x12*\n\rprompt_embeds\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x31\n\x14pooled_prompt_embeds\x18\x02 \x01(\x0b\x32\x13.ditserve.v1.Tensor\"\xcf\x05\n\x0e\x44\x65noiseRequest\x12+\n\x08positive\x18\x01 \x01(\x0b\x32\x19.ditserve.v1.Conditioning\x12+\n\x08negative\x18\x02 \x01(\x0b\x32\x19.ditserve.v1.Conditioning\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x01\x12\x16\n\x0etrue_cfg_scale\x18\x07 \x01(\x01\x12\r\n\x05seeds\x18\x08 \x03(\x03\x12.\n\x0csample_loras\x18\t \x03(\x0b\x32\x18.ditserve.v1.SampleLoras\x12\'\n\x05\x63\x61\x63he\x18\n \x01(\x0b\x32\x18.ditserve.v1.CachePolicy\x12\x0f\n\x07prompts\x18\x0b \x03(\t\x12\x18\n\x10negative_prompts\x18\x0c \x03(\t\x12\x1b\n\x13max_sequence_length\x18\r \x01(\x05\x12\x12\n\nnum_frames\x18\x0e \x01(\x05\x12)\n\x0cinput_images\x18\x0f \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12!\n\x04mask\x18\x10 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0b\n\x03\x66ps\x18\x11 \x01(\x05\x12\x19\n\x11\x63\x66g_normalization\x18\x12 \x01(\x01\x12\x1b\n\x0e\x63\x66g_truncation\x18\x13 \x01(\x01H\x00\x88\x01\x01\x12.\n\x11reference_latents\x18\x14 \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12)\n\x0cimage_embeds\x18\x15 \x01(\x0b\x32\x13.ditserve.v1.Tensor\x12\x1d\n\x10guidance_scale_2\x18\x16 \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_cfg_truncationB\x13\n\x11_guidance_scale_2\"\xf9\x01\n\x0c\x44\x65noiseEvent\x12)\n\x08progress\x18\x01 \x01(\x0b\x32\x15.ditserve.v1.ProgressH\x00\x12+\n\x07latents\x18\x02 \x01(\x0b\x32\x18.ditserve.v1.TensorChunkH\x00\x12,\n\x07metrics\x18\x03 \x01(\x0b\x32\x19.ditserve.v1.StageMetricsH\x00\x12.\n\x0b\x63\x61\x63he_stats\x18\x04 \x01(\x0b\x32\x17.ditserve.v1.CacheStatsH\x00\x12*\n\x06images\x18\x05 \x01(\x0b\x32\x18.ditserve.v1.TensorChunkH\x00\x42\x07\n\x05\x65vent\"5\n\rDecodeRequest\x12$\n\x07latents\x18\x01 \x01(\x0b\x32\x13.ditserve.v1.Tensor\"p\n\x0b\x44\x65\x63odeEvent\x12*\n\x06images\x18\x01 \x01(\x0b\x32\x18.ditserve.v1.TensorChunkH\x00\x12,\n\x07metrics\x18\x02 \x01(\x0b\x32\x19.ditserve.v1.StageMetricsH\x00\x42\x07\n\x05\x65vent\"j\n\x10VaeEncodeRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\"e\n\x11VaeEncodeResponse\x12$\n\x07latents\x18\x01 \x03(\x0b\x32\x13.ditserve.v1.Tensor\x12*\n\x07metrics\x18\x02 \x01(\x0b\x32\x19.ditserve.v1.StageMetrics2L\n\x07\x45ncoder\x12\x41\n\x06\x45ncode\x12\x1a.ditserve.v1.EncodeRequest\x1a\x1b.ditserve.v1.EncodeResponse2O\n\x08\x44\x65noiser\x12\x43\n\x07\x44\x65noise\x12\x1b.ditserve.v1.DenoiseRequest\x1a\x19.ditserve.v1.DenoiseEvent0\x01\x32\x90\x01\n\x03Vae\x12@\n\x06\x44\x65\x63ode\x12\x1a.ditserve.v1.DecodeRequest\x1a\x18.ditserve.v1.DecodeEvent0\x01\x12G\n\x06\x45ncode\x12\x1d.ditserve.v1.VaeEncodeRequest\x1a\x1e.ditserve.v1.VaeEncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONDITIONING']._serialized_start=392
   _globals['_CONDITIONING']._serialized_end=501
   _globals['_DENOISEREQUEST']._serialized_start=504
-  _globals['_DENOISEREQUEST']._serialized_end=1171
-  _globals['_DENOISEEVENT']._serialized_start=1174
-  _globals['_DENOISEEVENT']._serialized_end=1423
-  _globals['_DECODEREQUEST']._serialized_start=1425
-  _globals['_DECODEREQUEST']._serialized_end=1478
-  _globals['_DECODEEVENT']._serialized_start=1480
-  _globals['_DECODEEVENT']._serialized_end=1592
-  _globals['_VAEENCODEREQUEST']._serialized_start=1594
-  _globals['_VAEENCODEREQUEST']._serialized_end=1700
-  _globals['_VAEENCODERESPONSE']._serialized_start=1702
-  _globals['_VAEENCODERESPONSE']._serialized_end=1803
-  _globals['_ENCODER']._serialized_start=1805
-  _globals['_ENCODER']._serialized_end=1881
-  _globals['_DENOISER']._serialized_start=1883
-  _globals['_DENOISER']._serialized_end=1962
-  _globals['_VAE']._serialized_start=1965
-  _globals['_VAE']._serialized_end=2109
+  _globals['_DENOISEREQUEST']._serialized_end=1223
+  _globals['_DENOISEEVENT']._serialized_start=1226
+  _globals['_DENOISEEVENT']._serialized_end=1475
+  _globals['_DECODEREQUEST']._serialized_start=1477
+  _globals['_DECODEREQUEST']._serialized_end=1530
+  _globals['_DECODEEVENT']._serialized_start=1532
+  _globals['_DECODEEVENT']._serialized_end=1644
+  _globals['_VAEENCODEREQUEST']._serialized_start=1646
+  _globals['_VAEENCODEREQUEST']._serialized_end=1752
+  _globals['_VAEENCODERESPONSE']._serialized_start=1754
+  _globals['_VAEENCODERESPONSE']._serialized_end=1855
+  _globals['_ENCODER']._serialized_start=1857
+  _globals['_ENCODER']._serialized_end=1933
+  _globals['_DENOISER']._serialized_start=1935
+  _globals['_DENOISER']._serialized_end=2014
+  _globals['_VAE']._serialized_start=2017
+  _globals['_VAE']._serialized_end=2161
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class Conditioning(_message.Message):
     def __init__(self, prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., pooled_prompt_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length", "num_frames", "input_images", "mask", "fps", "cfg_normalization", "cfg_truncation", "reference_latents", "image_embeds")
+    __slots__ = ("positive", "negative", "height", "width", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seeds", "sample_loras", "cache", "prompts", "negative_prompts", "max_sequence_length", "num_frames", "input_images", "mask", "fps", "cfg_normalization", "cfg_truncation", "reference_latents", "image_embeds", "guidance_scale_2")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class DenoiseRequest(_message.Message):
     CFG_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     positive: Conditioning
     negative: Conditioning
     height: int
@@ -83,7 +84,8 @@ class DenoiseRequest(_message.Message):
     cfg_truncation: float
     reference_latents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
     image_embeds: _common_pb2.Tensor
-    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., num_frames: _Optional[int] = ..., input_images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., fps: _Optional[int] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., reference_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    guidance_scale_2: float
+    def __init__(self, positive: _Optional[_Union[Conditioning, _Mapping]] = ..., negative: _Optional[_Union[Conditioning, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., true_cfg_scale: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., sample_loras: _Optional[_Iterable[_Union[_common_pb2.SampleLoras, _Mapping]]] = ..., cache: _Optional[_Union[_common_pb2.CachePolicy, _Mapping]] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., num_frames: _Optional[int] = ..., input_images: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mask: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., fps: _Optional[int] = ..., cfg_normalization: _Optional[float] = ..., cfg_truncation: _Optional[float] = ..., reference_latents: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., image_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
     __slots__ = ("progress", "latents", "metrics", "cache_stats", "images")
