@@ -40,6 +40,9 @@ class StepInputs:
     # Packed tokens [1, R, D] of the batch's input images (image editing), appended to every
     # image's noise tokens in each forward; the DiT's output keeps only the noise tokens.
     reference: torch.Tensor | None = None
+    # [N + R] bool, True on those appended tokens: for DiTs that modulate them apart
+    # (Qwen-Image-Edit-2511's zero_cond_t); None for the others.
+    reference_tokens: torch.Tensor | None = None
     # Tokens [1, N, P*C'] of image-to-video's first-frame condition, joined to the noise tokens'
     # channels in each forward (the layout's join_channels).
     channels: torch.Tensor | None = None
@@ -105,11 +108,16 @@ class DenoiserRunner:
         elif references:
             reference = torch.cat([self.layout.pack(r[None].to(self.device, self.dtype)) for r in references], dim=1)
             grids = tuple(tuple(r.shape[1:]) for r in references)
+        reference_tokens = None
+        if reference is not None and getattr(self.model.config, "zero_cond_t", False):
+            noise = self.layout.seq_len(grid)
+            reference_tokens = torch.arange(noise + reference.shape[1], device=self.device) >= noise
         return StepInputs(
             positive=self._branch(positive, grid, cache, grids),
             negative=self._branch(negative, grid, cache, grids) if negative is not None else None,
             guidance=guidance,
             reference=reference,
+            reference_tokens=reference_tokens,
             channels=channels,
             image_embeds=image_embeds.to(self.device, self.dtype) if image_embeds is not None else None,
             timestep_mask=timestep_mask.to(self.device) if timestep_mask is not None else None,
@@ -184,6 +192,8 @@ class DenoiserRunner:
         extra = {}
         if inputs.image_embeds is not None:  # whole on every rank, like the text
             extra["encoder_hidden_states_image"] = inputs.image_embeds.expand(batch, -1, -1)
+        if inputs.reference_tokens is not None:  # sharded below as the tokens are
+            extra["reference_tokens"] = inputs.reference_tokens
         sp = branch.sp
         if sp is None:
             out = self.model(
@@ -196,6 +206,8 @@ class DenoiserRunner:
             text = branch.prompt_embeds
         if timestep.ndim == 2:  # per-token timesteps: the same shard as the tokens
             timestep = sp.shard(branch.prompt_embeds, timestep)[1]
+        if "reference_tokens" in extra:
+            extra["reference_tokens"] = sp.shard(branch.prompt_embeds, extra["reference_tokens"][None])[1][0]
         with sp.active():
             local = self.model(
                 image, text, branch.pooled_prompt_embeds, timestep, sp.shard_rope(branch.rope), inputs.guidance,

@@ -103,25 +103,7 @@ class DenoiserStage:
             latents = self.layout.pack(noise)
             schedule = self.schedule.for_request(request.num_inference_steps, self.layout.seq_len(grid), self.device)
             cache = CachePolicy(**request.cache).resolved(request.num_inference_steps) if request.cache else None
-            rule = self.spec.image_conditioning
-            if bool(request.reference_latents) != (rule is not None):
-                raise InvalidRequestError(f"image: {self.spec.family} " + (
-                    "needs the latents of its input image(s)" if rule else "takes no input images"), "image")
-            first_grid = (1, *grid[1:]) if self.expand_timesteps else grid  # TI2V: the first latent frame only
-            if rule is not None and rule.mode == "first_frame" and (
-                    len(request.reference_latents) != 1 or tuple(request.reference_latents[0].shape[1:]) != first_grid):
-                raise InvalidRequestError(f"image: the first-frame latents {[tuple(r.shape) for r in request.reference_latents]} "
-                                          f"do not match the output's latent grid {first_grid}", "image")
-            mode = rule.mode if rule else "tokens"
-            timestep_mask, first = None, None
-            if self.expand_timesteps:
-                # WanPipeline's mask of ones (a per-token copy of t); with an input image its first
-                # latent frame is the image's latents, at timestep 0 (WanImageToVideoPipeline).
-                timestep_mask = torch.ones(latents.shape[1], dtype=torch.float32)
-                if mode == "first_frame":
-                    mode, first = "first_latent", self.layout.pack(request.reference_latents[0][None]).to(
-                        self.device, latents.dtype)
-                    timestep_mask[: first.shape[1]] = 0
+            mode, timestep_mask, first = self._image_conditioning(request, grid, latents)
             inputs = self.runner.prepare(
                 request.positive, request.negative, request.guidance_scale, len(request.seeds), grid, cache,
                 references=request.reference_latents, reference_mode=mode, image_embeds=request.image_embeds,
@@ -145,6 +127,31 @@ class DenoiserStage:
         if self.runner.mesh is not None:  # every rank runs this call: one small all-gather
             metrics.peak_memory_by_rank = gather_ints(metrics.peak_memory_bytes, self.device)
         return DenoiseResponse(latents=out, metrics=metrics, cache_stats=inputs.cache_stats())
+
+    def _image_conditioning(self, request: DenoiseRequest, grid: tuple[int, ...], latents: torch.Tensor):
+        """How the request's input-image latents enter the DiT (spec.ImageConditioning), checked:
+        (the runner's reference_mode, a per-token timestep mask or None, the packed first latent
+        frame that replaces the state's first tokens or None)."""
+        rule, refs = self.spec.image_conditioning, request.reference_latents
+        if bool(refs) != (rule is not None):
+            raise InvalidRequestError(f"image: {self.spec.family} " + (
+                "needs the latents of its input image(s)" if rule else "takes no input images"), "image")
+        first_grid = (1, *grid[1:]) if self.expand_timesteps else grid  # TI2V: the first latent frame only
+        if rule is not None and rule.mode == "first_frame" and (
+                len(refs) != 1 or tuple(refs[0].shape[1:]) != first_grid):
+            raise InvalidRequestError(f"image: the first-frame latents {[tuple(r.shape) for r in refs]} do not "
+                                      f"match the output's latent grid {first_grid}", "image")
+        mode = rule.mode if rule else "tokens"
+        if not self.expand_timesteps:
+            return mode, None, None
+        # WanPipeline's mask of ones (a per-token copy of t); with an input image its first latent
+        # frame is the image's latents, at timestep 0 (WanImageToVideoPipeline).
+        timestep_mask = torch.ones(latents.shape[1], dtype=torch.float32)
+        if mode != "first_frame":
+            return mode, timestep_mask, None
+        first = self.layout.pack(refs[0][None]).to(self.device, latents.dtype)
+        timestep_mask[: first.shape[1]] = 0
+        return "first_latent", timestep_mask, first
 
     def _guidance(self, request: DenoiseRequest, expert: int = 0) -> Guidance:
         """How the branches combine; `expert` 1: on a two-expert model's low-noise steps, whose

@@ -15,35 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from services.encoder.single_model import encode_each
-from services.runtime.components import load_component
-from services.runtime.errors import InvalidRequestError, ModelLoadError
+from services.encoder.single_model import SingleModelPromptEncoder, encode_each
 from services.runtime.registry import ModelDir
 
 LAYERS = (10, 20, 30)  # the pipeline's text_encoder_out_layers default
 
 
-class Mistral3PromptEncoder:
+class Mistral3PromptEncoder(SingleModelPromptEncoder):
     name = "Flux.2 [dev]'s Mistral 3"
 
-    def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp=None):
-        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-        from transformers import AutoTokenizer
-
-        if tp is not None:
-            raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
-        self.device, self.system_message = device, SYSTEM_MESSAGE
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model.path / "tokenizer")
-        except Exception as exc:  # the libraries raise many types
-            raise ModelLoadError(f"failed to load the tokenizer of {model.path}: {exc}") from exc
-        self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
-
-    @classmethod
-    def check_tp(cls, model: ModelDir, tp_size: int) -> None:
-        if tp_size > 1:
-            raise InvalidRequestError(f"encoder --tp-size {tp_size}: tensor parallelism is implemented for T5 "
-                                      f"encoders only, not {cls.name}", "tp_size")
+    def load_tokenizer(self, model: ModelDir):
+        return self.tokenizer_from(model, "tokenizer")  # the PixtralProcessor folder's tokenizer
 
     @torch.inference_mode()
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -52,7 +34,9 @@ class Mistral3PromptEncoder:
         return embeds, pooled, None
 
     def _encode_one(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
-        messages = [{"role": "system", "content": [{"type": "text", "text": self.system_message}]},
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE  # the pipeline's own text
+
+        messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
                     {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]}]
         tokens = self.tokenizer.apply_chat_template([messages], add_generation_prompt=False, tokenize=True,
                                                     return_dict=True, return_tensors="pt", padding="max_length",

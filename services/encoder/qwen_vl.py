@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from services.encoder.single_model import SingleModelPromptEncoder, encode_each
-from services.runtime.components import load_component
 from services.runtime.errors import InvalidRequestError, ModelLoadError
 from services.runtime.spec import calculate_dimensions
 
@@ -81,19 +80,18 @@ class QwenVLEditPromptEncoder(QwenVLPromptEncoder):
 
     def __init__(self, model, *, device, dtype, tp=None):
         from diffusers.image_processor import VaeImageProcessor
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor
 
-        if tp is not None:
-            raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
-        self.device = device
-        self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
+        super().__init__(model, device=device, dtype=dtype, tp=tp)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model.path / "processor")
             self.image_processor = AutoImageProcessor.from_pretrained(model.path / "processor")
         except Exception as exc:  # the libraries raise many types
-            raise ModelLoadError(f"failed to load the processor of {model.path}: {exc}") from exc
+            raise ModelLoadError(f"failed to load the image processor of {model.path}: {exc}") from exc
         self.merge = self.image_processor.merge_size ** 2
         self.resizer = VaeImageProcessor()  # the pipelines' resize (Lanczos), for the condition images
+
+    def load_tokenizer(self, model):
+        return self.tokenizer_from(model, "processor")  # the pipeline tokenizes with its processor's
 
     def text(self, prompt: str, count: int) -> str:
         if count != 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from services.runtime.components import load_component
-from services.runtime.errors import InvalidRequestError
+from services.runtime.errors import InvalidRequestError, ModelLoadError
 from services.runtime.registry import ModelDir
 from services.runtime.tensor_parallel import TensorParallel
 
@@ -37,8 +37,22 @@ class SingleModelPromptEncoder:
         if tp is not None:
             raise InvalidRequestError("encoder tensor parallelism is implemented for T5 encoders only", "tp_size")
         self.device = device
-        self.tokenizer = load_component(model, "tokenizer")
+        self.tokenizer = self.load_tokenizer(model)
         self.text_encoder = load_component(model, "text_encoder", dtype=dtype, device=device)
+
+    def load_tokenizer(self, model: ModelDir):
+        """The `tokenizer` component, as model_index.json names it."""
+        return load_component(model, "tokenizer")
+
+    @staticmethod
+    def tokenizer_from(model: ModelDir, folder: str):
+        """The tokenizer files of a processor folder alone (its image half would need torchvision)."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(model.path / folder)
+        except Exception as exc:  # the libraries raise many types
+            raise ModelLoadError(f"failed to load the tokenizer in {model.path / folder}: {exc}") from exc
 
     @classmethod
     def check_tp(cls, model: ModelDir, tp_size: int) -> None:

@@ -116,19 +116,72 @@ def test_edits_api_over_grpc_workers_gives_the_in_process_pixels(qwen_image_edit
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs an input image" in err.value.details()
 
 
-def test_unserved_variants_go_to_the_diffusers_backend(qwen_image_edit_dir, tmp_path):
-    """Qwen-Image-Edit-2511's zero_cond_t is not in the native DiT: `auto` serves such a
-    directory whole through diffusers, and `--backend native` says why it cannot."""
+def _with_transformer_option(src, dst, **options):
     import json
     import shutil
 
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "transformer" / "config.json").read_text())
+    (dst / "transformer" / "config.json").write_text(json.dumps({**config, **options}))
+    return dst
+
+
+def test_unserved_variants_go_to_the_diffusers_backend(qwen_image_edit_dir, tmp_path):
+    """Qwen-Image-Layered's 3-D RoPE is not in the native DiT: `auto` serves such a directory
+    whole through diffusers, and `--backend native` says why it cannot."""
     from services.runtime.errors import UnsupportedModelError
 
-    path = tmp_path / "edit-2511"
-    shutil.copytree(qwen_image_edit_dir, path)
-    config = json.loads((path / "transformer" / "config.json").read_text())
-    (path / "transformer" / "config.json").write_text(json.dumps({**config, "zero_cond_t": True}))
+    path = _with_transformer_option(qwen_image_edit_dir, tmp_path / "layered", use_layer3d_rope=True)
     assert resolve(path)[1].whole_pipeline
-    with pytest.raises(UnsupportedModelError, match="zero_cond_t"):
+    with pytest.raises(UnsupportedModelError, match="use_layer3d_rope"):
         resolve(path, "native")
     assert not resolve(qwen_image_edit_dir)[1].whole_pipeline
+
+
+@pytest.fixture(scope="module")
+def edit_2511_dir(qwen_image_edit_plus_dir, tmp_path_factory):
+    """Qwen-Image-Edit-2511's layout: Edit-Plus's pipeline, a DiT with zero_cond_t (the input
+    images' tokens modulated as at timestep 0; no extra weights)."""
+    return _with_transformer_option(qwen_image_edit_plus_dir, tmp_path_factory.mktemp("edit-2511") / "model",
+                                    zero_cond_t=True)
+
+
+def test_zero_cond_t_module_matches_diffusers(edit_2511_dir):
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from services.denoiser.latents import CenteredLatents2x2
+    from services.denoiser.weights import load_native_transformer
+    from services.runtime.registry import ModelDir
+
+    ref = QwenImageTransformer2DModel.from_pretrained(edit_2511_dir / "transformer").eval()
+    assert ref.config.zero_cond_t
+    native = load_native_transformer(ModelDir(edit_2511_dir), "qwen_image", dtype=torch.float32,
+                                     device=torch.device("cpu"))
+    layout, cpu, g = CenteredLatents2x2(4, 8), torch.device("cpu"), torch.Generator().manual_seed(0)
+    (h, w), refs = (6, 10), ((8, 4), (4, 6))  # latent grids: the output's, then two input images'
+    n = [(a // 2) * (b // 2) for a, b in ((h, w), *refs)]
+    x, ctx, t = torch.randn(2, sum(n), 16, generator=g), torch.randn(2, 7, 16, generator=g), torch.rand(2, generator=g)
+    with torch.no_grad():
+        expected = ref(hidden_states=x, encoder_hidden_states=ctx, timestep=t, return_dict=False,
+                       img_shapes=[[(1, a // 2, b // 2) for a, b in ((h, w), *refs)]] * 2)[0]
+        reference = torch.arange(sum(n)) >= n[0]
+        got = native(x, ctx, None, t, layout.rope(native, 7, (h, w), cpu, references=refs), reference_tokens=reference)
+        plain = native(x, ctx, None, t, layout.rope(native, 7, (h, w), cpu, references=refs))
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+    assert (plain - expected).abs().max() > 1e-3  # the input images' own modulation matters
+
+
+def test_edit_2511_layout_matches_diffusers(edit_2511_dir):
+    from diffusers import QwenImageEditPlusPipeline
+
+    assert not resolve(edit_2511_dir)[1].whole_pipeline
+    pipe = QwenImageEditPlusPipeline.from_pretrained(edit_2511_dir,
+                                                     processor=qwen_vl_processor(edit_2511_dir / "processor"))
+    images = [_png(48, 64, 5), _png(80, 40, 6)]
+    kwargs = dict(prompt="put the first picture's object in the second", negative_prompt="blurry",
+                  true_cfg_scale=4.0, height=32, width=48, num_inference_steps=2)
+    result = fc.generate(fc.router(edit_2511_dir), seed=12, images=images, **kwargs)
+    fc.assert_same(fc.pixels(result), fc.diffusers_pixels(pipe, [12], image=[_pil(i) for i in images], **kwargs))
+    # sharded: each rank's tokens mix the output's and the input images' (split unevenly)
+    fc.check_parallel_replica(edit_2511_dir, dict(ulysses_degree=2), seed=12, images=images, **kwargs)

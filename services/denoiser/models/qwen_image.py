@@ -25,7 +25,14 @@ import torch
 import torch.nn as nn
 
 from services.denoiser.models.config import from_config_json
-from services.denoiser.models.flux import AdaLNModulation, FeedForward, FluxAttention, MLPEmbedder, modulate
+from services.denoiser.models.flux import (
+    AdaLNModulation,
+    FeedForward,
+    FluxAttention,
+    MLPEmbedder,
+    layer_norm,
+    modulate,
+)
 from services.denoiser.parallel.tp import TensorParallel
 from services.runtime.errors import UnsupportedModelError
 
@@ -49,8 +56,9 @@ class QwenImageConfig:
     joint_attention_dim: int = 3584
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
-    # Variants of the edit models (Qwen-Image-Edit-2511, layered); refused below until served.
+    # Qwen-Image-Edit-2511: the input images' tokens are modulated as at timestep 0.
     zero_cond_t: bool = False
+    # Qwen-Image-Layered's variants; refused below.
     use_additional_t_cond: bool = False
     use_layer3d_rope: bool = False
 
@@ -71,6 +79,11 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, scale: float = 1000.0) -
     exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     emb = scale * (t[:, None].float() * torch.exp(exponent)[None, :])
     return torch.cat([torch.cos(emb), torch.sin(emb)], dim=-1)
+
+
+def _modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """flux.modulate with shift / scale already [B, 1 or L, D] (per token under zero_cond_t)."""
+    return layer_norm(x) * (1 + scale) + shift
 
 
 def rope_tables(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int = 10000):
@@ -106,17 +119,26 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = FeedForward(dim, 4 * dim, tp)
         self.txt_mlp = FeedForward(dim, 4 * dim, tp)
 
-    def forward(self, img, txt, temb, rope):
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(temb).chunk(6, dim=-1)
+    def forward(self, img, txt, temb, rope, reference: torch.Tensor | None = None):
+        """`reference` (zero_cond_t): per image token [B, L, 1], True on input images' tokens, which
+        take the modulation of timestep 0; temb is then [2B, D], timestep t's rows then 0's."""
+        if reference is None:
+            i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = (
+                v.unsqueeze(1) for v in self.img_mod(temb).chunk(6, dim=-1))
+        else:  # diffusers' _modulate with modulate_index: torch.where per token
+            now, zero = (v.unsqueeze(1) for v in self.img_mod(temb).chunk(2, dim=0))
+            i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = (
+                torch.where(reference, z, n) for n, z in zip(now.chunk(6, dim=-1), zero.chunk(6, dim=-1)))
+            temb = temb.chunk(2, dim=0)[0]  # the text stream keeps timestep t's
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
 
         img_attn, txt_attn = self.attn(
-            modulate(img, i_shift1, i_scale1), rope, context=modulate(txt, t_shift1, t_scale1)
+            _modulate_tokens(img, i_shift1, i_scale1), rope, context=modulate(txt, t_shift1, t_scale1)
         )
-        img = img + i_gate1.unsqueeze(1) * img_attn
+        img = img + i_gate1 * img_attn
         txt = txt + t_gate1.unsqueeze(1) * txt_attn
 
-        img = img + i_gate2.unsqueeze(1) * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        img = img + i_gate2 * self.img_mlp(_modulate_tokens(img, i_shift2, i_scale2))
         txt = txt + t_gate2.unsqueeze(1) * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
         if txt.dtype == torch.float16:
             txt = txt.clip(-65504, 65504)
@@ -148,7 +170,7 @@ class QwenImageTransformer(nn.Module):
 
     def __init__(self, config: QwenImageConfig, tp: TensorParallel | None = None):
         super().__init__()
-        unsupported = [f for f in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+        unsupported = [f for f in ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
                        if getattr(config, f)]
         if unsupported:
             raise UnsupportedModelError(f"Qwen-Image transformer option(s) {', '.join(unsupported)} are not served "
@@ -186,34 +208,45 @@ class QwenImageTransformer(nn.Module):
         guidance: torch.Tensor | None = None,
         *,
         cache: BlockCache | None = None,
+        reference_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, N, C_in] packed latents; encoder_hidden_states [B, S, joint_dim] (the
         prompt's valid tokens only: no padding reaches the DiT, see router); timestep [B] in the
-        pipeline's 0..1 scale."""
+        pipeline's 0..1 scale. `reference_tokens`: [N] bool, True on the tokens of input images
+        (the runner's, sharded as hidden_states): with zero_cond_t (Qwen-Image-Edit-2511) they
+        are modulated as at timestep 0."""
         img = self.img_in(hidden_states)
-        temb = self.time_text_embed(timestep.to(img.dtype), img.dtype)
+        timestep = timestep.to(img.dtype)
+        reference = None
+        if self.config.zero_cond_t and reference_tokens is not None:
+            timestep = torch.cat([timestep, timestep * 0], dim=0)
+            reference = reference_tokens.view(1, -1, 1)
+        temb = self.time_text_embed(timestep, img.dtype)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
 
         # --- block cache (services/denoiser/cache.py) ---
         if cache is not None and cache.enabled:
             text_len = txt.shape[1]
-            x = cache.run(self.block_steps(temb, rope, text_len), torch.cat([txt, img], dim=1))
-            scale, shift = self.norm_out(temb)
+            x = cache.run(self.block_steps(temb, rope, text_len, reference), torch.cat([txt, img], dim=1))
+            scale, shift = self.norm_out(temb.chunk(2, dim=0)[0] if reference is not None else temb)
             return self.proj_out(modulate(x[:, text_len:], shift, scale))
         # --- end block cache ---
 
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, rope)
+            img, txt = block(img, txt, temb, rope, reference)
+        if reference is not None:
+            temb = temb.chunk(2, dim=0)[0]
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: (scale, shift)
         return self.proj_out(modulate(img, shift, scale))
 
     # --- block cache (services/denoiser/cache.py) ---
-    def block_steps(self, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_len: int):
+    def block_steps(self, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_len: int,
+                    reference: torch.Tensor | None = None):
         """One function per block on the joint state x = [text; image] (as flux.py's double blocks)."""
 
         def step_of(block: QwenImageBlock):
             def step(x: torch.Tensor) -> torch.Tensor:
-                img, txt = block(x[:, text_len:].contiguous(), x[:, :text_len].contiguous(), temb, rope)
+                img, txt = block(x[:, text_len:].contiguous(), x[:, :text_len].contiguous(), temb, rope, reference)
                 return torch.cat([txt, img], dim=1)
 
             return step

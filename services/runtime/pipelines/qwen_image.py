@@ -9,9 +9,9 @@ import dataclasses
 
 from services.runtime.spec import CfgRule, GenerationDefaults, ImageConditioning, PipelineSpec
 
-# Transformer options of later checkpoints that the native DiT does not implement (Qwen-Image-Edit-2511's
-# zero_cond_t, Qwen-Image-Layered's extra timestep and 3-D RoPE, a guidance-distilled variant).
-_UNSERVED_OPTIONS = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+# Transformer options of later checkpoints that the native DiT does not implement (Qwen-Image-Layered's
+# extra timestep and 3-D RoPE, a guidance-distilled variant). Qwen-Image-Edit-2511's zero_cond_t is served.
+_UNSERVED_OPTIONS = ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
 
 
 def _qwen_image_defaults(model) -> GenerationDefaults:
@@ -71,9 +71,9 @@ QWEN_IMAGE_EDIT = PipelineSpec(
     unserved=_unserved_edit,
 )
 
-# QwenImageEditPlusPipeline (Qwen-Image-Edit-2509): one or more input images, each shown to the
-# vision encoder at about 384x384 and encoded by the VAE at about 1024x1024; the default output
-# size follows the last one.
+# QwenImageEditPlusPipeline (Qwen-Image-Edit-2509, and 2511 whose DiT has zero_cond_t): one or
+# more input images, each shown to the vision encoder at about 384x384 and encoded by the VAE
+# at about 1024x1024; the default output size follows the last one.
 QWEN_IMAGE_EDIT_PLUS = dataclasses.replace(
     QWEN_IMAGE_EDIT,
     family="qwen_image_edit_plus",
