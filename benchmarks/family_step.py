@@ -6,6 +6,7 @@ against diffusers' on the same random weights, the same card, in the same run.
     python benchmarks/family_step.py --family qwen-image-edit         # 1024x1024 from a 1024x1024 image
     python benchmarks/family_step.py --family wan2.1-t2v-14b          # 832x480, 81 frames (32760 tokens)
     python benchmarks/family_step.py --family wan2.1-i2v-14b          # the same with I2V's channels + CLIP
+    python benchmarks/family_step.py --family wan2.2-ti2v-5b --width 1280 --height 704 --num-frames 121
     python benchmarks/family_step.py --family z-image-turbo           # 1024x1024, 128 caption tokens
     python benchmarks/family_step.py --family qwen-image --tiny --device cpu   # the code path, on CPU
 
@@ -53,6 +54,10 @@ WAN_T2V_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_
 # Wan-AI/Wan2.1-I2V-14B-480P-Diffusers transformer/config.json: 36 input channels (noise, first-frame
 # mask and latents) and cross-attention to 257 CLIP ViT-H tokens next to the text.
 WAN_I2V_14B = dict(WAN_T2V_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json: 48 latent channels (its 16x VAE), a
+# timestep per token (expand_timesteps).
+WAN_TI2V_5B = dict(WAN_T2V_14B, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336,
+                   num_layers=30)
 # Qwen-Image-Edit: the input image's Qwen2.5-VL tokens join the prompt's. A ~1024x1024 image is
 # smart-resized to 1036x1036, 37x37 patches of 28 merged 2x2: 342 vision tokens.
 QWEN_EDIT_VISION_TOKENS = 342
@@ -128,12 +133,17 @@ def wan_i2v(args, device, dtype, tiny: bool) -> Bench:
     return wan(args, device, dtype, tiny, i2v=True)
 
 
-def wan(args, device, dtype, tiny: bool, i2v: bool = False) -> Bench:
+def wan_ti2v(args, device, dtype, tiny: bool) -> Bench:
+    """Wan 2.2 TI2V-5B text-to-video at its 1280x704, 121 frames: a timestep per token."""
+    return wan(args, device, dtype, tiny, ti2v=True)
+
+
+def wan(args, device, dtype, tiny: bool, i2v: bool = False, ti2v: bool = False) -> Bench:
     from diffusers import WanTransformer3DModel
 
     from services.denoiser.models.wan import WanConfig, WanTransformer, patchify, unpatchify
 
-    base = WAN_I2V_14B if i2v else WAN_T2V_14B
+    base = WAN_I2V_14B if i2v else WAN_TI2V_5B if ti2v else WAN_T2V_14B
     cfg = dict(base, num_attention_heads=2, attention_head_dim=12, text_dim=32, ffn_dim=48, num_layers=2,
                **({"image_dim": 16, "added_kv_proj_dim": 24} if i2v else {})) if tiny else base
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -143,7 +153,8 @@ def wan(args, device, dtype, tiny: bool, i2v: bool = False) -> Bench:
     ref.rope = WanRotaryPosEmbed(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"]).to(device)
     config = WanConfig.from_dict(cfg)
     native = _shared(ref, WanTransformer, config)
-    frames, h, w = (args.num_frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    spatial = 16 if ti2v else 8  # TI2V-5B's VAE compresses 16x
+    frames, h, w = (args.num_frames - 1) // 4 + 1, args.height // spatial, args.width // spatial
     g = torch.Generator(device).manual_seed(1)
     latents = torch.randn(1, config.in_channels, frames, h, w, generator=g, device=device, dtype=dtype)
     # WanPipeline pads every prompt to 512 T5 tokens (zeros past its length), positive and negative.
@@ -152,8 +163,10 @@ def wan(args, device, dtype, tiny: bool, i2v: bool = False) -> Bench:
     # 36 input channels, as the pipeline's cat([latents, condition]) hands them over.
     image = {"encoder_hidden_states_image": torch.randn(1, 257, config.image_dim, generator=g, device=device,
                                                         dtype=dtype)} if i2v else {}
-    t = torch.full((1,), 500.0, device=device)
     patch = config.patch_size
+    t = torch.full((1,), 500.0, device=device)
+    if ti2v:  # WanPipeline's (mask * t) over the (f, h/2, w/2) token grid: one timestep per token
+        t = torch.full((1, frames * (h // patch[1]) * (w // patch[2])), 500.0, device=device)
     with torch.inference_mode():
         rope = native.rope(frames, h, w, device=device)
 
@@ -173,8 +186,9 @@ def wan(args, device, dtype, tiny: bool, i2v: bool = False) -> Bench:
 
     n, d, text = frames * h * w // (patch[1] * patch[2]), config.inner_dim, 512 + (257 if i2v else 0)
     per_pass = config.num_layers * 2 * (n * (6 * d * d + 2 * d * config.ffn_dim) + 2 * n * n * d + 2 * n * text * d)
+    name = "Wan 2.2 TI2V-5B" if ti2v else f"Wan 2.1 {'I2V' if i2v else 'T2V'}-14B"
     return Bench(ref, native, diffusers_step, native_step, 2 * per_pass,
-                 f"Wan 2.1 {'I2V' if i2v else 'T2V'}-14B {args.width}x{args.height}, {args.num_frames} frames "
+                 f"{name} {args.width}x{args.height}, {args.num_frames} frames "
                  f"({n} tokens, 512 text{' + 257 CLIP' if i2v else ''}), CFG: 2 DiT passes per step")
 
 
@@ -219,7 +233,7 @@ def z_image(args, device, dtype, tiny: bool) -> Bench:
 
 
 FAMILIES = {"qwen-image": qwen_image, "qwen-image-edit": qwen_image_edit, "wan2.1-t2v-14b": wan,
-            "wan2.1-i2v-14b": wan_i2v, "z-image-turbo": z_image}
+            "wan2.1-i2v-14b": wan_i2v, "wan2.2-ti2v-5b": wan_ti2v, "z-image-turbo": z_image}
 
 
 def main() -> None:
