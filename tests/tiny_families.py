@@ -121,17 +121,24 @@ def _wan_components(seed: int, in_channels: int = 16, image_dim: int | None = No
     return {"tokenizer": tok, "text_encoder": text_encoder, "transformer": transformer, "vae": vae}
 
 
+def _add_second_expert(parts: dict, seed: int) -> None:
+    """Wan 2.2 A14B's layout: a second DiT (transformer_2) after the boundary timestep."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed + 1)
+    parts["transformer_2"] = WanTransformer3DModel(**parts["transformer"].config)
+    _widen(parts["transformer_2"])
+    parts["boundary_ratio"] = 0.875
+
+
 def build_tiny_wan(out_dir: str | Path, seed: int = 0, two_experts: bool = False) -> Path:
     """WanPipeline (Wan 2.1 text-to-video). `two_experts`: Wan 2.2 A14B's layout, a second DiT
     (transformer_2) for the low-noise steps after the boundary timestep."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     parts = _wan_components(seed)
     if two_experts:
-        torch.manual_seed(seed + 1)
-        parts["transformer_2"] = WanTransformer3DModel(**parts["transformer"].config)
-        _widen(parts["transformer_2"])
-        parts["boundary_ratio"] = 0.875
+        _add_second_expert(parts, seed)
     pipe = WanPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
@@ -142,7 +149,7 @@ def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0, clip: bool = False, t
     latent channels (in_channels 36). Without `clip` the Wan 2.2 layout (no image encoder); with
     it Wan 2.1 I2V's, whose DiT also cross-attends to a CLIP vision model's tokens (a 28x28
     input, 2x2 patches of 14: 5 tokens). `two_experts`: Wan 2.2 I2V A14B's transformer_2."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     parts = _wan_components(seed, in_channels=36, image_dim=16 if clip else None)
@@ -154,10 +161,7 @@ def build_tiny_wan_i2v(out_dir: str | Path, seed: int = 0, clip: bool = False, t
         parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 28},
                                                       crop_size={"height": 28, "width": 28})
     if two_experts:
-        torch.manual_seed(seed + 1)
-        parts["transformer_2"] = WanTransformer3DModel(**parts["transformer"].config)
-        _widen(parts["transformer_2"])
-        parts["boundary_ratio"] = 0.875
+        _add_second_expert(parts, seed)
     pipe = WanImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
