@@ -11,9 +11,10 @@ Flux.2's AutoencoderKLFlux2 (batch_norm_eps in its config) takes its latents in 
 [B, 4C, h/2, w/2], normalised per patch channel by the VAE's batch-norm statistics: undone, then
 unpatchified before decoding.
 
-Encoding (image editing, spec.image_conditioning) is the edit pipelines' _encode_vae_image: the
-input resized by diffusers' VaeImageProcessor to the spec's size, the distribution's mode, then
-normalised per channel."""
+Encoding (spec.image_conditioning) turns input images into the latents the DiT is conditioned
+on, as the pipelines prepare them: an edit pipeline's _encode_vae_image (each image resized by
+diffusers' VaeImageProcessor, the distribution's mode, normalised per channel), or
+WanImageToVideoPipeline's first-frame clip."""
 
 from __future__ import annotations
 
@@ -120,6 +121,8 @@ class VaeStage:
         rule = self.spec.image_conditioning
         if rule is None:
             raise InvalidRequestError(f"image: {self.spec.family} takes no input images", "image")
+        if not request.images:
+            raise InvalidRequestError(f"image: {self.spec.family} needs an input image to encode", "image")
         for pixels in request.images:
             if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
                 raise InvalidRequestError(f"image: expected uint8 [H, W, 3] pixels, got {pixels.dtype} "
@@ -149,10 +152,9 @@ class VaeStage:
             raise InvalidRequestError("image-to-video encoding needs the output's height, width and num_frames",
                                       "num_frames")
         first = self.image_processor.preprocess(image, height=request.height, width=request.width)
-        first = first.to(torch.float32)[:, :, None]
-        clip = torch.cat([first, first.new_zeros(1, 3, request.num_frames - 1, request.height, request.width)], dim=2)
-        if self.model.index.get("expand_timesteps"):  # Wan 2.2 TI2V: the frame alone (its first latent frame)
-            clip = first
+        clip = first.to(torch.float32)[:, :, None]
+        if not self.model.index.get("expand_timesteps"):  # (Wan 2.2 TI2V: the frame alone, its first latent frame)
+            clip = torch.cat([clip, clip.new_zeros(1, 3, request.num_frames - 1, request.height, request.width)], dim=2)
         z = self.vae.encode(clip.to(self.device, self.dtype)).latent_dist.mode().to(torch.float32)
         mean = self.latents_mean.to(self.device, torch.float32)
         inv_std = 1.0 / self.latents_std.to(self.device, torch.float32)
