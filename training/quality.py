@@ -23,12 +23,14 @@ class EvalSet:
     computed_steps: float  # DiT steps computed per request, on average (the cache skips some)
 
 
-def generate_eval_set(router, seeds: int = 2, base_seed: int = 0, **request) -> EvalSet:
-    """The 24 evaluation prompts x `seeds` through a ditserve router, concurrently (the router
-    batches them as a server would). `request`: extra GenerateRequest fields (cache, lora, ...)."""
+def generate_eval_set(router, seeds: int = 2, base_seed: int = 0, prompts: int | None = None, **request) -> EvalSet:
+    """The 24 evaluation prompts (or the first `prompts` of them) x `seeds` through a ditserve
+    router, concurrently (the router batches them as a server would); image j of prompt i has
+    seed base_seed + seeds * i + j whatever `prompts` is. `request`: extra GenerateRequest fields
+    (cache, lora, ...)."""
     from services.runtime.config import GenerateRequest
 
-    prompts = eval_prompts()
+    prompts = eval_prompts()[:prompts]
 
     async def run():
         return await asyncio.gather(*(
