@@ -335,6 +335,20 @@ def build_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def _flux2_parts(seed: int, guidance_embeds: bool):
+    """The Flux.2 MMDiT (`guidance_embeds`: [dev]'s guidance embedding), Flux.2's VAE and a
+    dynamically shifting scheduler (so the schedule depends on the mu the pipeline passes). The
+    DiT draws from the RNG as it stands, i.e. right after the caller's text encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=guidance_embeds)
+    _widen(transformer)
+    return transformer, _flux2_vae(seed), FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+
+
 def _flux2_vae(seed: int):
     """Flux.2's VAE (2x2 latent patches) with batch-norm statistics that are not the identity."""
     from diffusers import AutoencoderKLFlux2
@@ -353,7 +367,7 @@ def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, is_distilled: boo
     DiT (so 28 tiny layers), the Flux.2 MMDiT, Flux.2's VAE (2x2 latent patches) with batch-norm
     statistics that are not the identity, and dynamic shifting (so the schedule depends on the mu
     the pipeline passes, Flux.2's empirical one). `is_distilled`: the step-distilled variant's flag."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_qwen_tokenizer(seed)
@@ -361,13 +375,7 @@ def build_tiny_flux2_klein(out_dir: str | Path, seed: int = 0, is_distilled: boo
     text_encoder = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tok), hidden_size=16, intermediate_size=37, num_hidden_layers=28, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=tok.pad_token_id))
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=False)
-    _widen(transformer)
-    vae = _flux2_vae(seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    transformer, vae, scheduler = _flux2_parts(seed, guidance_embeds=False)
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                               transformer=transformer, is_distilled=is_distilled)
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -392,7 +400,7 @@ def build_tiny_flux2_dev(out_dir: str | Path, seed: int = 0) -> Path:
     configs); the processor class needs torchvision, so tests hand diffusers the tokenizer in it."""
     import json
 
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
@@ -408,13 +416,7 @@ def build_tiny_flux2_dev(out_dir: str | Path, seed: int = 0) -> Path:
         vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "head_dim": 8, "image_size": 64, "patch_size": 16},
         image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2))
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=True)
-    _widen(transformer)
-    vae = _flux2_vae(seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    transformer, vae, scheduler = _flux2_parts(seed, guidance_embeds=True)
     pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                          transformer=transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)
