@@ -208,6 +208,15 @@ def main() -> None:
                     help="several layouts of the same GPU count in one run, e.g. ulysses4 ring2xulysses2 tp2xulysses2")
     ap.add_argument("--fp8-layouts", nargs="*", default=None, help="layouts that also get an fp8 row (default: the first)")
     ap.add_argument("--eager", action="store_true", help="multi-GPU: eager rows as well")
+    ap.add_argument("--profile", action="store_true", help="multi-GPU: GPU time per kernel kind of each ditserve row")
+    ap.add_argument("--comm-order", choices=["program", "inductor"], nargs="+", default=["program"],
+                    help="multi-GPU: keep the layers' order of collectives and compute (the service's), or let "
+                         "inductor's compute/communication reordering place them; a row per value")
+    ap.add_argument("--comm-sms", type=int, nargs="+", default=[8],
+                    help="multi-GPU: SMs the GEMMs beside a Ulysses all-to-all leave to it (the service's comm_sms; "
+                         "NCCL capped at the largest): a row per value, the first for fp8 rows")
+    ap.add_argument("--repeat", type=int, default=1, help="multi-GPU: run each layout's rows this many times, alternating")
+    ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
     ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
     args = ap.parse_args()
     if not args.layouts and args.ulysses_degree * args.ring_degree * args.tp_size * (2 if args.cfg_parallel else 1) > 1:
