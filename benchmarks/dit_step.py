@@ -14,6 +14,12 @@ also reports its output's relative error against diffusers eager on the same inp
 runs one process per GPU (benchmarks/dit_parallel.py): ditserve on 1 GPU and in each layout over
 all of them, against diffusers' own context parallelism (ContextParallelConfig) at the same
 degree, in the same run.
+
+    python benchmarks/dit_step.py --layouts ulysses2 --comm-sms 8 0 --comm-order program inductor --repeat 2 --profile
+
+compares variants of the communication overlap in one run (rows alternate, so machine drift
+hits them alike); --profile prints rank 0's GPU time per kernel kind and how much of the
+communication ran under compute (--trace-dir keeps the Chrome traces).
 """
 
 from __future__ import annotations
