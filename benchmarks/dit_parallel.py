@@ -178,8 +178,6 @@ def kernel_profile(name: str, fn, rank: int, trace_dir: str | None = None, steps
 def parallel_rank(rank: int, args, port: int) -> None:
     """One rank of a multi-GPU run; rank 0 prints."""
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    if max(args.comm_sms) > 0:  # NCCL may use no more CTAs than the GEMMs beside it leave free
-        os.environ["NCCL_MAX_CTAS"] = str(max(args.comm_sms))
     layouts = [parse_layout(s) for s in args.layouts]
     world = layouts[0].world_size
     cuda = args.device.startswith("cuda")
@@ -209,31 +207,21 @@ def parallel_rank(rank: int, args, port: int) -> None:
         inputs = runner.prepare(positive, negative if with_cfg else None, 3.5, args.batch, (h, w), None)
         return lambda: runner.predict(inp["x"], inp["t"], inputs)
 
-    meshes = {d: ParallelMesh(d, device.type, args.comm_sms[0]) for d in layouts}  # every rank builds every group, in order
-    # A model object per (comm order, layout), all on the same weights: each compiles its own way.
-    single = same_weights(native)  # the 1-GPU rows, compiled as a 1-rank replica is
-    models = {(order, d): same_weights(native) if d.tp == 1 else tp_shard(cfg, ref, meshes[d])
-              for order in args.comm_order for d in layouts}
+    meshes = {d: ParallelMesh(d, device.type) for d in layouts}  # every rank builds every group, in order
+    models = {d: native if d.tp == 1 else tp_shard(cfg, ref, meshes[d]) for d in layouts}
     for mode in modes:
-        if mode == "compiled":  # as the service compiles each kind of replica
-            compile_blocks(single)
-            for (order, _), m in models.items():
-                compile_blocks(m, overlap_comm=True, comm_order=order)
-        runs.run(f"ditserve 1 GPU {mode}", ditserve(single, None, False), 1, False)
+        if mode == "compiled":  # as the service compiles a multi-rank replica
+            for m in {id(m): m for m in [native, *models.values()]}.values():
+                compile_blocks(m, overlap_comm=True)
+        runs.run(f"ditserve 1 GPU {mode}", ditserve(native, None, False), 1, False)
         if any_cfg:
-            runs.run(f"ditserve 1 GPU true-CFG {mode}", ditserve(single, None, True), 1, True)
+            runs.run(f"ditserve 1 GPU true-CFG {mode}", ditserve(native, None, True), 1, True)
         for d in layouts:
-            for repeat in range(args.repeat):  # alternating variants: machine drift hits them alike
-                for order in args.comm_order:
-                    for sms in args.comm_sms if d.ulysses > 1 else [0]:
-                        meshes[d].comm_sms = sms  # read when the blocks are traced: a variant per value
-                        variant = ((f" {order} order" if len(args.comm_order) > 1 else "")
-                                   + (f" sms{sms}" if len(args.comm_sms) > 1 else "") + (f" #{repeat + 1}" if repeat else ""))
-                        runs.run(f"ditserve {layout_name(d)}{variant} {mode}",
-                                 ditserve(models[order, d], meshes[d], d.cfg > 1), world, d.cfg > 1,
-                                 vs_diffusers=f"diffusers CP {layout_name(diffusers_degrees(d, world))}"
-                                 + (" true-CFG" if d.cfg > 1 else "") + " compiled")
-            meshes[d].comm_sms = args.comm_sms[0]
+            for repeat in range(args.repeat):  # repeated rows show the machine's run-to-run spread
+                runs.run(f"ditserve {layout_name(d)}{f' #{repeat + 1}' if repeat else ''} {mode}",
+                         ditserve(models[d], meshes[d], d.cfg > 1), world, d.cfg > 1,
+                         vs_diffusers=f"diffusers CP {layout_name(diffusers_degrees(d, world))}"
+                         + (" true-CFG" if d.cfg > 1 else "") + " compiled")
     if cuda:
         from services.denoiser.quant import apply_precision
 
@@ -241,11 +229,11 @@ def parallel_rank(rank: int, args, port: int) -> None:
             if d not in meshes:
                 continue
             with torch.device("meta"):
-                fp8 = FluxTransformer(cfg, tp=models[args.comm_order[0], d].transformer_blocks[0].attn.to_q.tp)
-            fp8.load_state_dict(models[args.comm_order[0], d].state_dict(), strict=True, assign=True)
+                fp8 = FluxTransformer(cfg, tp=models[d].transformer_blocks[0].attn.to_q.tp)
+            fp8.load_state_dict(models[d].state_dict(), strict=True, assign=True)
             apply_precision(fp8.eval().requires_grad_(False), "fp8")
             if not args.no_compile:
-                compile_blocks(fp8, overlap_comm=True, comm_order=args.comm_order[0])
+                compile_blocks(fp8, overlap_comm=True)
             runs.run(f"ditserve {layout_name(d)} fp8 compiled", ditserve(fp8, meshes[d], d.cfg > 1), world, d.cfg > 1)
     if not args.no_diffusers:
         run_diffusers(runs, cfg_dict, ref, inp, negative, layouts, world)
@@ -257,14 +245,6 @@ def parallel_rank(rank: int, args, port: int) -> None:
             f"{step_flops(cfg, inp['x'].shape[1], args.text_len, args.batch) / 1e12:.1f} TFLOP per forward",
             step_flops(cfg, inp["x"].shape[1], args.text_len, args.batch))
     dist.destroy_process_group()
-
-
-def same_weights(model: FluxTransformer) -> FluxTransformer:
-    """Another module object on the same weight tensors (compiled blocks belong to their module)."""
-    with torch.device("meta"):
-        other = FluxTransformer(model.config)
-    other.load_state_dict(model.state_dict(), assign=True)
-    return other.eval().requires_grad_(False)
 
 
 def tp_shard(cfg: FluxConfig, ref, mesh: ParallelMesh) -> FluxTransformer:

@@ -13,13 +13,9 @@ also reports its output's relative error against diffusers eager on the same inp
 
 runs one process per GPU (benchmarks/dit_parallel.py): ditserve on 1 GPU and in each layout over
 all of them, against diffusers' own context parallelism (ContextParallelConfig) at the same
-degree, in the same run.
-
-    python benchmarks/dit_step.py --layouts ulysses2 --comm-sms 8 0 --comm-order program inductor --repeat 2 --profile
-
-compares variants of the communication overlap in one run (rows alternate, so machine drift
-hits them alike); --profile prints rank 0's GPU time per kernel kind and how much of the
-communication ran under compute (--trace-dir keeps the Chrome traces).
+degree, in the same run. `--profile` adds, per ditserve row, rank 0's GPU time by kernel kind
+and how much of the communication ran under compute (`--trace-dir D` keeps the Chrome traces);
+`--repeat N` runs each layout's row N times, to see the machine's spread within the run.
 """
 
 from __future__ import annotations
@@ -214,14 +210,10 @@ def main() -> None:
                     help="several layouts of the same GPU count in one run, e.g. ulysses4 ring2xulysses2 tp2xulysses2")
     ap.add_argument("--fp8-layouts", nargs="*", default=None, help="layouts that also get an fp8 row (default: the first)")
     ap.add_argument("--eager", action="store_true", help="multi-GPU: eager rows as well")
-    ap.add_argument("--profile", action="store_true", help="multi-GPU: GPU time per kernel kind of each ditserve row")
-    ap.add_argument("--comm-order", choices=["program", "inductor"], nargs="+", default=["program"],
-                    help="multi-GPU: keep the layers' order of collectives and compute (the service's), or let "
-                         "inductor's compute/communication reordering place them; a row per value")
-    ap.add_argument("--comm-sms", type=int, nargs="+", default=[8],
-                    help="multi-GPU: SMs the GEMMs beside a Ulysses all-to-all leave to it (the service's comm_sms; "
-                         "NCCL capped at the largest): a row per value, the first for fp8 rows")
-    ap.add_argument("--repeat", type=int, default=1, help="multi-GPU: run each layout's rows this many times, alternating")
+    ap.add_argument("--repeat", type=int, default=1, help="multi-GPU: run each layout's row this many times")
+    ap.add_argument("--profile", action="store_true",
+                    help="multi-GPU: rank 0's GPU time per kernel kind for each ditserve row, and how much of the "
+                         "communication ran under compute")
     ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
     ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
     args = ap.parse_args()

@@ -88,8 +88,6 @@ def _add_denoiser_flags(p) -> None:
                                                "encoder`: T5's, over that many ranks")
     g.add_argument("--cfg-parallel", action="store_true", default=None,
                    help="true-CFG branches on different ranks (x2 ranks)")
-    g.add_argument("--comm-sms", type=int, help="Ulysses on CUDA: SMs the GEMMs beside an all-to-all leave to it "
-                                                "(default 8; 0 disables)")
     g = p.add_argument_group("denoiser speed and memory")
     g.add_argument("--dit-precision", dest="precision", choices=["default", "fp8"],
                    help="fp8: e4m3 linears with row-wise scales (Hopper or newer); default: the --dtype")
@@ -133,7 +131,7 @@ def _cache_policy(args) -> dict | None:
 
 
 _FLAG_NAMES = {"precision": "--dit-precision", "layerwise_offload": "--dit-layerwise-offload"}
-_DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "comm_sms", "precision", "compile",
+_DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "compile",
                    "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch", "lora_dir",
                    "max_loras")
 

@@ -13,8 +13,6 @@ call in that measurement, so we leave the pick to torch."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -36,34 +34,6 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     if _active_parallel is not None:
         return _active_parallel.attention(query, key, value)
     return local_attention(query, key, value)
-
-
-class Overlap(NamedTuple):
-    """Work of the calling layer that does not depend on its attention. Under Ulysses,
-    `inbound(carveout)` runs while q/k/v are exchanged and `outbound(inbound's result, carveout)`
-    while the output travels back, so the all-to-alls hide under it; elsewhere the two just run
-    around the attention (carveout 0). `carveout`: SMs its GEMMs should leave to the collective
-    (parallel/carveout.py). The result is the same either way."""
-
-    inbound: Callable[[int], Any]
-    outbound: Callable[[Any, int], Any]
-
-
-def attention_overlapped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         overlap: Overlap) -> tuple[torch.Tensor, Any]:
-    """attention(), plus `overlap` run beside it; returns (output, overlap.outbound's result)."""
-    if _active_parallel is not None:
-        return _active_parallel.attention(query, key, value, overlap)
-    return around(local_attention, query, key, value, overlap)
-
-
-def around(attend: Callable, query, key, value, overlap: Overlap | None):
-    """`attend` with `overlap` run in order around it (no communication to hide)."""
-    if overlap is None:
-        return attend(query, key, value)
-    side = overlap.inbound(0)
-    out = attend(query, key, value)
-    return out, overlap.outbound(side, 0)
 
 
 def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ which runs through the group so that every rank compiles the same shapes."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
@@ -27,23 +26,7 @@ def rank_stage(config: DenoiserConfig):
     """One rank's DenoiserStage, on an initialised process group; `config.device` is its device."""
     from services.denoiser.stage import DenoiserStage
 
-    device_type = config.device.split(":")[0]
-    if device_type == "cuda" and config.ulysses_degree > 1 and config.comm_sms and _overlaps_comm(config):
-        # NCCL's CTAs must fit in the SMs the GEMMs leave free, or the all-to-all waits for the
-        # GEMM after all. Read when NCCL builds a communicator: groups are created below and
-        # connect at their first collective. An operator's own setting wins.
-        os.environ.setdefault("NCCL_MAX_CTAS", str(config.comm_sms))
-    return DenoiserStage(config, mesh=ParallelMesh(_degrees(config), device_type, config.comm_sms))
-
-
-def _overlaps_comm(config: DenoiserConfig) -> bool:
-    """Whether the model's layers run GEMMs beside their all-to-alls (attention.Overlap; Flux):
-    only those carve SMs out, so only their replicas cap NCCL (measured for those alone)."""
-    from services.denoiser.models import FAMILIES
-
-    _, spec = resolve(config.model_path, config.backend)
-    family = FAMILIES.get(spec.denoiser)
-    return family is not None and getattr(family.model_cls, "comm_order", "inductor") == "program"
+    return DenoiserStage(config, mesh=ParallelMesh(_degrees(config), config.device.split(":")[0]))
 
 
 def check_degrees(config: DenoiserConfig) -> None:

@@ -88,8 +88,7 @@ class DenoiserStage:
                 enable_layerwise_offload(transformer, self.device, config.offload_prefetch)]
         if should_compile(config.compile, self.device):
             use_compile_cache(config.compile_cache_dir)
-            compile_blocks(transformer, overlap_comm=mesh is not None, variable_text=self.spec.variable_text,
-                           comm_order=getattr(transformer, "comm_order", "inductor"))
+            compile_blocks(transformer, overlap_comm=mesh is not None, variable_text=self.spec.variable_text)
         return transformer
 
     def denoise(

@@ -139,10 +139,6 @@ class DenoiserOptions(BaseModel):
     tp_size: int = Field(1, ge=1)
     # Conditional and unconditional branches (true CFG) on different ranks.
     cfg_parallel: bool = False
-    # Ulysses on CUDA: SMs the GEMMs running beside an all-to-all leave to it, and the CTAs NCCL
-    # may use (services/denoiser/parallel/carveout.py). 0: no carve-out (the all-to-all then
-    # waits for the GEMM's persistent CTAs).
-    comm_sms: int = Field(8, ge=0, le=64, description="SMs left to a Ulysses all-to-all beside a GEMM")
     # fp8: the blocks' linears in e4m3 with row-wise scales (services/denoiser/quant.py).
     precision: Literal["default", "fp8"] = "default"
     # torch.compile of the repeated blocks, static shapes; None = on when the device is CUDA.

@@ -2,7 +2,6 @@
 output of the native Flux transformer to fp32 relative error <= 1e-5, also when neither the
 text tokens, the image tokens nor the heads divide the degree."""
 
-import json
 import os
 
 import pytest
@@ -101,50 +100,3 @@ def test_compiled_blocks_match_single_rank(degrees):
     inductor does, without its C++ compile (minutes on CPU)."""
     world = degrees.world_size
     mp.spawn(_rank_main, args=(world, free_port(), degrees, 6, 10, "aot_eager"), nprocs=world, join=True)
-
-
-def _overlap_rank(rank: int, port: int, out_path: str) -> None:
-    from torch._inductor.utils import run_and_get_code
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(6, 10, config=CONFIG_TP)
-    model.transformer_blocks = model.transformer_blocks[:0]  # one single block: the one that overlaps
-    model.single_transformer_blocks = model.single_transformer_blocks[:1]
-    compile_blocks(model, overlap_comm=True, comm_order=model.comm_order)
-    sp = SequenceParallel(ParallelMesh(ParallelDegrees(ulysses=2), "cpu"), ctx.shape[1], x.shape[1])
-    text, image = sp.shard(ctx, x)
-    with torch.no_grad(), sp.active():
-        _, codes = run_and_get_code(lambda: model(image, text, pooled, t, sp.shard_rope(rope), guidance))
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(codes, f)
-    dist.destroy_process_group()
-    os._exit(0)  # see _rank_main
-
-
-def _gemms_under_exchanges(code: str) -> list[int]:
-    """For each all-to-all issued in inductor's generated code: the GEMMs called before its wait."""
-    counts, open_ = [], None
-    for line in code.splitlines():
-        if "_c10d_functional.all_to_all_single" in line and "=" in line:
-            open_ = 0
-        elif "_c10d_functional.wait_tensor" in line and open_ is not None:
-            counts.append(open_)
-            open_ = None
-        elif open_ is not None and ("extern_kernels.addmm" in line or "extern_kernels.mm" in line):
-            open_ += 1
-    return counts
-
-
-def test_single_block_gemms_run_while_its_all_to_alls_travel(tmp_path):
-    """Inductor (the service's compiler) keeps Flux's single-block order: the MLP GEMM between
-    q/k/v's all-to-all and its wait, and the MLP's share of proj_out between the output's
-    all-to-all and its wait. Its locality / peak-memory reorderings used to move both past the
-    waits, which left nothing to hide the exchanges under (compile.py)."""
-    out = tmp_path / "codes.json"
-    mp.spawn(_overlap_rank, args=(free_port(), str(out)), nprocs=2, join=True)
-    codes = json.loads(out.read_text())
-    per_graph = [_gemms_under_exchanges(code) for code in codes if "all_to_all_single" in code]
-    assert per_graph == [[1, 1]], per_graph  # one GEMM under each exchange

@@ -200,7 +200,7 @@ back with the CLI's own parser and compares with the serve values). */}}
 {{- end }}
 {{- if eq .pool "denoiser" }}
 {{- $d := $s.denoiser | default dict }}
-{{- range $field, $flag := dict "ulysses_degree" "--ulysses-degree" "ring_degree" "--ring-degree" "tp_size" "--tp-size" "comm_sms" "--comm-sms" "offload_prefetch" "--offload-prefetch" "max_loras" "--max-loras" }}
+{{- range $field, $flag := dict "ulysses_degree" "--ulysses-degree" "ring_degree" "--ring-degree" "tp_size" "--tp-size" "offload_prefetch" "--offload-prefetch" "max_loras" "--max-loras" }}
 {{- if and (hasKey $d $field) (not (kindIs "invalid" (get $d $field))) }}{{ $args = concat $args (list $flag (get $d $field | int | toString)) }}{{ end }}
 {{- end }}
 {{- range $field, $flag := dict "precision" "--dit-precision" "compile_cache_dir" "--compile-cache-dir" "lora_dir" "--lora-dir" }}

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from services.denoiser.attention import Overlap, attention, attention_overlapped
+from services.denoiser.attention import attention
 from services.denoiser.models.config import from_config_json
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
 
@@ -192,8 +192,7 @@ class FluxAttention(nn.Module):
         v = to_v(x).unflatten(-1, (-1, self.head_dim))
         return q, k, v
 
-    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
-        """The attention's inputs, [B, S, H, D] each, normed and rotated ([text; image] with context)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if context is not None:
             cq, ck, cv = self._qkv(
@@ -201,10 +200,7 @@ class FluxAttention(nn.Module):
             )
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         cos, sin = rope
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
-        q, k, v = self.qkv(x, rope, context)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(q, k, v).flatten(2, 3).to(q.dtype)
         if context is None:
             return out
@@ -260,15 +256,8 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        q, k, v = self.attn.qkv(h, rope)
-        # The MLP branch does not need the attention: under Ulysses it runs while q/k/v are
-        # exchanged, and its share of proj_out while the attention's output travels back.
-        hidden_and_share = Overlap(
-            inbound=lambda carveout: self.proj_mlp.forward_gelu(h, carveout),
-            outbound=lambda mlp, carveout: (mlp, self.proj_out.piece_product(1, mlp, carveout)),
-        )
-        attn, (mlp, mlp_share) = attention_overlapped(q, k, v, hidden_and_share)
-        out = self.proj_out.forward_pieces([attn.flatten(2, 3).to(q.dtype), mlp], products={1: mlp_share})
+        mlp = self.proj_mlp.forward_gelu(h)
+        out = self.proj_out.forward_pieces([self.attn(h, rope), mlp])
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
@@ -285,9 +274,6 @@ class FluxTransformer(nn.Module):
 
     # The repeated blocks, in execution order (compiled one by one, offloaded layer by layer).
     block_lists = ("transformer_blocks", "single_transformer_blocks")
-    # The single blocks place their all-to-alls' waits themselves (attention.Overlap): compiled
-    # in program order (compile.py).
-    comm_order = "program"
 
     def __init__(self, config: FluxConfig, tp: TensorParallel | None = None):
         super().__init__()

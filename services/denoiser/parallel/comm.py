@@ -8,35 +8,16 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-
-
-class PendingAllToAll:
-    """An all-to-all in flight. The exchange runs on the communication stream; compute issued
-    before wait() overlaps it, eager and compiled alike: the functional collective and its wait
-    are two ops in the graph, and the wait stays where the caller put it."""
-
-    def __init__(self, recv: torch.Tensor, out_splits: list[int], out_shapes: list[tuple[int, ...]]):
-        self.recv, self.out_splits, self.out_shapes = recv, out_splits, out_shapes
-
-    def wait(self) -> list[torch.Tensor]:
-        """What rank i sent us, shaped out_shapes[i]."""
-        recv = torch.ops._c10d_functional.wait_tensor(self.recv)
-        return [r.view(s) for r, s in zip(recv.split(self.out_splits), self.out_shapes)]
-
-
-def start_all_to_all(chunks: list[torch.Tensor], out_shapes: list[tuple[int, ...]], group) -> PendingAllToAll:
-    """Send chunks[j] to rank j of `group`; wait() on the result gives what rank i sent us."""
-    send = torch.cat([c.contiguous().reshape(-1) for c in chunks])
-    in_splits = [c.numel() for c in chunks]
-    out_splits = [math.prod(s) for s in out_shapes]
-    recv = torch.ops._c10d_functional.all_to_all_single(send, out_splits, in_splits, funcol._resolve_group_name(group))
-    return PendingAllToAll(recv, out_splits, out_shapes)
 
 
 def all_to_all(chunks: list[torch.Tensor], out_shapes: list[tuple[int, ...]], group) -> list[torch.Tensor]:
     """Send chunks[j] to rank j of `group`; return what rank i sent us, shaped out_shapes[i]."""
-    return start_all_to_all(chunks, out_shapes, group).wait()
+    send = torch.cat([c.contiguous().reshape(-1) for c in chunks])
+    in_splits = [c.numel() for c in chunks]
+    out_splits = [math.prod(s) for s in out_shapes]
+    recv = send.new_empty(sum(out_splits))
+    dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    return [r.view(s) for r, s in zip(recv.split(out_splits), out_shapes)]
 
 
 class RingExchange:

@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from services.denoiser.attention import Overlap, around, local_attention, set_active_parallel
+from services.denoiser.attention import local_attention, set_active_parallel
 from services.denoiser.parallel.comm import all_to_all
 from services.denoiser.parallel.mesh import ParallelMesh, even_split, offsets
 from services.denoiser.parallel.ring import ring_attention
@@ -67,18 +67,15 @@ class SequenceParallel:
             local = torch.cat(all_to_all([local] * self.r, [(b, n, c) for n in sizes], self.mesh.group("ring")), dim=1)
         return local
 
-    def attention(self, q, k, v, overlap: Overlap | None = None):
-        """Attention over the whole sequence from this rank's shard; with `overlap` (see
-        attention.Overlap), returns (output, overlap's result)."""
+    def attention(self, q, k, v) -> torch.Tensor:
         if self.r > 1:
             inner = partial(ring_attention, chunk_sizes=self.ring_chunks, group=self.mesh.group("ring"),
                             rank=self.mesh.rank("ring"))
         else:
             inner = local_attention
-        if self.u == 1:  # ring attention overlaps its own exchanges
-            return around(inner, q, k, v, overlap)
-        return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"), inner,
-                                 overlap, self.mesh.comm_sms)
+        if self.u == 1:
+            return inner(q, k, v)
+        return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"), inner)
 
     @contextmanager
     def active(self):

@@ -29,14 +29,12 @@ class ParallelDegrees:
 class ParallelMesh:
     """Built on every rank of an initialised default process group of size degrees.world_size."""
 
-    def __init__(self, degrees: ParallelDegrees, device_type: str, comm_sms: int = 0):
+    def __init__(self, degrees: ParallelDegrees, device_type: str):
         from torch.distributed.device_mesh import init_device_mesh
 
         if dist.get_world_size() != degrees.world_size:
             raise ValueError(f"world size {dist.get_world_size()} != cfg x ring x ulysses x tp = {degrees.world_size}")
         self.degrees = degrees
-        # SMs the GEMMs beside a Ulysses all-to-all leave free (parallel/carveout.py); CUDA only.
-        self.comm_sms = comm_sms if device_type == "cuda" else 0
         self.mesh = init_device_mesh(
             device_type,
             (degrees.cfg, degrees.ring, degrees.ulysses, degrees.tp),

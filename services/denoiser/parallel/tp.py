@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.denoiser.lora.apply import add_lora
-from services.denoiser.parallel.carveout import can_carve, carved_linear
 from services.denoiser.quant import linear
 from services.runtime import tensor_parallel as base
 from services.runtime.tensor_parallel import TensorParallel, shard_state_dict
@@ -27,13 +26,11 @@ class ColumnParallelLinear(base.ColumnParallelLinear):
         y = linear(x, self.weight, self.bias, getattr(self, "weight_scale", None))
         return add_lora(self, [x], y)  # unmerged LoRA (lora/apply.py)
 
-    def forward_gelu(self, x: torch.Tensor, carveout: int = 0) -> torch.Tensor:
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(tanh)(x W^T + b). On CUDA in bf16/fp16, cuBLASLt applies the GELU in the GEMM's
         epilogue (in fp32, before rounding) instead of a second pass over the [tokens, 4 x dim]
         output; inductor keeps the call as is (it has no decomposition for it)."""
         lora = getattr(self, "lora_down", None) is not None  # the update goes in before the GELU
-        if carveout and not lora and self.bias is not None and can_carve(x, self.weight):
-            return carved_linear(x, self.weight, self.bias, True, carveout)  # beside a collective
         if x.is_cuda and self.bias is not None and self.weight.dtype in (torch.bfloat16, torch.float16) and not lora:
             y = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
             return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -44,37 +41,20 @@ class RowParallelLinear(base.RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_pieces([x])
 
-    def forward_pieces(self, pieces: list[torch.Tensor], products: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward_pieces(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """forward(torch.cat(pieces, -1)) without building the concatenation: one GEMM per piece
         of the input (the pieces of `blocks`), summed. Saves Flux's single blocks a copy of
-        [tokens, 5 x dim] per layer; the sum fuses into the residual add that follows.
-
-        `products[i]`: piece i's product, computed earlier by `piece_product` (Flux's single
-        blocks compute the MLP's share while the attention's all-to-all is in flight); the sum
-        is the same, in the same order."""
-        products = products or {}
+        [tokens, 5 x dim] per layer; the sum fuses into the residual add that follows."""
         scale = getattr(self, "weight_scale", None)
         weights = self.weight.split([p.shape[-1] for p in pieces], dim=1) if len(pieces) > 1 else [self.weight]
         # Without TP the bias rides in the first GEMM's epilogue; with TP `reduce` adds it once,
         # after the all-reduce of the partial products.
         bias = self.bias if self.tp is None else None
         y = linear(pieces[0], weights[0], bias, scale)
-        for i, (piece, weight) in enumerate(zip(pieces[1:], weights[1:]), start=1):
-            y = y + (products[i] if i in products else linear(piece, weight, None, scale))
+        for piece, weight in zip(pieces[1:], weights[1:]):
+            y = y + linear(piece, weight, None, scale)
         y = add_lora(self, pieces, y)  # partial under TP, like y
         return y if self.tp is None else self.reduce(y)
-
-    def piece_product(self, i: int, piece: torch.Tensor, carveout: int = 0) -> torch.Tensor:
-        """Input piece i's share of forward_pieces' sum (no bias: piece 0 carries it), for
-        `products`. Piece 0 is always computed in forward_pieces. `carveout`: SMs to leave to a
-        collective running beside it (parallel/carveout.py)."""
-        if i == 0:
-            raise ValueError("piece 0 carries the bias; forward_pieces computes it")
-        local = [b // self.tp.size for b in self.blocks] if self.tp is not None else self.blocks
-        weight = self.weight.split(local, dim=1)[i]
-        if carveout and can_carve(piece, weight):
-            return carved_linear(piece, weight, None, False, carveout)
-        return linear(piece, weight, None, getattr(self, "weight_scale", None))
 
 
 class AcrossHeadsRMSNorm(nn.Module):

@@ -4,12 +4,7 @@ Each rank holds a shard of the joint [text; image] sequence (shard sizes may dif
 Before attention an all-to-all trades sequence for heads, so every rank sees the whole sequence
 for its share of the heads (which may also differ by one); after attention, the reverse.
 Attention does not care about the order of the gathered tokens, so each rank's shard travels as
-one piece, text and image together.
-
-The two exchanges are on the critical path of the attention itself; what hides them is work
-of the same layer that does not need the attention (`overlap`: Flux's single blocks run their
-MLP branch while q/k/v travel, and its share of the output projection while the result
-travels back)."""
+one piece, text and image together."""
 
 from __future__ import annotations
 
@@ -17,8 +12,7 @@ from typing import Callable
 
 import torch
 
-from services.denoiser.attention import Overlap
-from services.denoiser.parallel.comm import start_all_to_all
+from services.denoiser.parallel.comm import all_to_all
 from services.denoiser.parallel.mesh import even_split, offsets
 
 
@@ -30,26 +24,19 @@ def ulysses_attention(
     group,
     rank: int,
     inner: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    overlap: Overlap | None = None,
-    comm_sms: int = 0,
-):
+) -> torch.Tensor:
     """q/k/v [B, seq_sizes[rank], H, D] -> same shape; `inner` attends over
-    [B, sum(seq_sizes), H_rank, D] (plain attention, or ring attention for USP). With `overlap`,
-    returns (attention output, overlap.outbound's result); its GEMMs leave `comm_sms` SMs to the
-    all-to-all beside them."""
+    [B, sum(seq_sizes), H_rank, D] (plain attention, or ring attention for USP)."""
     n = len(seq_sizes)
     b, _, heads, d = q.shape
     head_sizes = even_split(heads, n)
     head_offs = offsets(head_sizes)
 
-    # One collective for q, k and v: scatter heads, gather sequence. Each destination's heads of
-    # q, k and v are stacked straight into the send buffer.
-    chunks = [torch.stack([t[:, :, head_offs[j] : head_offs[j] + head_sizes[j]] for t in (q, k, v)])
-              for j in range(n)]
+    # One collective for q, k and v: scatter heads, gather sequence.
+    qkv = torch.stack([q, k, v])
+    chunks = [qkv[:, :, :, head_offs[j] : head_offs[j] + head_sizes[j]] for j in range(n)]
     shapes = [(3, b, seq_sizes[i], head_sizes[rank], d) for i in range(n)]
-    inbound = start_all_to_all(chunks, shapes, group)
-    side = overlap.inbound(comm_sms) if overlap is not None else None
-    q_all, k_all, v_all = torch.cat(inbound.wait(), dim=2)
+    q_all, k_all, v_all = torch.cat(all_to_all(chunks, shapes, group), dim=2)
 
     out = inner(q_all, k_all, v_all)
 
@@ -57,8 +44,4 @@ def ulysses_attention(
     seq_offs = offsets(seq_sizes)
     chunks = [out[:, seq_offs[j] : seq_offs[j] + seq_sizes[j]] for j in range(n)]
     shapes = [(b, seq_sizes[rank], head_sizes[i], d) for i in range(n)]
-    outbound = start_all_to_all(chunks, shapes, group)
-    if overlap is not None:
-        side = overlap.outbound(side, comm_sms)
-    out = torch.cat(outbound.wait(), dim=2)
-    return out if overlap is None else (out, side)
+    return torch.cat(all_to_all(chunks, shapes, group), dim=2)
