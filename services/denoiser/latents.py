@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from services.runtime.pipelines.z_image import SEQ_MULTI_OF
+
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[len(seeds), *shape] standard normal, image i drawn from torch.Generator('cpu').manual_seed(seeds[i])."""
@@ -115,7 +117,6 @@ class CenteredLatents2x2(PackedLatents2x2):
 
 # --- Z-Image ---------------------------------------------------------------------------------
 
-SEQ_MULTI_OF = 32  # diffusers' Z-Image pads image and caption token counts to multiples of this
 # The (patch_size, f_patch_size) ZImagePipeline calls the transformer with (its forward defaults).
 Z_IMAGE_PATCH = (2, 1)
 

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def unpatchify(latents: torch.Tensor) -> torch.Tensor:
     """[B, 4C, h, w] -> [B, C, 2h, 2w], channel c*4 + 2*dy + dx to pixel (2y + dy, 2x + dx): the
-    Flux.2 pipelines' _unpatchify_latents (models/flux2.py's twin, which a VAE worker may not import)."""
+    Flux.2 pipelines' _unpatchify_latents, the inverse of models/flux2.py's patchify."""
     b, c4, h, w = latents.shape
     x = latents.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(b, c4 // 4, h * 2, w * 2)

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from services.denoiser.models import flux2
 from services.denoiser.models.flux2 import Flux2Config, Flux2Transformer
 from services.denoiser.parallel.mesh import ParallelDegrees
+from services.vae.stage import unpatchify
 
 # [dev]-like (guidance embedding) with 3 heads: uneven for every sp degree here.
 CONFIG = Flux2Config(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=3,
@@ -118,7 +119,7 @@ def test_ids_and_packing_match_the_pipeline():
     latent = torch.randn(2, 4, 6, 10, generator=g)  # a VAE latent [B, C, h, w]
     patched = P._patchify_latents(latent)
     assert torch.equal(flux2.patchify(latent), patched)
-    assert torch.equal(flux2.unpatchify(patched), latent)
+    assert torch.equal(unpatchify(patched), latent)  # the VAE worker's
     tokens = P._pack_latents(patched)
     assert torch.equal(flux2.pack(patched), tokens)
     ids = P._prepare_latent_ids(patched)

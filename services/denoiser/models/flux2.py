@@ -31,7 +31,8 @@ the helpers below that mirror it:
     // (vae_scale_factor * 2), in_channels = 4 x the VAE's latent channels) and `pack`ed to
     [B, H'W', in_channels] (a reshape, row-major tokens). After the loop: `unpack`, undo the VAE's
     batch-norm statistics per patchified channel (x * sqrt(bn.running_var + batch_norm_eps) +
-    bn.running_mean), `unpatchify` to [B, C, 2H', 2W'], decode (no scaling / shift factor).
+    bn.running_mean), unpatchify to [B, C, 2H', 2W'] and decode (no scaling / shift factor): the
+    VAE worker's part (services/vae/stage.py).
     Per token this is Flux.1's 2x2 packing of the VAE latent; what differs is the noise's shape
     (so a seed's draw) and that the normalisation happens on patchified channels.
   - position ids: `image_ids` (0, row, col, 0) and `text_ids` (0, 0, 0, index); reference images
@@ -118,13 +119,6 @@ def patchify(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
     return x.reshape(b, c * 4, h // 2, w // 2)
-
-
-def unpatchify(latents: torch.Tensor) -> torch.Tensor:
-    """[B, 4C, h/2, w/2] -> VAE latent [B, C, h, w] (_unpatchify_latents)."""
-    b, c4, h, w = latents.shape
-    x = latents.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, c4 // 4, h * 2, w * 2)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.runtime.spec import CfgRule, GenerationDefaults, PipelineSpec
 
-SEQ_MULTI_OF = 32  # Z-Image pads captions to multiples of this (services/denoiser/latents.py)
+SEQ_MULTI_OF = 32  # diffusers' Z-Image pads image and caption token counts to multiples of this
 
 
 def _z_image_defaults(model) -> GenerationDefaults:
