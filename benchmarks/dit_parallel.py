@@ -150,14 +150,12 @@ def kernel_profile(name: str, fn, rank: int, trace_dir: str | None = None, steps
         torch.cuda.synchronize()
     if rank != 0:
         return
-    path = os.path.join(trace_dir, name.replace(" ", "_") + ".json") if trace_dir else tempfile.mktemp(suffix=".json")
-    if trace_dir:
-        os.makedirs(trace_dir, exist_ok=True)
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        kernels = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
-    if not trace_dir:
-        os.remove(path)
+    with tempfile.TemporaryDirectory() as scratch:  # the trace is read back from its file
+        os.makedirs(trace_dir or scratch, exist_ok=True)
+        path = os.path.join(trace_dir or scratch, name.replace(" ", "_") + ".json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            kernels = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
     if not kernels:
         return
     totals: dict[str, float] = {}

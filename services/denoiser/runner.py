@@ -63,6 +63,12 @@ class StepInputs:
         return CacheStats(computed_steps=cache.computed_steps, cached_steps=cache.cached_steps)
 
 
+def with_first_tokens(latents: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """latents [B, N, D] with their first n tokens replaced by `first` [1, n, D]: Wan 2.2 TI2V's
+    (1 - mask) * condition + mask * latents, for a mask that is 0 on those tokens exactly."""
+    return torch.cat([first.expand(latents.shape[0], -1, -1), latents[:, first.shape[1]:]], dim=1)
+
+
 class DenoiserRunner:
     def __init__(
         self,
@@ -184,9 +190,8 @@ class DenoiserRunner:
             latents = torch.cat([latents, inputs.reference.expand(batch, -1, -1)], dim=1)
         if inputs.channels is not None:  # WanImageToVideoPipeline's cat([latents, condition], dim=1)
             latents = self.layout.join_channels(latents, inputs.channels.expand(batch, -1, -1))
-        if inputs.first_tokens is not None:  # TI2V: (1 - mask) * condition + mask * latents
-            first = inputs.first_tokens
-            latents = torch.cat([first.expand(batch, -1, -1), latents[:, first.shape[1]:]], dim=1)
+        if inputs.first_tokens is not None:  # TI2V: the given first latent frame, every forward
+            latents = with_first_tokens(latents, inputs.first_tokens)
         if inputs.timestep_mask is not None:  # TI2V: (mask * t), a timestep per token
             timestep = inputs.timestep_mask[None, :] * timestep[:, None]
         extra = {}

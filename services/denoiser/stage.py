@@ -20,7 +20,7 @@ from services.denoiser.parallel.comm import gather_ints
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
 from services.denoiser.quant import apply_precision
-from services.denoiser.runner import DenoiserRunner
+from services.denoiser.runner import DenoiserRunner, with_first_tokens
 from services.denoiser.schedule import FlowMatchSchedule
 from services.denoiser.weights import load_native_transformer
 from services.runtime.cache_policy import CachePolicy
@@ -121,7 +121,7 @@ class DenoiserStage:
                 self.lora.deactivate()
                 self.runner.use_expert(0)  # the next request starts on the first expert
             if first is not None:  # the pipeline's last (1 - mask) * condition + mask * latents
-                latents = torch.cat([first.expand(latents.shape[0], -1, -1), latents[:, first.shape[1]:]], dim=1)
+                latents = with_first_tokens(latents, first)
             out = self.layout.unpack(latents, grid)
         metrics.lora_loads, metrics.lora_hits = self.adapters.loads - loads, self.adapters.hits - hits
         if self.runner.mesh is not None:  # every rank runs this call: one small all-gather

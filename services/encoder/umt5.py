@@ -66,7 +66,7 @@ class WanImageToVideoPromptEncoder(UMT5PromptEncoder):
     def __init__(self, model: ModelDir, *, device: torch.device, dtype: torch.dtype, tp=None):
         super().__init__(model, device=device, dtype=dtype, tp=tp)
         self.image_encoder = self.image_processor = None
-        if model.index.get("image_encoder") not in (None, [None, None]):
+        if model.has_component("image_encoder"):
             self.image_processor = load_component(model, "image_processor")
             self.image_encoder = load_component(model, "image_encoder", dtype=dtype, device=device)
 

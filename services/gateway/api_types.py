@@ -97,7 +97,8 @@ class VideoBody(BaseModel):
         return GenerateRequest.parse(
             prompt=self.prompt, negative_prompt=self.negative_prompt, width=width, height=height,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-            guidance_scale_2=self.guidance_scale_2, seed=self.seed, num_frames=self.num_frames, fps=self.fps, seconds=self.seconds, images=list(images),
+            guidance_scale_2=self.guidance_scale_2, seed=self.seed, num_frames=self.num_frames, fps=self.fps,
+            seconds=self.seconds, images=list(images),
         )
 
 

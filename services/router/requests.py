@@ -120,7 +120,8 @@ def resolve_request(
     for name in ("cfg_normalization", "cfg_truncation"):  # the "cfg_limits" feature (ZImagePipeline's)
         if getattr(req, name) is not None and "cfg_limits" not in spec.features:
             raise InvalidRequestError(f"{name} is not available for {spec.family}", name)
-    if req.guidance_scale_2 is not None and model.index.get("boundary_ratio") is None:
+    two_experts = model.index.get("boundary_ratio") is not None  # Wan 2.2 A14B
+    if req.guidance_scale_2 is not None and not two_experts:
         raise InvalidRequestError(f"guidance_scale_2: {spec.family} has one expert (no boundary_ratio); it is the "
                                   "low-noise expert's CFG scale of two-expert models (Wan 2.2 A14B)", "guidance_scale_2")
     if "cache" not in spec.features:
@@ -158,7 +159,7 @@ def resolve_request(
         cfg_normalization=req.cfg_normalization if req.cfg_normalization is not None else defaults.cfg_normalization,
         cfg_truncation=req.cfg_truncation if req.cfg_truncation is not None else defaults.cfg_truncation,
         guidance_scale_2=req.guidance_scale_2 if req.guidance_scale_2 is not None else (
-            guidance_scale if model.index.get("boundary_ratio") is not None else None),
+            guidance_scale if two_experts else None),
     )
 
 

@@ -39,6 +39,10 @@ class ModelDir:
         self.pipeline_class: str = str(self.index.get("_class_name", ""))
         self._configs: dict[str, dict] = {}
 
+    def has_component(self, name: str) -> bool:
+        """model_index.json names component `name` (absent and [null, null] both mean no)."""
+        return self.index.get(name) not in (None, [None, None])
+
     def component_class(self, name: str) -> tuple[str, str]:
         entry = self.index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or not all(entry):

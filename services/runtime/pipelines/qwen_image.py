@@ -29,7 +29,7 @@ def _unserved(model) -> str | None:
 
 
 def _unserved_edit(model) -> str | None:
-    if model.index.get("processor") in (None, [None, None]):
+    if not model.has_component("processor"):
         return "a pipeline without its processor (the vision encoder's image preprocessing)"
     return _unserved(model)
 

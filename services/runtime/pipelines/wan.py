@@ -33,10 +33,10 @@ def _wan_defaults(model) -> GenerationDefaults:
 def _unserved_layout(model) -> str | None:
     """What both pipelines need: the first transformer, both experts' parts or neither, and no
     per-token timesteps."""
-    two_experts = model.index.get("transformer_2") not in (None, [None, None])
+    two_experts = model.has_component("transformer_2")
     if two_experts != (model.index.get("boundary_ratio") is not None):
         return "a transformer_2 without a boundary_ratio, or a boundary_ratio without a transformer_2"
-    if model.index.get("transformer") in (None, [None, None]):
+    if not model.has_component("transformer"):
         return "a pipeline without its first transformer"
     return None
 
@@ -55,7 +55,7 @@ def _unserved_i2v(model) -> str | None:
     transformer = model.component_config("transformer")
     if transformer.get("pos_embed_seq_len"):
         return "the first-last-frame variant (pos_embed_seq_len)"
-    if bool(transformer.get("image_dim")) != (model.index.get("image_encoder") not in (None, [None, None])):
+    if bool(transformer.get("image_dim")) != model.has_component("image_encoder"):
         return "image_dim without an image_encoder, or an image_encoder for a DiT without image_dim"
     if model.index.get("expand_timesteps") and transformer.get("in_channels") != transformer.get("out_channels"):
         return "per-token timesteps (expand_timesteps) with extra input channels"
