@@ -16,6 +16,10 @@ unless --eager:
   neither); for a cfg layout diffusers runs its two branches one after the other, as its
   Flux pipeline does.
 
+First, the machine's all-to-all bandwidth over all GPUs at the size of one Ulysses q/k/v
+exchange: the same code's multi-GPU rows differed by up to 1.7x between machines, with
+diffusers' rows moving alike, so each table carries the figure that explains its own rows.
+
 Rank 0 prints each row as it is measured (a run cut short keeps what it had) and a table at the
 end: speed-up and scaling efficiency against ditserve's own 1-GPU step of the same kind, ratio
 to diffusers at the same degree, relative error of the positive branch against 1 GPU."""
@@ -101,8 +105,8 @@ class Runs:
         print("| config | GPUs | ms/step | vs ditserve 1 GPU | scaling efficiency | vs diffusers same degree "
               "| TFLOP/s per GPU | peak GiB (rank 0) | rel err vs 1 GPU |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        def mode(r: Row) -> str:
-            return "eager" if r.name.endswith("eager") else "compiled"
+        def mode(r: Row) -> str:  # each row against the 1-GPU row run the same way
+            return "eager" if r.name.endswith("eager") else "graphs" if r.name.endswith("graphs") else "compiled"
 
         one = {(mode(r), r.cfg): r for r in self.rows.values() if r.gpus == 1}
         for r in self.rows.values():
@@ -173,6 +177,22 @@ def kernel_profile(name: str, fn, rank: int, trace_dir: str | None = None, steps
           f"exposed {(anything - compute) / per:.1f}, idle {(wall - anything) / per:.1f}", flush=True)
 
 
+def alltoall_gb_s(nbytes: int, device: torch.device, iters: int = 20) -> float:
+    """Bytes each rank sends and receives per second in an all-to-all over the default group
+    of `nbytes` per rank (the 1/world share each keeps counts as sent, as NCCL's algbw does)."""
+    send = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    recv = torch.empty_like(send)
+    for _ in range(3):
+        dist.all_to_all_single(recv, send)
+    torch.cuda.synchronize(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_to_all_single(recv, send)
+    torch.cuda.synchronize(device)
+    return nbytes * iters / (time.perf_counter() - t0) / 1e9
+
+
 def parallel_rank(rank: int, args, port: int) -> None:
     """One rank of a multi-GPU run; rank 0 prints."""
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
@@ -198,10 +218,17 @@ def parallel_rank(rank: int, args, port: int) -> None:
     h, w = layout.latent_hw(args.height, args.width)
     any_cfg = any(d.cfg > 1 for d in layouts)
     runs = Runs(args, device, rank)
+    if cuda:
+        # q, k and v of this rank's 1/world of the [text; image] tokens, as one Ulysses exchange sends them
+        qkv_bytes = 3 * (inp["x"].shape[1] + args.text_len) // world * cfg.inner_dim * 2 * args.batch
+        for nbytes in (qkv_bytes, 64 << 20):
+            gb_s = alltoall_gb_s(nbytes, device)
+            if rank == 0:
+                print(f"NCCL all-to-all over {world} GPUs, {nbytes / 2**20:.1f} MiB per rank: {gb_s:.0f} GB/s per rank")
     modes = (["eager"] if args.eager else []) + (["compiled"] if not args.no_compile else [])
 
-    def ditserve(model, mesh, with_cfg: bool):
-        runner = DenoiserRunner(model, layout, device, dtype, mesh)
+    def ditserve(model, mesh, with_cfg: bool, graphs: bool = False):
+        runner = DenoiserRunner(model, layout, device, dtype, mesh, cuda_graphs=graphs)
         inputs = runner.prepare(positive, negative if with_cfg else None, 3.5, args.batch, (h, w), None)
         return lambda: runner.predict(inp["x"], inp["t"], inputs)
 
@@ -211,15 +238,18 @@ def parallel_rank(rank: int, args, port: int) -> None:
         if mode == "compiled":  # as the service compiles a multi-rank replica
             for m in {id(m): m for m in [native, *models.values()]}.values():
                 compile_blocks(m, overlap_comm=True)
-        runs.run(f"ditserve 1 GPU {mode}", ditserve(native, None, False), 1, False)
-        if any_cfg:
-            runs.run(f"ditserve 1 GPU true-CFG {mode}", ditserve(native, None, True), 1, True)
-        for d in layouts:
-            for repeat in range(args.repeat):  # repeated rows show the machine's run-to-run spread
-                runs.run(f"ditserve {layout_name(d)}{f' #{repeat + 1}' if repeat else ''} {mode}",
-                         ditserve(models[d], meshes[d], d.cfg > 1), world, d.cfg > 1,
-                         vs_diffusers=f"diffusers CP {layout_name(diffusers_degrees(d, world))}"
-                         + (" true-CFG" if d.cfg > 1 else "") + " compiled")
+        # CUDA graphs need a compiled (or at least warmed-up) CUDA forward: compiled rows only
+        for graphs in (False, True) if args.cuda_graphs and mode == "compiled" and cuda else (False,):
+            tag = f"{mode}{' + CUDA graphs' if graphs else ''}"
+            runs.run(f"ditserve 1 GPU {tag}", ditserve(native, None, False, graphs), 1, False)
+            if any_cfg:
+                runs.run(f"ditserve 1 GPU true-CFG {tag}", ditserve(native, None, True, graphs), 1, True)
+            for d in layouts:
+                for repeat in range(args.repeat):  # repeated rows show the machine's run-to-run spread
+                    runs.run(f"ditserve {layout_name(d)}{f' #{repeat + 1}' if repeat else ''} {tag}",
+                             ditserve(models[d], meshes[d], d.cfg > 1, graphs), world, d.cfg > 1,
+                             vs_diffusers=f"diffusers CP {layout_name(diffusers_degrees(d, world))}"
+                             + (" true-CFG" if d.cfg > 1 else "") + " compiled")
     if cuda:
         from services.denoiser.quant import apply_precision
 
@@ -232,7 +262,9 @@ def parallel_rank(rank: int, args, port: int) -> None:
             apply_precision(fp8.eval().requires_grad_(False), "fp8")
             if not args.no_compile:
                 compile_blocks(fp8, overlap_comm=True)
-            runs.run(f"ditserve {layout_name(d)} fp8 compiled", ditserve(fp8, meshes[d], d.cfg > 1), world, d.cfg > 1)
+            for graphs in (False, True) if args.cuda_graphs and not args.no_compile else (False,):
+                runs.run(f"ditserve {layout_name(d)} fp8 compiled{' + CUDA graphs' if graphs else ''}",
+                         ditserve(fp8, meshes[d], d.cfg > 1, graphs), world, d.cfg > 1)
     if not args.no_diffusers:
         run_diffusers(runs, cfg_dict, ref, inp, negative, layouts, world)
     if rank == 0:

@@ -15,7 +15,9 @@ runs one process per GPU (benchmarks/dit_parallel.py): ditserve on 1 GPU and in 
 all of them, against diffusers' own context parallelism (ContextParallelConfig) at the same
 degree, in the same run. `--profile` adds, per ditserve row, rank 0's GPU time by kernel kind
 and how much of the communication ran under compute (`--trace-dir D` keeps the Chrome traces);
-`--repeat N` runs each layout's row N times, to see the machine's spread within the run.
+`--repeat N` runs each layout's row N times, to see the machine's spread within the run;
+`--cuda-graphs` adds each compiled ditserve row again with its forwards replayed as CUDA graphs
+(the service's default for a multi-rank replica).
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ def main() -> None:
                     help="multi-GPU: rank 0's GPU time per kernel kind for each ditserve row, and how much of the "
                          "communication ran under compute")
     ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="multi-GPU: each compiled ditserve row also with whole forwards as CUDA graphs")
     ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
     args = ap.parse_args()
     if not args.layouts and args.ulysses_degree * args.ring_degree * args.tp_size * (2 if args.cfg_parallel else 1) > 1:

@@ -7,12 +7,13 @@ ulysses ranks) and, with cfg parallelism, the two branches run on the two halves
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from services.denoiser.cache import BlockCache
 from services.denoiser.compile import MAX_SHAPES
+from services.denoiser.graphs import ForwardGraphs
 from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.parallel.comm import all_to_all, broadcast_flag, mean_over
 from services.denoiser.parallel.context import SequenceParallel
@@ -79,8 +80,14 @@ class DenoiserRunner:
         mesh: ParallelMesh | None = None,
         expert_2: torch.nn.Module | None = None,
         velocity_in_dit_dtype: bool = False,
+        cuda_graphs: bool = False,
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
+        # Whole forwards as CUDA graphs (graphs.py), except where a forward is not the same
+        # device work every time: a DiT cache decides per step on the host, and unmerged LoRA
+        # tensors change per batch (the stage clears `graphs_allowed` while those are set).
+        self.graphs = ForwardGraphs(device) if cuda_graphs and device.type == "cuda" else None
+        self.graphs_allowed = True
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
         # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
         # both); `use_expert` picks the one the next steps run.
@@ -185,6 +192,23 @@ class DenoiserRunner:
         return velocities if self.velocity_in_dit_dtype else [v.to(latents.dtype) for v in velocities]
 
     def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is None or not self.graphs_allowed or branch.cache is not None:
+            return self._run(latents, timestep, branch, inputs)
+        optional = ("guidance", "reference", "reference_tokens", "channels", "image_embeds", "timestep_mask",
+                    "first_tokens")
+        tensors = [latents, timestep, branch.prompt_embeds, branch.pooled_prompt_embeds,
+                   *(getattr(inputs, name) for name in optional), *branch.rope]
+
+        def forward(latents, timestep, embeds, pooled, *rest):
+            fields = dict(zip(optional, rest))
+            rope = tuple(rest[len(optional):])
+            return self._run(latents, timestep, replace(branch, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                                                       rope=rope), replace(inputs, **fields))
+
+        # The same shapes give the same token split, so the model is all the key needs besides them.
+        return self.graphs.run(forward, tensors, depends_on=id(self.model))
+
+    def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
         noise_tokens, batch = latents.shape[1], latents.shape[0]
         if inputs.reference is not None:  # the edit pipelines' cat([latents, image_latents], dim=1)
             latents = torch.cat([latents, inputs.reference.expand(batch, -1, -1)], dim=1)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from services.denoiser.compile import compile_blocks, should_compile, use_compile_cache
+from services.denoiser.compile import compile_blocks, should_compile, should_graph, use_compile_cache
 from services.denoiser.latents import initial_noise
 from services.denoiser.loop import Guidance, sample
 from services.denoiser.lora.apply import LoraRunner
@@ -65,7 +65,8 @@ class DenoiserStage:
         # Wan 2.2 TI2V: a timestep per token, and image-to-video through the first latent frame.
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
-                                     velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype)
+                                     velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
+                                     cuda_graphs=should_graph(config, self.device, mesh))
         self.lora = LoraRunner(transformer, self.device)
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
@@ -110,6 +111,7 @@ class DenoiserStage:
                 timestep_mask=timestep_mask,
             )
             self._use_loras(request)
+            self.runner.graphs_allowed = not self.lora.unmerged  # per-batch LoRA tensors: not in a graph
             try:
                 # WanPipeline's switch: the first expert while t >= boundary, the second after
                 experts = None if self.boundary_timestep is None else [

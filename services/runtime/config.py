@@ -152,9 +152,21 @@ class DenoiserOptions(BaseModel):
     # (registered names only) when serving; `generate` reads the files it is given.
     lora_dir: Path | None = None
     max_loras: int = Field(8, ge=1, description="adapters a replica keeps loaded (LRU)")
+    # Each DiT forward captured once per shape and replayed as a CUDA graph (denoiser/graphs.py).
+    # None = on for a compiled multi-rank replica on CUDA, where the host's kernel and NCCL launches
+    # were the bottleneck (4x H200, Ulysses-4, 1024x1024: 89.5 -> 43.8 ms per step); on one GPU it
+    # measured no gain. Not with layerwise offload.
+    cuda_graphs: bool | None = None
     # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
     layerwise_offload: bool = False
     offload_prefetch: int = Field(1, ge=1, description="blocks copied ahead of the one computing")
+
+    @model_validator(mode="after")
+    def _graphs_without_offload(self):
+        if self.cuda_graphs and self.layerwise_offload:
+            raise ValueError("cuda_graphs and layerwise_offload cannot be combined: the offload's per-block "
+                             "copies and their events run outside any graph")
+        return self
 
     @property
     def world_size(self) -> int:

@@ -81,7 +81,19 @@ def follower_main(rank: int, world: int, address: str, spec: RankSpec) -> None:
             pass  # rank 0 stopped the call; every rank stopped at the same step
         except Exception:  # rank 0 reports the request's failure; followers wait for the next one
             log.exception("%s rank %d: request failed", spec.role, rank)
-    dist.destroy_process_group()
+    leave_group()
+
+
+def leave_group() -> None:
+    """This process's side of every process group, without waiting on the other ranks. With
+    NCCL, destroy_process_group's orderly teardown waits on its peers: on GPU it hung rank 0's
+    close of a two-rank replica (tests/gpu), and after a rank died it would wait on one that is
+    gone. Aborting the communicators returns at once; nothing is in flight by then (the last
+    request has returned, or failed). gloo's teardown does not wait."""
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()  # every group, the default one included
+    else:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -141,7 +153,7 @@ class RankGroup:
     def _stop(self) -> None:
         self.ranks.stop()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            leave_group()
 
     def call(self, request, *local_args):
         role = self.spec.role
@@ -158,6 +170,8 @@ class RankGroup:
             raise StageUnavailableError(f"{role} replica lost a rank mid-request: {str(exc).splitlines()[0]}") from exc
 
     def close(self) -> None:
+        """Orderly shutdown: every rank leaves the group together, then the processes end."""
         if dist.is_initialized():
-            dist.broadcast_object_list([None], src=0)
-        self._stop()
+            dist.broadcast_object_list([None], src=0)  # the followers' signal to leave theirs too
+            leave_group()
+        self.ranks.stop()

@@ -1,6 +1,7 @@
 """Sequence parallelism on CPU ranks (gloo): Ulysses, ring and both (USP) give the single-rank
 output of the native Flux transformer to fp32 relative error <= 1e-5, also when neither the
-text tokens, the image tokens nor the heads divide the degree."""
+text tokens, the image tokens nor the heads divide the degree (Ulysses' packed path for heads
+that divide evenly and its general one for heads that do not both run here)."""
 
 import os
 
@@ -20,7 +21,7 @@ from tests.servers import free_port
 # 3 heads: uneven for every degree here. 6x10 latents -> 15 packed image tokens: uneven too.
 CONFIG = FluxConfig(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=3,
                     joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-# Tensor parallelism splits whole heads: 4 heads for tp 2.
+# Tensor parallelism splits whole heads: 4 heads for tp 2 (and for Ulysses' even-heads cases).
 CONFIG_TP = FluxConfig(**{**CONFIG.__dict__, "num_attention_heads": 4})
 
 
@@ -40,12 +41,13 @@ def _model_and_inputs(h: int, w: int, text_len: int = 7, config: FluxConfig = CO
     return model, (x, ctx, pooled, t, rope, guidance)
 
 
-def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: int, w: int, backend: str | None = None):
+def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: int, w: int, backend: str | None = None,
+               four_heads: bool = False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(h, w, config=CONFIG_TP if degrees.tp > 1 else CONFIG)
+        model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(h, w, config=CONFIG_TP if degrees.tp > 1 or four_heads else CONFIG)
         mesh = ParallelMesh(degrees, "cpu")
         with torch.no_grad():
             expected = model(x, ctx, pooled, t, rope, guidance)
@@ -73,30 +75,35 @@ def _rank_main(rank: int, world: int, port: int, degrees: ParallelDegrees, h: in
 
 
 @pytest.mark.parametrize(
-    "degrees,h,w",
+    "degrees,h,w,four_heads",
     [
-        (ParallelDegrees(ulysses=2), 6, 10),
-        (ParallelDegrees(ulysses=3), 8, 8),
-        (ParallelDegrees(ring=2), 6, 10),
-        (ParallelDegrees(ring=3), 10, 6),
-        (ParallelDegrees(ring=2, ulysses=2), 6, 10),
-        (ParallelDegrees(tp=2), 6, 10),
-        (ParallelDegrees(tp=2, ulysses=2), 6, 10),
+        (ParallelDegrees(ulysses=2), 6, 10, False),
+        (ParallelDegrees(ulysses=2), 6, 10, True),
+        (ParallelDegrees(ulysses=3), 8, 8, False),
+        (ParallelDegrees(ring=2), 6, 10, False),
+        (ParallelDegrees(ring=3), 10, 6, False),
+        (ParallelDegrees(ring=2, ulysses=2), 6, 10, False),
+        (ParallelDegrees(ring=2, ulysses=2), 6, 10, True),
+        (ParallelDegrees(tp=2), 6, 10, False),
+        (ParallelDegrees(tp=2, ulysses=2), 6, 10, False),
     ],
-    ids=["ulysses2", "ulysses3", "ring2", "ring3", "ring2xulysses2", "tp2", "tp2xulysses2"],
+    ids=["ulysses2", "ulysses2-even-heads", "ulysses3", "ring2", "ring3", "ring2xulysses2",
+         "ring2xulysses2-even-heads", "tp2", "tp2xulysses2"],
 )
-def test_sequence_parallel_matches_single_rank(degrees, h, w):
+def test_sequence_parallel_matches_single_rank(degrees, h, w, four_heads):
     world = degrees.world_size
-    mp.spawn(_rank_main, args=(world, free_port(), degrees, h, w), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), degrees, h, w, None, four_heads), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize(
-    "degrees", [ParallelDegrees(ring=2), ParallelDegrees(ring=2, ulysses=2), ParallelDegrees(tp=2, ulysses=2)],
-    ids=["ring2", "ring2xulysses2", "tp2xulysses2"],
+    "degrees,four_heads",
+    [(ParallelDegrees(ring=2), False), (ParallelDegrees(ulysses=2), True), (ParallelDegrees(ring=2, ulysses=2), False),
+     (ParallelDegrees(tp=2, ulysses=2), False)],
+    ids=["ring2", "ulysses2-even-heads", "ring2xulysses2", "tp2xulysses2"],
 )
-def test_compiled_blocks_match_single_rank(degrees):
+def test_compiled_blocks_match_single_rank(degrees, four_heads):
     """The service compiles a multi-rank replica's blocks with fullgraph=True: every collective
     (the ring's K/V exchange included) must trace. aot_eager runs dynamo and AOT tracing as
     inductor does, without its C++ compile (minutes on CPU)."""
     world = degrees.world_size
-    mp.spawn(_rank_main, args=(world, free_port(), degrees, 6, 10, "aot_eager"), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), degrees, 6, 10, "aot_eager", four_heads), nprocs=world, join=True)

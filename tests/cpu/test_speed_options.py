@@ -2,6 +2,7 @@
 compile tracing (fullgraph), warm-up, and their flags. Speed itself is measured on GPUs
 (benchmarks/dit_step.py); here the arithmetic and the plumbing are checked."""
 
+import pytest
 import torch
 
 from services.cli import build_parser, main, serve_config_from_args
@@ -114,3 +115,30 @@ def test_serve_flags_reach_the_denoiser_config(tmp_path):
 def test_worker_refuses_denoiser_flags_for_other_roles(capsys):
     assert main(["worker", "--role", "vae", "--dit-precision", "fp8"]) == 2
     assert "--dit-precision: denoiser options, not for --role vae" in capsys.readouterr().err
+
+
+def test_cuda_graphs_option_defaults_and_limits():
+    """--cuda-graphs reaches the denoiser config; unset, only a compiled multi-rank CUDA replica
+    captures graphs; with layerwise offload it is refused, and CPU replicas never capture."""
+    from types import SimpleNamespace
+
+    import pydantic
+
+    from services.denoiser.compile import should_graph
+    from services.denoiser.latents import PackedLatents2x2
+    from services.denoiser.runner import DenoiserRunner
+
+    args = build_parser().parse_args(["serve", "--no-ray", "--no-cuda-graphs", "--ulysses-degree", "2"])
+    assert serve_config_from_args(args).stage_config("denoiser").cuda_graphs is False
+    with pytest.raises(pydantic.ValidationError, match="cuda_graphs and layerwise_offload"):
+        DenoiserConfig(model_path="m", cuda_graphs=True, layerwise_offload=True)
+
+    cuda, two_ranks = torch.device("cuda"), SimpleNamespace(degrees=SimpleNamespace(world_size=2))
+    def graphs(mesh, **options):
+        return should_graph(DenoiserConfig(model_path="m", **options), cuda, mesh)
+    assert graphs(two_ranks) and not graphs(None) and graphs(None, cuda_graphs=True)
+    assert not graphs(two_ranks, compile=False) and not graphs(two_ranks, layerwise_offload=True)
+    assert not graphs(two_ranks, cuda_graphs=False)
+    assert not should_graph(DenoiserConfig(model_path="m", cuda_graphs=True), torch.device("cpu"), two_ranks)
+    assert DenoiserRunner(torch.nn.Linear(1, 1), PackedLatents2x2(4, 8), torch.device("cpu"), torch.float32,
+                          cuda_graphs=True).graphs is None

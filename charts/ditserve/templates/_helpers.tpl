@@ -210,6 +210,7 @@ back with the CLI's own parser and compares with the serve values). */}}
 {{- if and (hasKey $d $field) (get $d $field) }}{{ $args = append $args $flag }}{{ end }}
 {{- end }}
 {{- if kindIs "bool" $d.compile }}{{ $args = append $args (ternary "--compile" "--no-compile" $d.compile) }}{{ end }}
+{{- if kindIs "bool" $d.cuda_graphs }}{{ $args = append $args (ternary "--cuda-graphs" "--no-cuda-graphs" $d.cuda_graphs) }}{{ end }}
 {{- with $d.warmup_resolutions }}{{ $args = concat $args (list "--warmup-resolutions") . }}{{ end }}
 {{- end }}
 {{- toYaml $args }}

@@ -165,6 +165,11 @@ class LoraRunner:
             module.lora_down, module.lora_up = down, up
             self._active.append(module)
 
+    @property
+    def unmerged(self) -> bool:
+        """Per-batch tensors are set on the layers now (a forward reads them)."""
+        return bool(self._active)
+
     def deactivate(self) -> None:
         for module in self._active:
             module.lora_down = module.lora_up = None

@@ -13,11 +13,18 @@ import torch.distributed as dist
 def all_to_all(chunks: list[torch.Tensor], out_shapes: list[tuple[int, ...]], group) -> list[torch.Tensor]:
     """Send chunks[j] to rank j of `group`; return what rank i sent us, shaped out_shapes[i]."""
     send = torch.cat([c.contiguous().reshape(-1) for c in chunks])
-    in_splits = [c.numel() for c in chunks]
     out_splits = [math.prod(s) for s in out_shapes]
+    recv = exchange(send, [c.numel() for c in chunks], out_splits, group)
+    return [r.view(s) for r, s in zip(recv.split(out_splits), out_shapes)]
+
+
+def exchange(send: torch.Tensor, in_splits: list[int], out_splits: list[int], group) -> torch.Tensor:
+    """alltoallv of one flat buffer: its consecutive pieces of in_splits elements go to ranks
+    0, 1, ...; returns the flat concatenation of what each rank sent us. For callers that lay
+    their data out rank-major already, so nothing is copied to pack or unpack."""
     recv = send.new_empty(sum(out_splits))
     dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
-    return [r.view(s) for r, s in zip(recv.split(out_splits), out_shapes)]
+    return recv
 
 
 class RingExchange:

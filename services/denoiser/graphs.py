@@ -1,0 +1,76 @@
+"""CUDA graphs of whole DiT forwards: one launch per forward instead of thousands.
+
+A compiled Flux forward launches ~1,500 kernels from Python, plus, on a parallel replica, two
+NCCL all-to-alls per block that each pass through c10d's bookkeeping. On one GPU the kernels are
+long enough to hide that; split over four GPUs they are not, and a step's time then depends on
+how fast the host's cores happen to be. A captured forward replays the same kernels and
+collectives (NCCL supports capture) with no host work in between.
+
+One graph per input signature (shapes, dtypes, which optional inputs are present, and whatever
+the caller says the forward depends on besides its tensors: the model object, the sequence
+split). Inputs are copied into the graph's static buffers before each replay, and the output is
+copied out after it, so callers see ordinary tensors.
+
+All graphs share one memory pool. That is safe here because nothing a graph produced is read
+after another graph has replayed: each replay's output is cloned before anything else runs, and
+the static inputs live outside the pool."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor | None]
+    output: torch.Tensor
+
+
+class ForwardGraphs:
+    def __init__(self, device: torch.device, max_graphs: int = 8, warmup: int = 2):
+        self.device, self.max_graphs, self.warmup = device, max_graphs, warmup
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._pool = None
+        self.captures = 0  # for tests and logs: how many signatures have been captured
+
+    def run(self, fn: Callable[..., torch.Tensor], args: list[torch.Tensor | None], depends_on: Hashable) -> torch.Tensor:
+        """fn(*args), replayed from the graph captured for this signature (captured now if new).
+        `fn` must do the same device work for every call with the same signature: no host syncs,
+        no data-dependent control flow."""
+        key = (depends_on, tuple(None if a is None else (tuple(a.shape), a.stride(), a.dtype) for a in args))
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(fn, args)
+            self._graphs[key] = entry
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)  # its memory returns to the shared pool
+        else:
+            self._graphs.move_to_end(key)
+            for static, a in zip(entry.inputs, args):
+                if a is not None:
+                    static.copy_(a)
+        entry.graph.replay()
+        return entry.output.clone()
+
+    def _capture(self, fn, args) -> _Graph:
+        static = [None if a is None else torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a) for a in args]
+        # Warm up on a side stream, as capture requires: compiles, autotunes and creates the
+        # NCCL communicators before anything is recorded.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn(*static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = fn(*static)
+        self.captures += 1
+        return _Graph(graph, static, output)
