@@ -134,8 +134,8 @@ def _cache_policy(args) -> dict | None:
 
 _FLAG_NAMES = {"precision": "--dit-precision", "layerwise_offload": "--dit-layerwise-offload"}
 _DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "compile",
-                   "cuda_graphs", "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch", "lora_dir",
-                   "max_loras")
+                   "cuda_graphs", "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch",
+                   "lora_dir", "max_loras")
 
 
 def _denoiser_options(args) -> dict:

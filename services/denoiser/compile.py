@@ -72,13 +72,3 @@ def should_compile(flag: bool | None, device: torch.device) -> bool:
     # CPU path is for tests and development.
     return device.type == "cuda" if flag is None else flag
 
-
-def should_graph(config, device: torch.device, mesh) -> bool:
-    """CUDA graphs of whole forwards (config.cuda_graphs; see its comment): None = on for a
-    compiled multi-rank replica on CUDA without layerwise offload."""
-    if device.type != "cuda":
-        return False
-    if config.cuda_graphs is not None:
-        return config.cuda_graphs
-    multi_rank = mesh is not None and mesh.degrees.world_size > 1
-    return multi_rank and should_compile(config.compile, device) and not config.layerwise_offload

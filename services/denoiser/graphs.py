@@ -7,9 +7,9 @@ how fast the host's cores happen to be. A captured forward replays the same kern
 collectives (NCCL supports capture) with no host work in between.
 
 One graph per input signature (shapes, dtypes, which optional inputs are present, and whatever
-the caller says the forward depends on besides its tensors: the model object, the sequence
-split). Inputs are copied into the graph's static buffers before each replay, and the output is
-copied out after it, so callers see ordinary tensors.
+the caller says the forward depends on besides its tensors: the runner passes the model object).
+Inputs are copied into the graph's static buffers (contiguous, whatever the caller's strides)
+before each replay, and the output is copied out after it, so callers see ordinary tensors.
 
 All graphs share one memory pool. That is safe here because nothing a graph produced is read
 after another graph has replayed: each replay's output is cloned before anything else runs, and
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
+
+from services.denoiser.compile import should_compile
 
 
 @dataclass
@@ -36,13 +38,13 @@ class ForwardGraphs:
         self.device, self.max_graphs, self.warmup = device, max_graphs, warmup
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._pool = None
-        self.captures = 0  # for tests and logs: how many signatures have been captured
+        self.captures = 0  # how many signatures have been captured (tests read it)
 
     def run(self, fn: Callable[..., torch.Tensor], args: list[torch.Tensor | None], depends_on: Hashable) -> torch.Tensor:
         """fn(*args), replayed from the graph captured for this signature (captured now if new).
         `fn` must do the same device work for every call with the same signature: no host syncs,
         no data-dependent control flow."""
-        key = (depends_on, tuple(None if a is None else (tuple(a.shape), a.stride(), a.dtype) for a in args))
+        key = (depends_on, tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(fn, args)
@@ -74,3 +76,14 @@ class ForwardGraphs:
             output = fn(*static)
         self.captures += 1
         return _Graph(graph, static, output)
+
+
+def should_graph(config, device: torch.device, mesh) -> bool:
+    """CUDA graphs of whole forwards (config.cuda_graphs; see its comment): None = on for a
+    compiled multi-rank replica on CUDA without layerwise offload."""
+    if device.type != "cuda":
+        return False
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    multi_rank = mesh is not None and mesh.degrees.world_size > 1
+    return multi_rank and should_compile(config.compile, device) and not config.layerwise_offload

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from services.denoiser.compile import compile_blocks, should_compile, should_graph, use_compile_cache
+from services.denoiser.compile import compile_blocks, should_compile, use_compile_cache
+from services.denoiser.graphs import should_graph
 from services.denoiser.latents import initial_noise
 from services.denoiser.loop import Guidance, sample
 from services.denoiser.lora.apply import LoraRunner

@@ -124,7 +124,7 @@ def test_cuda_graphs_option_defaults_and_limits():
 
     import pydantic
 
-    from services.denoiser.compile import should_graph
+    from services.denoiser.graphs import should_graph
     from services.denoiser.latents import PackedLatents2x2
     from services.denoiser.runner import DenoiserRunner
 
