@@ -140,9 +140,10 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
     return total + (0.0 if cur_e is None else cur_e - cur_s)
 
 
-def kernel_profile(name: str, fn, rank: int, trace_dir: str | None = None, steps: int = 3) -> None:
+def kernel_profile(name: str, fn, rank: int, trace_dir: str | None = None, steps: int = 3, top: int = 0) -> None:
     """Rank 0's GPU time per step: by kernel kind, and how much of the communication ran under
-    compute ("hidden") or alone ("exposed"); "idle" is the step's time with no kernel at all."""
+    compute ("hidden") or alone ("exposed"); "idle" is the step's time with no kernel at all.
+    `top`: also the `top` kernels by time, by name."""
     import json
     import tempfile
 
@@ -175,6 +176,11 @@ def kernel_profile(name: str, fn, rank: int, trace_dir: str | None = None, steps
     print(f"{name} GPU ms per step: " + ", ".join(f"{k} {v / per:.1f}" for k, v in sorted(totals.items()))
           + f"; compute busy {compute / per:.1f}, communication hidden {(compute + comm - anything) / per:.1f} / "
           f"exposed {(anything - compute) / per:.1f}, idle {(wall - anything) / per:.1f}", flush=True)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e["name"], []).append(e["dur"])
+    for kname, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"    {sum(durs) / per:6.2f} ms  {len(durs) // steps:5d} x  {kname[:110]}")
 
 
 def alltoall_gb_s(nbytes: int, device: torch.device, iters: int = 20) -> float:

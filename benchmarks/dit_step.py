@@ -17,7 +17,8 @@ degree, in the same run. `--profile` adds, per ditserve row, rank 0's GPU time b
 and how much of the communication ran under compute (`--trace-dir D` keeps the Chrome traces);
 `--repeat N` runs each layout's row N times, to see the machine's spread within the run;
 `--cuda-graphs` adds each compiled ditserve row again with its forwards replayed as CUDA graphs
-(the service's default for a multi-rank replica).
+(the service's default for a multi-rank replica), on one GPU as on several; `--profile` prints
+each compiled ditserve row's GPU time by kernel kind.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.random_checkpoint import materialise  # noqa: E402
+from services.denoiser.graphs import ForwardGraphs  # noqa: E402
 from services.denoiser.latents import PackedLatents2x2  # noqa: E402
 from services.denoiser.models.flux import FluxConfig, FluxTransformer  # noqa: E402
 
@@ -214,11 +216,11 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="multi-GPU: eager rows as well")
     ap.add_argument("--repeat", type=int, default=1, help="multi-GPU: run each layout's row this many times")
     ap.add_argument("--profile", action="store_true",
-                    help="multi-GPU: rank 0's GPU time per kernel kind for each ditserve row, and how much of the "
-                         "communication ran under compute")
+                    help="GPU time per kernel kind for each compiled ditserve row (multi-GPU: rank 0's, and how much "
+                         "of the communication ran under compute)")
     ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="multi-GPU: each compiled ditserve row also with whole forwards as CUDA graphs")
+                    help="each compiled ditserve row also with whole forwards as CUDA graphs")
     ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
     args = ap.parse_args()
     if not args.layouts and args.ulysses_degree * args.ring_degree * args.tp_size * (2 if args.cfg_parallel else 1) > 1:
@@ -277,13 +279,37 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
                 return model(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
         return fn
 
+    from benchmarks.dit_parallel import kernel_profile  # it imports this module
+
+    graphs = ForwardGraphs(device) if args.cuda_graphs and device.type == "cuda" else None
+
+    def graphed(model):  # the runner's path: the whole forward replayed as one CUDA graph
+        tensors = [inp["x"], inp["ctx"], inp["pooled"], inp["t"], *rope, inp["guidance"]]
+
+        def forward(x, ctx, pooled, t, cos, sin, guidance):
+            return model(x, ctx, pooled, t, (cos, sin), guidance)
+
+        def fn():
+            with torch.inference_mode():
+                return graphs.run(forward, tensors, depends_on=id(model))
+        return fn
+
+    def run_compiled(name: str, model, *extra, **kw):
+        table.run(name, step(model), args.warmup, *extra, **kw)
+        if args.profile and device.type == "cuda":
+            kernel_profile(name, step(model), 0, args.trace_dir, top=12)
+        if graphs is not None:
+            table.run(f"{name} + CUDA graphs", graphed(model), args.warmup, *extra, **kw)
+            if args.profile:
+                kernel_profile(f"{name} + CUDA graphs", graphed(model), 0, args.trace_dir, top=12)
+
     table.run("diffusers eager", diffusers_step, args.warmup)
     table.run("ditserve eager", step(native), args.warmup)
     if not args.no_compile:
         ref.compile_repeated_blocks(fullgraph=True)
         table.run("diffusers compiled", diffusers_step, args.warmup)
         compile_blocks(native)  # the service's own compile path
-        table.run("ditserve compiled", step(native), args.warmup)
+        run_compiled("ditserve compiled", native)
     if not args.no_fp8 and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)):
         with torch.device("meta"):
             fp8 = FluxTransformer(cfg)
@@ -295,9 +321,10 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
             p.numel() * p.element_size() for p in fp8.parameters() if id(p) in before)
         if not args.no_compile:
             compile_blocks(fp8)
-        base = "ditserve compiled" if not args.no_compile else "ditserve eager"
-        table.run(f"ditserve fp8{' compiled' if not args.no_compile else ''}", step(fp8), args.warmup, "fp8", base,
-                  not_mine_bytes=replaced)
+        if args.no_compile:
+            table.run("ditserve fp8", step(fp8), args.warmup, "fp8", "ditserve eager", not_mine_bytes=replaced)
+        else:
+            run_compiled("ditserve fp8 compiled", fp8, "fp8", "ditserve compiled", not_mine_bytes=replaced)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table.print(

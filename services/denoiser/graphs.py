@@ -59,6 +59,18 @@ class ForwardGraphs:
         entry.graph.replay()
         return entry.output.clone()
 
+    def clear(self) -> None:
+        """Destroy every graph and its memory. A graph with NCCL collectives in it holds a
+        reference on their communicator, and NCCL's abort / destroy of that communicator waits
+        for the reference to go: a two-rank replica's close hung there (H200, both ranks in
+        abort for 120 s) until its graphs were cleared first. The synchronize lets the driver
+        release what the destroyed graphs held."""
+        for entry in self._graphs.values():
+            entry.graph.reset()
+        self._graphs.clear()
+        self._pool = None
+        torch.cuda.synchronize(self.device)
+
     def _capture(self, fn, args) -> _Graph:
         static = [None if a is None else torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a) for a in args]
         # Warm up on a side stream, as capture requires: compiles, autotunes and creates the

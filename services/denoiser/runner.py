@@ -96,6 +96,12 @@ class DenoiserRunner:
         # come back in the latents' (ZImagePipeline's fp32 CFG; a no-op where the two agree).
         self.velocity_in_dit_dtype = velocity_in_dit_dtype
 
+    def close(self) -> None:
+        """Release what ties this runner to its process group (the CUDA graphs): every rank
+        calls it before it leaves the group (runtime/rank_group.py)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def use_expert(self, index: int) -> None:
         self.model = self.experts[index]
 

@@ -73,6 +73,11 @@ class DenoiserStage:
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
             warm_up(self, config)
 
+    def before_leaving_group(self) -> None:
+        """Called on every rank of a multi-rank replica before it leaves the process group
+        (runtime/rank_group.py): the runner's CUDA graphs hold its NCCL communicators."""
+        self.runner.close()
+
     def _load_transformer(self, component: str, mesh: ParallelMesh | None):
         config = self.config
         tp = TensorParallel(mesh.group("tp")) if mesh is not None and mesh.degrees.tp > 1 else None

@@ -81,15 +81,21 @@ def follower_main(rank: int, world: int, address: str, spec: RankSpec) -> None:
             pass  # rank 0 stopped the call; every rank stopped at the same step
         except Exception:  # rank 0 reports the request's failure; followers wait for the next one
             log.exception("%s rank %d: request failed", spec.role, rank)
-    leave_group()
+    leave_group(stage)
 
 
-def leave_group() -> None:
-    """This process's side of every process group, without waiting on the other ranks. With
-    NCCL, destroy_process_group's orderly teardown waits on its peers: on GPU it hung rank 0's
-    close of a two-rank replica (tests/gpu), and after a rank died it would wait on one that is
-    gone. Aborting the communicators returns at once; nothing is in flight by then (the last
-    request has returned, or failed). gloo's teardown does not wait."""
+def leave_group(stage=None) -> None:
+    """This process's side of every process group, without waiting on the other ranks: NCCL's
+    destroy_process_group tears down in order with its peers, and after a rank died it would
+    wait on one that is gone; aborting the communicators does not. Nothing is in flight by then
+    (the last request has returned, or failed). gloo's teardown does not wait.
+
+    A stage may hold on to the communicators itself: a CUDA graph with collectives in it keeps
+    a reference that NCCL's abort waits for (a two-rank replica's close hung in abort on H200,
+    both ranks, until the graphs went first). Its `before_leaving_group()` lets go of them."""
+    release = getattr(stage, "before_leaving_group", None)
+    if release is not None:
+        release()
     if dist.get_backend() == "nccl":
         dist.distributed_c10d._abort_process_group()  # every group, the default one included
     else:
@@ -153,7 +159,7 @@ class RankGroup:
     def _stop(self) -> None:
         self.ranks.stop()
         if dist.is_initialized():
-            leave_group()
+            leave_group(self.stage)
 
     def call(self, request, *local_args):
         role = self.spec.role
@@ -173,5 +179,5 @@ class RankGroup:
         """Orderly shutdown: every rank leaves the group together, then the processes end."""
         if dist.is_initialized():
             dist.broadcast_object_list([None], src=0)  # the followers' signal to leave theirs too
-            leave_group()
+            leave_group(self.stage)
         self.ranks.stop()

@@ -87,3 +87,26 @@ def _long_request_with_kill(router, group):
         return None
 
     return asyncio.run(main())
+
+
+def test_a_rank_lets_its_stage_release_the_group_before_leaving_it():
+    """leave_group asks the stage to let go first (on GPU: the CUDA graphs whose captured NCCL
+    work NCCL's abort would wait for), while the group still exists, then leaves it."""
+    import socket
+
+    import torch.distributed as dist
+
+    from services.runtime.rank_group import _init, leave_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _init(0, 1, f"127.0.0.1:{port}", "cpu")
+    seen = []
+
+    class Stage:
+        def before_leaving_group(self):
+            seen.append(dist.is_initialized())
+
+    leave_group(Stage())
+    assert seen == [True] and not dist.is_initialized()
