@@ -297,11 +297,11 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
     def run_compiled(name: str, model, *extra, **kw):
         table.run(name, step(model), args.warmup, *extra, **kw)
         if args.profile and device.type == "cuda":
-            kernel_profile(name, step(model), 0, args.trace_dir, top=12)
+            kernel_profile(name, step(model), 0, args.trace_dir, top=18)
         if graphs is not None:
             table.run(f"{name} + CUDA graphs", graphed(model), args.warmup, *extra, **kw)
             if args.profile:
-                kernel_profile(f"{name} + CUDA graphs", graphed(model), 0, args.trace_dir, top=12)
+                kernel_profile(f"{name} + CUDA graphs", graphed(model), 0, args.trace_dir, top=18)
 
     table.run("diffusers eager", diffusers_step, args.warmup)
     table.run("ditserve eager", step(native), args.warmup)

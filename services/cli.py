@@ -96,7 +96,7 @@ def _add_denoiser_flags(p) -> None:
     g.add_argument("--compile-cache-dir", help="persistent compile cache, so a restart skips compiling")
     g.add_argument("--warmup-resolutions", nargs="+", metavar="WxH", help="sizes to compile and run once at start")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each DiT forward as a CUDA graph (default: on for a compiled multi-GPU replica)")
+                   help="replay each DiT forward as a CUDA graph (default: on for a compiled multi-GPU or fp8 replica)")
     g.add_argument("--dit-layerwise-offload", dest="layerwise_offload", action="store_true", default=None,
                    help="DiT weights in pinned host memory, each block copied in while the previous one runs")
     g.add_argument("--offload-prefetch", type=int, help="blocks copied ahead (default 1)")

@@ -26,6 +26,11 @@ import torch
 from services.denoiser.compile import should_compile
 
 
+class CaptureError(RuntimeError):
+    """A forward that runs but cannot be captured (a host sync, a CPU tensor, an op CUDA graphs
+    do not allow): its runner goes on without graphs."""
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -84,18 +89,24 @@ class ForwardGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = fn(*static)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = fn(*static)
+        except RuntimeError as exc:  # the forward ran above, uncaptured: only capturing it failed
+            raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         self.captures += 1
         return _Graph(graph, static, output)
 
 
-def should_graph(config, device: torch.device, mesh) -> bool:
+def should_graph(config, device: torch.device, mesh, variable_text: bool = False) -> bool:
     """CUDA graphs of whole forwards (config.cuda_graphs; see its comment): None = on for a
-    compiled multi-rank replica on CUDA without layerwise offload."""
+    compiled multi-rank or fp8 replica on CUDA without layerwise offload. For fp8 on one GPU
+    (5% a step) only where the prompt reaches the DiT at one length: a model whose text length
+    varies per prompt (spec.variable_text) would capture a graph per length."""
     if device.type != "cuda":
         return False
     if config.cuda_graphs is not None:
         return config.cuda_graphs
     multi_rank = mesh is not None and mesh.degrees.world_size > 1
-    return multi_rank and should_compile(config.compile, device) and not config.layerwise_offload
+    host_bound = multi_rank or (config.precision == "fp8" and not variable_text)
+    return host_bound and should_compile(config.compile, device) and not config.layerwise_offload

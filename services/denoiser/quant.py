@@ -9,7 +9,8 @@ Only the repeated blocks' projections and MLPs (the parallel linear classes) are
 they hold >99% of the FLOPs. AdaLN modulation, the embedders and the final projection stay in
 the model dtype, since their outputs scale every activation of the block and cost ~1% of the
 time. Inside a compiled block the per-token quantization fuses into the kernel that produces
-its input (LayerNorm + modulation, GELU), so it adds no pass over memory of its own."""
+its input (LayerNorm + modulation), so it adds no pass over memory of its own; after a GELU it
+runs in gelu_fp8.py's one-pass kernel instead of inductor's two-pass one."""
 
 from __future__ import annotations
 
@@ -30,20 +31,29 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype):
-    """x [..., K] in the model dtype @ weight [N, K] (e4m3, scales [1, N]) -> [..., N], no bias."""
-    xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-    # _scaled_mm wants the second operand column-major: weight is [N, K] row-major, so .t() is.
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype,
-                         use_fast_accum=FAST_ACCUM)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
+               bias: torch.Tensor | None = None):
+    """x [..., K] in the model dtype @ weight [N, K] (e4m3, scales [1, N]) (+ bias) -> [..., N]."""
+    y = fp8_matmul(*quantize_rows(x.reshape(-1, x.shape[-1])), weight, weight_scale, out_dtype, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows already quantised (quantize_rows, or gelu_fp8.py's fused kernel) [M, K] @ weight^T.
+    On CUDA the bias goes in the GEMM's epilogue (added in fp32, before rounding), so its
+    output is final and the kernel reading it next needs no bias add of its own."""
+    # _scaled_mm wants the second operand column-major: weight is [N, K] row-major, so .t() is.
+    fused = bias if xq.is_cuda else None
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused, out_dtype=out_dtype,
+                         use_fast_accum=FAST_ACCUM)
+    return y + bias if bias is not None and fused is None else y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None):
     """F.linear for weights that may be e4m3 (then `scale` is their [1, N] row scales)."""
     if weight.dtype == FP8:
-        y = fp8_linear(x, weight, scale, x.dtype)
-        return y + bias if bias is not None else y
+        return fp8_linear(x, weight, scale, x.dtype, bias)
     return F.linear(x, weight, bias)
 
 

@@ -7,19 +7,22 @@ ulysses ranks) and, with cfg parallelism, the two branches run on the two halves
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
 
 from services.denoiser.cache import BlockCache
 from services.denoiser.compile import MAX_SHAPES
-from services.denoiser.graphs import ForwardGraphs
+from services.denoiser.graphs import CaptureError, ForwardGraphs
 from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.parallel.comm import all_to_all, broadcast_flag, mean_over
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.runtime.cache_policy import ResolvedCache
 from services.runtime.messages import CacheStats, Conditioning
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -212,7 +215,17 @@ class DenoiserRunner:
                                                        rope=rope), replace(inputs, **fields))
 
         # The same shapes give the same token split, so the model is all the key needs besides them.
-        return self.graphs.run(forward, tensors, depends_on=id(self.model))
+        try:
+            return self.graphs.run(forward, tensors, depends_on=id(self.model))
+        except CaptureError as exc:
+            # Graphs are on by default for some replicas (graphs.should_graph), and a family's forward
+            # may hold something a graph cannot (every rank of a group fails alike: same code and
+            # shapes). The replica keeps serving at the plain forward's speed, and says so.
+            log.warning("CUDA graph capture of the %s forward failed (%s); this replica runs without "
+                        "CUDA graphs from now on (--no-cuda-graphs silences this)", type(self.model).__name__, exc)
+            self.graphs.clear()
+            self.graphs = None
+            return self._run(latents, timestep, branch, inputs)
 
     def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
         noise_tokens, batch = latents.shape[1], latents.shape[0]

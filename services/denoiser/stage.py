@@ -67,7 +67,7 @@ class DenoiserStage:
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
-                                     cuda_graphs=should_graph(config, self.device, mesh))
+                                     cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text))
         self.lora = LoraRunner(transformer, self.device)
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)

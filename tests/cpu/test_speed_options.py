@@ -54,6 +54,29 @@ def test_row_parallel_pieces_equal_concatenation():
     torch.testing.assert_close(layer.forward_pieces([a, b]), layer(torch.cat([a, b], dim=-1)), rtol=1e-6, atol=1e-6)
 
 
+def test_pending_gelu_pieces_equal_the_applied_gelu():
+    """An fp8 down-projection given its input's GELU still to apply (a PendingGelu: on CUDA the
+    GELU and the quantisation run as one kernel, gelu_fp8.py) gives what it gives for the GELU
+    applied first; on CPU that is the same arithmetic, so exactly."""
+    from services.denoiser.gelu_fp8 import PendingGelu
+    from services.denoiser.parallel.tp import ColumnParallelLinear
+    from services.denoiser.quant import quantize_linear_
+
+    torch.manual_seed(0)
+    layer = RowParallelLinear(48, 16, blocks=[16, 32])
+    quantize_linear_(layer)
+    a, pre = torch.randn(3, 5, 16), torch.randn(3, 5, 32) * 3
+    gelu = torch.nn.functional.gelu(pre, approximate="tanh")
+    assert torch.equal(layer.forward_pieces([a, PendingGelu(pre)]), layer.forward_pieces([a, gelu]))
+    down = RowParallelLinear(32, 16)
+    quantize_linear_(down)
+    assert torch.equal(down(PendingGelu(pre)), down(gelu))
+    # Only fp8 layers on CUDA defer the GELU: on CPU forward_gelu(lazy=True) returns the tensor.
+    up = ColumnParallelLinear(16, 32)
+    quantize_linear_(up)
+    assert isinstance(up.forward_gelu(a, lazy=True), torch.Tensor)
+
+
 def test_blocks_trace_whole_for_compile(flux_dev_dir):
     """fullgraph=True: a graph break anywhere in a block (e.g. the attention dispatch) fails here,
     on CPU, instead of at the first request on a GPU."""
@@ -118,8 +141,8 @@ def test_worker_refuses_denoiser_flags_for_other_roles(capsys):
 
 
 def test_cuda_graphs_option_defaults_and_limits():
-    """--cuda-graphs reaches the denoiser config; unset, only a compiled multi-rank CUDA replica
-    captures graphs; with layerwise offload it is refused, and CPU replicas never capture."""
+    """--cuda-graphs reaches the denoiser config; unset, only a compiled multi-rank or fp8 CUDA
+    replica captures graphs; with layerwise offload it is refused, and CPU replicas never capture."""
     from types import SimpleNamespace
 
     import pydantic
@@ -137,8 +160,48 @@ def test_cuda_graphs_option_defaults_and_limits():
     def graphs(mesh, **options):
         return should_graph(DenoiserConfig(model_path="m", **options), cuda, mesh)
     assert graphs(two_ranks) and not graphs(None) and graphs(None, cuda_graphs=True)
+    assert graphs(None, precision="fp8") and not graphs(None, precision="fp8", compile=False)
+    fp8 = DenoiserConfig(model_path="m", precision="fp8")
+    assert not should_graph(fp8, cuda, None, variable_text=True)  # a graph per prompt length: off
     assert not graphs(two_ranks, compile=False) and not graphs(two_ranks, layerwise_offload=True)
     assert not graphs(two_ranks, cuda_graphs=False)
     assert not should_graph(DenoiserConfig(model_path="m", cuda_graphs=True), torch.device("cpu"), two_ranks)
     assert DenoiserRunner(torch.nn.Linear(1, 1), PackedLatents2x2(4, 8), torch.device("cpu"), torch.float32,
                           cuda_graphs=True).graphs is None
+
+
+def test_a_forward_that_cannot_be_captured_runs_without_graphs(flux_dev_dir, caplog):
+    """Graphs are on by default for some replicas; if a family's forward cannot be captured
+    (only a CUDA capture can fail that way, so a stand-in raises graphs.py's CaptureError here)
+    the runner says so once, drops its graphs and serves the plain forward's result."""
+    import logging
+
+    from services.denoiser.graphs import CaptureError
+    from services.denoiser.latents import PackedLatents2x2
+    from services.denoiser.runner import DenoiserRunner
+    from services.runtime.messages import Conditioning
+
+    class Uncapturable:
+        cleared = False
+
+        def run(self, fn, args, depends_on):
+            raise CaptureError("operation not permitted when stream is capturing")
+
+        def clear(self):
+            self.cleared = True
+
+    model = _native(flux_dev_dir)
+    cfg, cpu = model.config, torch.device("cpu")
+    runner = DenoiserRunner(model, PackedLatents2x2(cfg.in_channels // 4, vae_scale_factor=8), cpu, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(1, 12, cfg.joint_attention_dim, generator=g),
+                        torch.randn(1, cfg.pooled_projection_dim, generator=g))
+    inputs = runner.prepare(cond, None, 3.5, 1, (8, 8))
+    x, t = torch.randn(1, 16, cfg.in_channels, generator=g), torch.full((1,), 0.5)
+    expected = runner.predict(x, t, inputs)
+    runner.graphs = stand_in = Uncapturable()
+    with caplog.at_level(logging.WARNING, logger="services.denoiser.runner"):
+        got = runner.predict(x, t, inputs)
+    assert torch.equal(got[0], expected[0])
+    assert runner.graphs is None and stand_in.cleared
+    assert "CUDA graph capture of the FluxTransformer forward failed" in caplog.text

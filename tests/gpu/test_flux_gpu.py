@@ -99,6 +99,34 @@ def test_compiled_bf16_and_fp8_against_fp32_reference(flux_dev_dir):
     assert _rel(_run(fp8, inputs, torch.bfloat16), expected) <= 0.1
 
 
+@pytest.mark.parametrize("rows,cols,stride", [(4608, 12288, 12288), (7, 3072, 3072), (5, 1000, 1000),
+                                             (33, 3072, 5120)])  # the last: a slice of a wider output
+def test_fused_gelu_quantize_rows_matches_eager(rows, cols, stride):
+    """gelu_fp8.py's one-pass kernel against the eager arithmetic it replaces,
+    quantize_rows(F.gelu(y, "tanh")): the same row scales, and the same e4m3 values except
+    where the tanh implementations' last bit moves a value across an fp8 rounding boundary."""
+    import torch.nn.functional as F
+
+    from services.denoiser.gelu_fp8 import gelu_quantize_rows
+    from services.denoiser.quant import quantize_rows
+
+    g = torch.Generator(CUDA).manual_seed(0)
+    wide = (torch.randn(rows, stride, generator=g, device=CUDA) * 3).bfloat16()
+    wide[0, :4] = torch.tensor([0.0, -30.0, 30.0, 1e-6])
+    y = wide[:, :cols]
+    q, scale = gelu_quantize_rows(y)
+    ref_q, ref_scale = quantize_rows(F.gelu(y, approximate="tanh"))
+    assert q.dtype == ref_q.dtype and q.shape == (rows, cols) and scale.shape == (rows, 1)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    differ = q.float() != ref_q.float()
+    assert differ.float().mean().item() < 1e-3
+    # where they differ, by one e4m3 step at most (1/8 of the value, or 2^-9 of the scale below 2^-6)
+    step = torch.maximum(ref_q.float().abs() / 8, torch.full_like(ref_scale, 2**-9))
+    assert ((q.float() - ref_q.float()).abs() <= step * 1.001).all()
+    compiled = torch.compile(gelu_quantize_rows, fullgraph=True)(y)  # an opaque op to dynamo: traces whole
+    assert torch.equal(compiled[0].float(), q.float()) and torch.equal(compiled[1], scale)
+
+
 @pytest.mark.parametrize("prefetch", [1, 2])
 def test_layerwise_offload_equals_resident_on_cuda(flux_dev_dir, prefetch):
     """The side-stream copies and their events: offloaded steps give the resident model's output
@@ -171,10 +199,11 @@ def test_cuda_graph_forwards_equal_plain_ones(flux_dev_dir):
     assert graphed.graphs.captures == 2  # one per size: prompts and CFG branches reuse it
 
 
-@pytest.mark.parametrize("parallel", [{}, {"ulysses_degree": 2}], ids=["1gpu", "ulysses2"])
+@pytest.mark.parametrize("parallel", [{}, {"precision": "fp8"}, {"ulysses_degree": 2}], ids=["1gpu", "fp8", "ulysses2"])
 def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
     """Whole requests through the service with and without CUDA graphs (compiled either way):
-    the same pixels, on one GPU and on a two-rank replica (whose default is graphs on)."""
+    the same pixels, on one GPU (bf16 and fp8, whose default is graphs on) and on a two-rank
+    replica (graphs on by default too)."""
     if torch.cuda.device_count() < parallel.get("ulysses_degree", 1):
         pytest.skip("needs 2 GPUs")
     kwargs = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, guidance_scale=3.5, seed=5)

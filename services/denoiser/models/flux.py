@@ -144,7 +144,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([_GeluProj(dim, hidden, tp), nn.Identity(), RowParallelLinear(hidden, dim, tp)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        return self.net[2](self.net[0].proj.forward_gelu(x, lazy=True))
 
 
 class _GeluProj(nn.Module):
@@ -256,7 +256,7 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        mlp = self.proj_mlp.forward_gelu(h)
+        mlp = self.proj_mlp.forward_gelu(h, lazy=True)
         out = self.proj_out.forward_pieces([self.attn(h, rope), mlp])
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:

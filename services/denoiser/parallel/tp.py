@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from services.denoiser.gelu_fp8 import PendingGelu, gelu_quantize_rows, materialise
 from services.denoiser.lora.apply import add_lora
-from services.denoiser.quant import linear
+from services.denoiser.quant import FP8, fp8_matmul, linear
 from services.runtime import tensor_parallel as base
 from services.runtime.tensor_parallel import TensorParallel, shard_state_dict
 
@@ -26,10 +27,16 @@ class ColumnParallelLinear(base.ColumnParallelLinear):
         y = linear(x, self.weight, self.bias, getattr(self, "weight_scale", None))
         return add_lora(self, [x], y)  # unmerged LoRA (lora/apply.py)
 
-    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_gelu(self, x: torch.Tensor, lazy: bool = False) -> torch.Tensor | PendingGelu:
         """GELU(tanh)(x W^T + b). On CUDA in bf16/fp16, cuBLASLt applies the GELU in the GEMM's
         epilogue (in fp32, before rounding) instead of a second pass over the [tokens, 4 x dim]
-        output; inductor keeps the call as is (it has no decomposition for it)."""
+        output; inductor keeps the call as is (it has no decomposition for it).
+
+        `lazy`, for a caller that hands the result straight to a RowParallelLinear: with fp8
+        weights on CUDA the GELU is left to that layer (a PendingGelu), which applies it while
+        quantising its input (gelu_fp8.py)."""
+        if lazy and self.weight.dtype == FP8 and x.is_cuda:
+            return PendingGelu(self(x))
         lora = getattr(self, "lora_down", None) is not None  # the update goes in before the GELU
         if x.is_cuda and self.bias is not None and self.weight.dtype in (torch.bfloat16, torch.float16) and not lora:
             y = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
@@ -41,20 +48,32 @@ class RowParallelLinear(base.RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_pieces([x])
 
-    def forward_pieces(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+    def forward_pieces(self, pieces: list[torch.Tensor | PendingGelu]) -> torch.Tensor:
         """forward(torch.cat(pieces, -1)) without building the concatenation: one GEMM per piece
         of the input (the pieces of `blocks`), summed. Saves Flux's single blocks a copy of
-        [tokens, 5 x dim] per layer; the sum fuses into the residual add that follows."""
+        [tokens, 5 x dim] per layer; the sum fuses into the residual add that follows. A piece
+        may be a PendingGelu (see ColumnParallelLinear.forward_gelu)."""
         scale = getattr(self, "weight_scale", None)
-        weights = self.weight.split([p.shape[-1] for p in pieces], dim=1) if len(pieces) > 1 else [self.weight]
+        if scale is None or getattr(self, "lora_down", None) is not None:  # LoRA reads the input itself
+            pieces = [materialise(p) for p in pieces]
+        widths = [(p.pre if isinstance(p, PendingGelu) else p).shape[-1] for p in pieces]
+        weights = self.weight.split(widths, dim=1) if len(pieces) > 1 else [self.weight]
         # Without TP the bias rides in the first GEMM's epilogue; with TP `reduce` adds it once,
         # after the all-reduce of the partial products.
         bias = self.bias if self.tp is None else None
-        y = linear(pieces[0], weights[0], bias, scale)
+        y = _piece_linear(pieces[0], weights[0], bias, scale)
         for piece, weight in zip(pieces[1:], weights[1:]):
-            y = y + linear(piece, weight, None, scale)
+            y = y + _piece_linear(piece, weight, None, scale)
         y = add_lora(self, pieces, y)  # partial under TP, like y
         return y if self.tp is None else self.reduce(y)
+
+
+def _piece_linear(piece, weight, bias, scale):
+    if isinstance(piece, PendingGelu):  # fp8 weights: GELU and quantisation in one kernel
+        pre = piece.pre
+        y = fp8_matmul(*gelu_quantize_rows(pre.reshape(-1, pre.shape[-1])), weight, scale, pre.dtype, bias)
+        return y.reshape(*pre.shape[:-1], weight.shape[0])
+    return linear(piece, weight, bias, scale)
 
 
 class AcrossHeadsRMSNorm(nn.Module):
