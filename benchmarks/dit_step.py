@@ -314,11 +314,13 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
         with torch.device("meta"):
             fp8 = FluxTransformer(cfg)
         fp8.load_state_dict(native.state_dict(), strict=True, assign=True)  # shares the bf16 tensors...
-        before = {id(p) for p in fp8.parameters()}
+        before = {id(p): p.numel() * p.element_size() for p in fp8.parameters()}
         apply_precision(fp8.eval().requires_grad_(False), "fp8")  # ...then swaps the blocks' for e4m3 copies
-        # the bf16 weights it replaced stay on the device for the other rows; a replica drops them
-        replaced = sum(p.numel() * p.element_size() for p in native.parameters() if id(p) in before) - sum(
-            p.numel() * p.element_size() for p in fp8.parameters() if id(p) in before)
+        # The bf16 weights it replaced stay on the device for the other rows (a replica drops them).
+        # By the fp8 model's own parameter objects: the assigned ones are new Parameters around
+        # native's storage, so comparing with native's ids (as this did before) matched nothing.
+        after = {id(p) for p in fp8.parameters()}
+        replaced = sum(size for i, size in before.items() if i not in after)
         if not args.no_compile:
             compile_blocks(fp8)
         if args.no_compile:
