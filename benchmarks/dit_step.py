@@ -160,7 +160,7 @@ class Table:
         except Exception as exc:  # a row that cannot run is reported, not fatal
             self.rows.append((name, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"))
             return
-        out, peak = out.float(), peak - not_mine_bytes
+        out, peak = out.float(), peak - not_mine_bytes if peak else 0  # 0: no device statistics (CPU)
         self.outputs[name], self.ms[name] = out, ms
         ref = self.outputs.get(err_vs, out)
         err = ((out - ref).norm() / ref.norm()).item()
