@@ -13,7 +13,11 @@ its process's default process group, so one process holds at most one group
 Failure: before each request rank 0 checks that every follower is alive; a dead follower fails
 the request with StageUnavailableError and the group is rebuilt (new processes, new process
 group) on the next request. A rank that dies mid-request makes the others' collectives fail
-(at once when its connections drop, at the latest after COLLECTIVE_TIMEOUT_S) instead of hanging."""
+(at once when its connections drop, at the latest after COLLECTIVE_TIMEOUT_S) instead of hanging:
+tested with gloo (tests/cpu/test_parallel_e2e.py). With NCCL it is not yet tested on a GPU, and
+torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING (3) ends the process at the watchdog's timeout
+rather than failing the collective; collectives inside a CUDA graph are not watched at all, so
+there the next watched one (the per-step stop flag) times out behind the stuck graph."""
 
 from __future__ import annotations
 
