@@ -199,11 +199,14 @@ def test_cuda_graph_forwards_equal_plain_ones(flux_dev_dir):
     assert graphed.graphs.captures == 2  # one per size: prompts and CFG branches reuse it
 
 
-@pytest.mark.parametrize("parallel", [{}, {"precision": "fp8"}, {"ulysses_degree": 2}], ids=["1gpu", "fp8", "ulysses2"])
+@pytest.mark.parametrize("parallel", [{}, {"precision": "fp8"}, {"ulysses_degree": 2},
+                                      {"precision": "fp8", "ulysses_degree": 2}],
+                         ids=["1gpu", "fp8", "ulysses2", "fp8_ulysses2"])
 def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
     """Whole requests through the service with and without CUDA graphs (compiled either way):
     the same pixels, on one GPU (bf16 and fp8, whose default is graphs on) and on a two-rank
-    replica (graphs on by default too)."""
+    replica (graphs on by default too). Run on H200 in session 9: all but fp8_ulysses2 (added
+    after the GPU time ran out)."""
     if torch.cuda.device_count() < parallel.get("ulysses_degree", 1):
         pytest.skip("needs 2 GPUs")
     kwargs = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, guidance_scale=3.5, seed=5)
@@ -217,3 +220,44 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
             if hasattr(router.denoiser.stage, "close"):  # a multi-rank group's processes
                 router.denoiser.stage.close()
     assert np.array_equal(pixels[0], pixels[1])
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "cuda_graphs"])
+def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_dev_dir, graphs):
+    """tests/cpu/test_parallel_e2e.py's dead-rank test on NCCL: a follower killed mid-request
+    fails that request with StageUnavailableError (within the collective timeout), the next one
+    rebuilds the replica, and the one after is served. Written in session 9, not yet run on a
+    GPU: torch's default NCCL error handling may end this process at the timeout instead
+    (services/runtime/rank_group.py's docstring)."""
+    import time
+
+    from services.runtime.errors import StageUnavailableError
+    from services.runtime.rank_group import COLLECTIVE_TIMEOUT_S
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    small = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, seed=5)
+    router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cuda", dtype="bfloat16"),
+                                     denoiser_options={"ulysses_degree": 2, "cuda_graphs": graphs})
+    group = router.denoiser.stage
+    try:
+        expected = asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels
+
+        async def long_request_with_kill():
+            task = asyncio.ensure_future(router.generate(GenerateRequest(**{**small, "num_inference_steps": 100000})))
+            await asyncio.sleep(5.0)
+            group.ranks.kill_rank(1)
+            try:
+                await task
+            except Exception as exc:
+                return exc
+
+        t0 = time.monotonic()
+        failure = asyncio.run(long_request_with_kill())
+        assert isinstance(failure, StageUnavailableError), failure
+        assert time.monotonic() - t0 < COLLECTIVE_TIMEOUT_S + 60
+        with pytest.raises(StageUnavailableError, match="restarted"):
+            asyncio.run(router.generate(GenerateRequest(**small)))
+        assert np.array_equal(asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels, expected)
+    finally:
+        group.close()
