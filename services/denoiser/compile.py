@@ -71,4 +71,3 @@ def should_compile(flag: bool | None, device: torch.device) -> bool:
     # Off by default on CPU: inductor's C++ compile of every block costs minutes there and the
     # CPU path is for tests and development.
     return device.type == "cuda" if flag is None else flag
-

@@ -32,21 +32,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
-               bias: torch.Tensor | None = None):
-    """x [..., K] in the model dtype @ weight [N, K] (e4m3, scales [1, N]) (+ bias) -> [..., N]."""
-    y = fp8_matmul(*quantize_rows(x.reshape(-1, x.shape[-1])), weight, weight_scale, out_dtype, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows already quantised (quantize_rows, or gelu_fp8.py's fused kernel) [M, K] @ weight^T.
-    On CUDA the bias goes in the GEMM's epilogue (added in fp32, before rounding), so its
-    output is final and the kernel reading it next needs no bias add of its own."""
+               bias: torch.Tensor | None = None, quantize=quantize_rows):
+    """x [..., K] in the model dtype @ weight [N, K] (e4m3, scales [1, N]) (+ bias) -> [..., N].
+    `quantize` turns x's rows into (e4m3 values, scales): quantize_rows, or gelu_fp8.py's kernel
+    that applies a pending GELU on the way. On CUDA the bias goes in the GEMM's epilogue (added
+    in fp32, before rounding), so the output is final and the kernel reading it next needs no
+    bias add of its own."""
+    xq, x_scale = quantize(x.reshape(-1, x.shape[-1]))
     # _scaled_mm wants the second operand column-major: weight is [N, K] row-major, so .t() is.
-    fused = bias if xq.is_cuda else None
+    fused = bias if x.is_cuda else None
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused, out_dtype=out_dtype,
                          use_fast_accum=FAST_ACCUM)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y + bias if bias is not None and fused is None else y
 
 

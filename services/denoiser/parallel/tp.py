@@ -15,7 +15,7 @@ from torch import nn
 
 from services.denoiser.gelu_fp8 import PendingGelu, gelu_quantize_rows, materialise
 from services.denoiser.lora.apply import add_lora
-from services.denoiser.quant import FP8, fp8_matmul, linear
+from services.denoiser.quant import FP8, fp8_linear, linear
 from services.runtime import tensor_parallel as base
 from services.runtime.tensor_parallel import TensorParallel, shard_state_dict
 
@@ -70,9 +70,7 @@ class RowParallelLinear(base.RowParallelLinear):
 
 def _piece_linear(piece, weight, bias, scale):
     if isinstance(piece, PendingGelu):  # fp8 weights: GELU and quantisation in one kernel
-        pre = piece.pre
-        y = fp8_matmul(*gelu_quantize_rows(pre.reshape(-1, pre.shape[-1])), weight, scale, pre.dtype, bias)
-        return y.reshape(*pre.shape[:-1], weight.shape[0])
+        return fp8_linear(piece.pre, weight, scale, piece.pre.dtype, bias, quantize=gelu_quantize_rows)
     return linear(piece, weight, bias, scale)
 
 
