@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="GPU time per kernel kind for each compiled ditserve row (multi-GPU: rank 0's, and how much "
                          "of the communication ran under compute)")
+    ap.add_argument("--profile-top", type=int, default=18, help="with --profile on one GPU: how many kernels to list")
     ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="each compiled ditserve row also with whole forwards as CUDA graphs")
@@ -297,11 +298,11 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
     def run_compiled(name: str, model, *extra, **kw):
         table.run(name, step(model), args.warmup, *extra, **kw)
         if args.profile and device.type == "cuda":
-            kernel_profile(name, step(model), 0, args.trace_dir, top=18)
+            kernel_profile(name, step(model), 0, args.trace_dir, top=args.profile_top)
         if graphs is not None:
             table.run(f"{name} + CUDA graphs", graphed(model), args.warmup, *extra, **kw)
             if args.profile:
-                kernel_profile(f"{name} + CUDA graphs", graphed(model), 0, args.trace_dir, top=18)
+                kernel_profile(f"{name} + CUDA graphs", graphed(model), 0, args.trace_dir, top=args.profile_top)
 
     table.run("diffusers eager", diffusers_step, args.warmup)
     table.run("ditserve eager", step(native), args.warmup)

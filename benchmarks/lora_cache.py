@@ -117,7 +117,7 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-PARTS = ("steps", "workload", "cache")
+PARTS = ("steps", "switch", "workload", "cache")
 
 
 def main() -> None:
@@ -141,6 +141,8 @@ def main() -> None:
 
     if "steps" in args.parts:
         step_table(b, adapters, args)
+    if "switch" in args.parts:
+        switch_time(b, adapters)
     if "workload" in args.parts:
         workload(b, adapters, args)
     if "cache" in args.parts:
@@ -197,6 +199,24 @@ def workload(b: Bench, adapters, args) -> None:
           f"batches of 2 {merged_s:.1f}s ({16 / merged_s:.3f} req/s, {len(switch)} switches of "
           f"{statistics.median(switch) * 1e3:.0f} ms); ratio {merged_s / mixed_s:.2f}x")
 
+
+
+def switch_time(b: Bench, adapters) -> None:
+    """What serving one merged adapter at a time pays per change of adapter: restore the
+    original weights, merge the next adapter. The first round takes the host copies of the
+    originals and is not timed."""
+    times = []
+    for round_ in range(3):
+        for a in adapters:
+            t0 = time.perf_counter()
+            b.lora.merge((a.key, 1.0), [(a, 1.0)])
+            b._sync()
+            if round_:
+                times.append(time.perf_counter() - t0)
+    b.lora.unmerge()
+    b._sync()
+    print(f"\nadapter switch (restore + merge, {len(adapters[0].weights)} linears): median "
+          f"{statistics.median(times) * 1e3:.0f} ms over {len(times)}")
 
 
 def cache_table(b: Bench, args) -> None:

@@ -10,20 +10,28 @@ torch.distributed: NCCL with one GPU per rank on CUDA, gloo on CPU (the same cod
 its process's default process group, so one process holds at most one group
 (ServeConfig.check_ranks refuses two in one process before anything loads).
 
+Requests reach the followers over a gloo "control" group that never times out: a replica
+may sit idle for hours between requests, and a follower waiting on the compute group instead
+would hit its collective timeout after COLLECTIVE_TIMEOUT_S idle and die (it did, before).
+
 Failure: before each request rank 0 checks that every follower is alive; a dead follower fails
 the request with StageUnavailableError and the group is rebuilt (new processes, new process
-group) on the next request. A rank that dies mid-request makes the others' collectives fail
-(at once when its connections drop, at the latest after COLLECTIVE_TIMEOUT_S) instead of hanging:
-tested with gloo (tests/cpu/test_parallel_e2e.py). With NCCL it is not yet tested on a GPU, and
-torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING (3) ends the process at the watchdog's timeout
-rather than failing the collective; collectives inside a CUDA graph are not watched at all, so
-there the next watched one (the per-step stop flag) times out behind the stuck graph."""
+group) on the next request. A rank that dies mid-request makes rank 0's collectives fail instead
+of hanging: with gloo at once (its connections drop; tested in tests/cpu/test_parallel_e2e.py);
+with NCCL, whose kernels would spin on a dead peer until the watchdog's timeout, a watch thread
+polls the followers while a request runs and aborts the communicators when one dies, which
+ends the stuck kernels, graph-captured ones included (tests/gpu). NCCL's watchdog is set to
+abort without ending the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2): torch's default (3)
+would end the whole worker at a timed-out collective rather than fail its request."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +45,11 @@ from services.runtime.errors import RequestCancelledError, StageUnavailableError
 
 log = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = 120  # a collective inside a request (first-call compiles included)
+JOIN_TIMEOUT_S = 600  # ranks joining: process start, imports, a Ray actor's scheduling
+DEATH_POLL_S = 0.5  # how often rank 0 looks at its followers while an NCCL request runs
+_IDLE_FOREVER = datetime.timedelta(days=365)
+_control = None  # this process's control group: requests, and the signal to leave
 
 
 @dataclass(frozen=True)
@@ -49,34 +61,45 @@ class RankSpec:
     build: Callable[[StageConfig], Any]
     method: str
     config: StageConfig
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
 
     def on_gpu(self, gpu_index: int) -> RankSpec:
         """On CUDA, a rank uses GPU `gpu_index` of the GPUs its process sees."""
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda"):
             device = f"cuda:{gpu_index}"
-        return RankSpec(self.role, self.build, self.method, self.config.model_copy(update={"device": device}))
+        return RankSpec(self.role, self.build, self.method, self.config.model_copy(update={"device": device}),
+                        self.collective_timeout_s)
 
 
-def _init(rank: int, world: int, address: str, device: str) -> None:
+def _init(rank: int, world: int, address: str, device: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+    global _control
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(
-        backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # abort, keep the process
+    # The store has its own timeout: joining may take longer than a collective may.
+    host, port = address.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), world, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    _control = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
 
 
 def follower_main(rank: int, world: int, address: str, spec: RankSpec) -> None:
     """The life of rank 1..N-1: join the group, build the stage, follow rank 0's requests.
     `spec.config.device` is already this rank's device (see RankSpec.on_gpu)."""
-    _init(rank, world, address, spec.config.device)
+    _init(rank, world, address, spec.config.device, spec.collective_timeout_s)
     stage = spec.build(spec.config)
     call = getattr(stage, spec.method)
     while True:
         box = [None]
-        dist.broadcast_object_list(box, src=0)
+        try:
+            dist.broadcast_object_list(box, src=0, group=_control)
+        except (RuntimeError, dist.DistBackendError):  # rank 0 went away: nothing left to follow
+            log.warning("%s rank %d: rank 0 is gone; leaving", spec.role, rank)
+            break
         if box[0] is None:  # shutdown
             break
         try:
@@ -104,6 +127,42 @@ def leave_group(stage=None) -> None:
         dist.distributed_c10d._abort_process_group()  # every group, the default one included
     else:
         dist.destroy_process_group()
+
+
+def _abort_communicators() -> None:
+    """Abort every NCCL communicator of this process (the default group and the mesh's groups),
+    from another thread than the one blocked on them: NCCL kernels waiting on a dead peer see the
+    abort and end, and the blocked call raises. The groups stay registered; leave_group tears
+    them down when the replica is rebuilt."""
+    for pg in list(dist.distributed_c10d._world.pg_names):
+        if pg is not _control:
+            pg.abort()
+
+
+class _DeathWatch:
+    """While an NCCL request runs on rank 0: a follower found dead aborts the communicators, so
+    that the request fails now rather than at the watchdog's timeout."""
+
+    def __init__(self, ranks):
+        self.ranks, self.fired, self._done = ranks, False, threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rank-death-watch", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(DEATH_POLL_S):
+            dead = self.ranks.dead()
+            if dead:
+                log.error("rank(s) %s died mid-request; aborting the replica's communicators", dead)
+                self.fired = True
+                _abort_communicators()
+                return
 
 
 def _free_port() -> int:
@@ -155,7 +214,7 @@ class RankGroup:
         address = f"{self.ranks.host}:{_free_port()}"
         self.ranks.start(self.world, address, self.spec)
         spec = self.spec.on_gpu(0)  # rank 0: the first GPU this process sees
-        _init(0, self.world, address, spec.config.device)
+        _init(0, self.world, address, spec.config.device, spec.collective_timeout_s)
         self.stage = spec.build(spec.config)
         self.device = self.stage.device
         self.healthy = True
@@ -172,16 +231,29 @@ class RankGroup:
             self._stop()
             self._start()  # the next request gets a fresh replica
             raise StageUnavailableError(f"{role} rank(s) {dead or '?'} died; the replica was restarted")
+        watch = _DeathWatch(self.ranks) if dist.get_backend() == "nccl" else contextlib.nullcontext()
         try:
-            dist.broadcast_object_list([request], src=0)
-            return getattr(self.stage, self.spec.method)(request, *local_args)
-        except (RuntimeError, dist.DistBackendError) as exc:  # a collective failed: a rank is gone
+            with watch:
+                dist.broadcast_object_list([request], src=0, group=_control)
+                result = getattr(self.stage, self.spec.method)(request, *local_args)
+        except Exception as exc:
+            # A failed collective means a rank is gone; after the watch aborted the communicators
+            # whatever the stage raised is that too.
+            if not (getattr(watch, "fired", False) or isinstance(exc, (RuntimeError, dist.DistBackendError))):
+                raise
             self.healthy = False
             raise StageUnavailableError(f"{role} replica lost a rank mid-request: {str(exc).splitlines()[0]}") from exc
+        if getattr(watch, "fired", False):  # it returned, but from aborted collectives: not a result
+            self.healthy = False
+            raise StageUnavailableError(f"{role} replica lost a rank mid-request")
+        return result
 
     def close(self) -> None:
         """Orderly shutdown: every rank leaves the group together, then the processes end."""
         if dist.is_initialized():
-            dist.broadcast_object_list([None], src=0)  # the followers' signal to leave theirs too
+            try:
+                dist.broadcast_object_list([None], src=0, group=_control)  # the followers leave theirs too
+            except (RuntimeError, dist.DistBackendError):  # one is gone already: leave without it
+                log.warning("%s: a rank was gone at close", self.spec.role)
             leave_group(self.stage)
         self.ranks.stop()

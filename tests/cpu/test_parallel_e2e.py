@@ -110,3 +110,38 @@ def test_a_rank_lets_its_stage_release_the_group_before_leaving_it():
 
     leave_group(Stage())
     assert seen == [True] and not dist.is_initialized()
+
+
+class _SumStage:
+    """A stage whose call is one collective: the sum of every rank's copy of the request."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def total(self, value):
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+
+def sum_stage(config):
+    return _SumStage(config.device)
+
+
+def test_an_idle_replica_outlives_its_collective_timeout(device="cpu"):
+    """Followers wait for the next request on the control group, which has no timeout: a replica
+    idle for longer than its collectives may take still serves (before, its followers timed out
+    waiting and the next request failed with 'rank died'). tests/gpu runs it on NCCL."""
+    from services.runtime.rank_group import RankGroup, RankSpec
+
+    group = RankGroup(RankSpec("test", sum_stage, "total", StageConfig(device=device), collective_timeout_s=2), 2)
+    try:
+        assert group.call(1) == 2.0
+        time.sleep(4)  # twice the collective timeout
+        assert group.ranks.dead() == []
+        assert group.call(3) == 6.0
+    finally:
+        group.close()
