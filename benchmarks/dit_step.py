@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.random_checkpoint import materialise  # noqa: E402
+from services.denoiser.attention import attention_precision  # noqa: E402
 from services.denoiser.graphs import ForwardGraphs  # noqa: E402
 from services.denoiser.latents import PackedLatents2x2  # noqa: E402
 from services.denoiser.models.flux import FluxConfig, FluxTransformer  # noqa: E402
@@ -203,6 +204,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 row")
+    ap.add_argument("--fp8-attention", action="store_true",
+                    help="also the fp8 row with fp8 attention (--dit-attention-precision fp8; needs cudnn-frontend)")
     ap.add_argument("--offload", action="store_true",
                     help="layerwise offload against the resident model (ditserve only; no diffusers rows)")
     ap.add_argument("--prefetch", type=int, nargs="+", default=[1, 2], help="offload prefetch depths to run")
@@ -274,9 +277,9 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])  # once per request in the runner
 
-    def step(model):
+    def step(model, attention: str = "default"):
         def fn():
-            with torch.inference_mode():
+            with torch.inference_mode(), attention_precision(attention):
                 return model(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
         return fn
 
@@ -284,25 +287,26 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
 
     graphs = ForwardGraphs(device) if args.cuda_graphs and device.type == "cuda" else None
 
-    def graphed(model):  # the runner's path: the whole forward replayed as one CUDA graph
+    def graphed(model, attention: str = "default"):  # the runner's path: the whole forward as one CUDA graph
         tensors = [inp["x"], inp["ctx"], inp["pooled"], inp["t"], *rope, inp["guidance"]]
 
         def forward(x, ctx, pooled, t, cos, sin, guidance):
             return model(x, ctx, pooled, t, (cos, sin), guidance)
 
         def fn():
-            with torch.inference_mode():
-                return graphs.run(forward, tensors, depends_on=id(model))
+            with torch.inference_mode(), attention_precision(attention):
+                return graphs.run(forward, tensors, depends_on=(id(model), attention))
         return fn
 
-    def run_compiled(name: str, model, *extra, **kw):
-        table.run(name, step(model), args.warmup, *extra, **kw)
+    def run_compiled(name: str, model, *extra, attention: str = "default", **kw):
+        table.run(name, step(model, attention), args.warmup, *extra, **kw)
         if args.profile and device.type == "cuda":
-            kernel_profile(name, step(model), 0, args.trace_dir, top=args.profile_top)
+            kernel_profile(name, step(model, attention), 0, args.trace_dir, top=args.profile_top)
         if graphs is not None:
-            table.run(f"{name} + CUDA graphs", graphed(model), args.warmup, *extra, **kw)
+            table.run(f"{name} + CUDA graphs", graphed(model, attention), args.warmup, *extra, **kw)
             if args.profile:
-                kernel_profile(f"{name} + CUDA graphs", graphed(model), 0, args.trace_dir, top=args.profile_top)
+                kernel_profile(f"{name} + CUDA graphs", graphed(model, attention), 0, args.trace_dir,
+                               top=args.profile_top)
 
     table.run("diffusers eager", diffusers_step, args.warmup)
     table.run("ditserve eager", step(native), args.warmup)
@@ -328,6 +332,9 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
             table.run("ditserve fp8", step(fp8), args.warmup, "fp8", "ditserve eager", not_mine_bytes=replaced)
         else:
             run_compiled("ditserve fp8 compiled", fp8, "fp8", "ditserve compiled", not_mine_bytes=replaced)
+            if args.fp8_attention:
+                run_compiled("ditserve fp8 + fp8 attention compiled", fp8, "fp8", "ditserve compiled",
+                             attention="fp8", not_mine_bytes=replaced)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table.print(

@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--fp8-attention", action="store_true",
+                    help="also the fp8 row with fp8 attention (--dit-attention-precision fp8; needs cudnn-frontend)")
     ap.add_argument("--variable-text", action="store_true",
                     help="a row compiled as a replica of a variable-text family is (text length dynamic)")
     args = ap.parse_args()
@@ -288,6 +290,16 @@ def main() -> None:
         base = "ditserve compiled" if not args.no_compile else "ditserve eager"
         table.run("ditserve fp8" + (" compiled" if not args.no_compile else ""), bench.native_step(fp8), args.warmup,
                   "fp8", base, not_mine_bytes=replaced)
+        if args.fp8_attention:
+            from services.denoiser.attention import attention_precision
+
+            step = bench.native_step(fp8)
+
+            def fp8_attention_step():
+                with attention_precision("fp8"):
+                    return step()
+            table.run("ditserve fp8 + fp8 attention" + (" compiled" if not args.no_compile else ""),
+                      fp8_attention_step, args.warmup, "fp8", base, not_mine_bytes=replaced)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table.print(f"\n{bench.title}; {str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; "
                 f"{bench.flops / 1e12:.1f} TFLOP/step; weights built in {build_s:.1f}s")

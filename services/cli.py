@@ -91,6 +91,9 @@ def _add_denoiser_flags(p) -> None:
     g = p.add_argument_group("denoiser speed and memory")
     g.add_argument("--dit-precision", dest="precision", choices=["default", "fp8"],
                    help="fp8: e4m3 linears with row-wise scales (Hopper or newer); default: the --dtype")
+    g.add_argument("--dit-attention-precision", dest="attention_precision", choices=["default", "fp8"],
+                   help="fp8: attention in cuDNN's fp8 kernel (Hopper or newer, ditserve[fp8-attention]); "
+                        "pays on long sequences (video, 2048x2048)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT blocks (default: on with CUDA)")
     g.add_argument("--compile-cache-dir", help="persistent compile cache, so a restart skips compiling")
@@ -132,10 +135,11 @@ def _cache_policy(args) -> dict | None:
     return fields
 
 
-_FLAG_NAMES = {"precision": "--dit-precision", "layerwise_offload": "--dit-layerwise-offload"}
-_DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "compile",
-                   "cuda_graphs", "compile_cache_dir", "warmup_resolutions", "layerwise_offload", "offload_prefetch",
-                   "lora_dir", "max_loras")
+_FLAG_NAMES = {"precision": "--dit-precision", "attention_precision": "--dit-attention-precision",
+               "layerwise_offload": "--dit-layerwise-offload"}
+_DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "attention_precision",
+                   "compile", "cuda_graphs", "compile_cache_dir", "warmup_resolutions", "layerwise_offload",
+                   "offload_prefetch", "lora_dir", "max_loras")
 
 
 def _denoiser_options(args) -> dict:

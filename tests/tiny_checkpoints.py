@@ -38,22 +38,24 @@ def build_t5_tokenizer(seed: int = 0, vocab_size: int = 300):
     return t5_tokenizer(_corpus(seed + 1), vocab_size)
 
 
-def tiny_transformer_config(guidance_embeds: bool = True) -> dict:
+def tiny_transformer_config(guidance_embeds: bool = True, head_dim: int = 16) -> dict:
+    """`head_dim` 128 for kernels that take no smaller heads (cuDNN's fp8 attention)."""
     return dict(
         patch_size=1,
         in_channels=16,
         num_layers=2,
         num_single_layers=2,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=[4, 6, 6],
+        axes_dims_rope=[4, 6, 6] if head_dim == 16 else [head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16],
     )
 
 
-def build_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: int = 0, t5_d_ff: int = 37) -> Path:
+def build_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: int = 0, t5_d_ff: int = 37,
+                    head_dim: int = 16) -> Path:
     """Write a complete FluxPipeline directory (model_index.json + 7 components) and return it.
     `t5_d_ff`: T5's feed-forward width (37 is prime: no tensor-parallel degree splits it; 36 splits over 2)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -64,7 +66,7 @@ def build_tiny_flux(out_dir: str | Path, *, guidance_embeds: bool = True, seed: 
     t5_tok = build_t5_tokenizer(seed)
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**tiny_transformer_config(guidance_embeds))
+    transformer = FluxTransformer2DModel(**tiny_transformer_config(guidance_embeds, head_dim))
     # Random init leaves AdaLN-zero gates and the output projection at small values that
     # make outputs nearly constant; widen them so the parity tests see real signal.
     with torch.no_grad():

@@ -3,8 +3,9 @@
 Inputs are [B, S, H, D] (sequence-major, as the projections produce them). Outside a parallel
 forward this is torch SDPA; inside one (services/denoiser/parallel/context.py) the active
 SequenceParallel runs Ulysses / ring attention around the same local kernels below, on the
-rank's shard of the sequence. Optional kernels (flash-attn, flashinfer,
-sageattention) plug in here so model files never change.
+rank's shard of the sequence. Other kernels plug in here so model files never change: so far
+cuDNN's fp8 one (attention_fp8.py, `--dit-attention-precision fp8`); flash-attn, flashinfer and
+sageattention are not wired in.
 
 Backend choice: on Hopper the cuDNN kernel runs Flux's attention (24 heads x 4608 tokens x 128,
 bf16) in 0.40 ms against 0.79 ms for flash, and torch 2.11 already picks cuDNN by default there
@@ -13,8 +14,25 @@ call in that measurement, so we leave the pick to torch."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+
+# fp8 attention (attention_fp8.py) in the forward in progress: the runner sets it around each
+# forward, as it sets the SequenceParallel, so a process's other models never see it.
+_fp8 = False
+
+
+@contextmanager
+def attention_precision(precision: str):
+    global _fp8
+    previous, _fp8 = _fp8, precision == "fp8"
+    try:
+        yield
+    finally:
+        _fp8 = previous
+
 
 # The SequenceParallel of the forward in progress, if any. A plain module global rather than a
 # ContextVar: torch.compile(fullgraph=True) cannot trace ContextVar.get, and a denoiser process
@@ -37,6 +55,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
 
 
 def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if _fp8:  # also inside Ulysses (around this); ring attention stays in the model's dtype
+        from services.denoiser.attention_fp8 import fp8_attention
+
+        return fp8_attention(query, key, value)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 

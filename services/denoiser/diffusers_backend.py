@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Options of DenoiserOptions that only native models implement, with the value meaning "off".
 _NATIVE_ONLY = {"ulysses_degree": 1, "ring_degree": 1, "tp_size": 1, "cfg_parallel": False, "precision": "default",
-                "layerwise_offload": False}
+                "attention_precision": "default", "layerwise_offload": False}
 
 
 class DiffusersPipelineStage:

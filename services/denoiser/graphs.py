@@ -17,6 +17,7 @@ the static inputs live outside the pool."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -44,6 +45,11 @@ class ForwardGraphs:
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._pool = None
         self.captures = 0  # how many signatures have been captured (tests read it)
+        # abandon() comes from another thread (runtime/rank_group.py's death watch); the lock
+        # keeps it from destroying a graph in the middle of a launch (held for the host side of
+        # a launch only, never while the device runs).
+        self._launch = threading.Lock()
+        self.abandoned = False
 
     def run(self, fn: Callable[..., torch.Tensor], args: list[torch.Tensor | None], depends_on: Hashable) -> torch.Tensor:
         """fn(*args), replayed from the graph captured for this signature (captured now if new).
@@ -61,8 +67,22 @@ class ForwardGraphs:
             for static, a in zip(entry.inputs, args):
                 if a is not None:
                     static.copy_(a)
-        entry.graph.replay()
+        with self._launch:
+            if self.abandoned:
+                raise RuntimeError("this replica's communicators were aborted (a rank died): no more replays")
+            entry.graph.replay()
         return entry.output.clone()
+
+    def abandon(self) -> None:
+        """From another thread, while a replay may be stuck on a dead rank's collective: destroy
+        every graph without waiting for the device (the driver frees an in-flight one when it
+        ends), so that NCCL's abort, which would wait for the graphs' references on its
+        communicators, can end the stuck kernels and return. Later replays raise."""
+        with self._launch:
+            self.abandoned = True
+            for entry in self._graphs.values():
+                entry.graph.reset()
+            self._graphs.clear()
 
     def clear(self) -> None:
         """Destroy every graph and its memory. A graph with NCCL collectives in it holds a
@@ -77,6 +97,8 @@ class ForwardGraphs:
         torch.cuda.synchronize(self.device)
 
     def _capture(self, fn, args) -> _Graph:
+        if self.abandoned:
+            raise RuntimeError("this replica's communicators were aborted (a rank died): no more captures")
         static = [None if a is None else torch.empty(a.shape, dtype=a.dtype, device=a.device).copy_(a) for a in args]
         # Warm up on a side stream, as capture requires: compiles, autotunes and creates the
         # NCCL communicators before anything is recorded.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from services.denoiser.attention import attention_precision
 from services.denoiser.cache import BlockCache
 from services.denoiser.compile import MAX_SHAPES
 from services.denoiser.graphs import CaptureError, ForwardGraphs
@@ -84,8 +85,10 @@ class DenoiserRunner:
         expert_2: torch.nn.Module | None = None,
         velocity_in_dit_dtype: bool = False,
         cuda_graphs: bool = False,
+        attention_precision: str = "default",
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
+        self.attention_precision = attention_precision  # "fp8": attention_fp8.py
         # Whole forwards as CUDA graphs (graphs.py), except where a forward is not the same
         # device work every time: a DiT cache decides per step on the host, and unmerged LoRA
         # tensors change per batch (the stage clears `graphs_allowed` while those are set).
@@ -104,6 +107,11 @@ class DenoiserRunner:
         calls it before it leaves the group (runtime/rank_group.py)."""
         if self.graphs is not None:
             self.graphs.clear()
+
+    def abandon_graphs(self) -> None:
+        """A rank died mid-forward (runtime/rank_group.py's death watch, another thread)."""
+        if self.graphs is not None:
+            self.graphs.abandon()
 
     def use_expert(self, index: int) -> None:
         self.model = self.experts[index]
@@ -228,6 +236,10 @@ class DenoiserRunner:
             return self._run(latents, timestep, branch, inputs)
 
     def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+        with attention_precision(self.attention_precision):
+            return self._run_model(latents, timestep, branch, inputs)
+
+    def _run_model(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
         noise_tokens, batch = latents.shape[1], latents.shape[0]
         if inputs.reference is not None:  # the edit pipelines' cat([latents, image_latents], dim=1)
             latents = torch.cat([latents, inputs.reference.expand(batch, -1, -1)], dim=1)

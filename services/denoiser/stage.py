@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from services.denoiser.attention_fp8 import unavailable_reason
 from services.denoiser.compile import compile_blocks, should_compile, use_compile_cache
 from services.denoiser.graphs import should_graph
 from services.denoiser.latents import initial_noise
@@ -53,6 +54,11 @@ class DenoiserStage:
         self.device = parse_device(config.device)
         self.dtype = parse_dtype(config.dtype) if config.dtype else default_dtype(self.device)
         transformer = self._load_transformer("transformer", mesh)
+        if config.attention_precision == "fp8":
+            dims = transformer.config  # Z-Image's names: dim / n_heads
+            head_dim = getattr(dims, "attention_head_dim", None) or dims.dim // dims.n_heads
+            if reason := unavailable_reason(self.device, head_dim):
+                raise InvalidRequestError(reason, "attention_precision")
         # Wan 2.2 A14B: a second expert takes the steps after the boundary timestep; both stay
         # in this replica (offloaded layer by layer with --dit-layerwise-offload).
         boundary = self.model.index.get("boundary_ratio")
@@ -67,11 +73,17 @@ class DenoiserStage:
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
-                                     cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text))
+                                     cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text),
+                                     attention_precision=config.attention_precision)
         self.lora = LoraRunner(transformer, self.device)
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
             warm_up(self, config)
+
+    def on_rank_death(self) -> None:
+        """Called from rank 0's death watch (runtime/rank_group.py) before it aborts the
+        communicators, while this rank may be stuck in a graph on the dead rank's collective."""
+        self.runner.abandon_graphs()
 
     def before_leaving_group(self) -> None:
         """Called on every rank of a multi-rank replica before it leaves the process group

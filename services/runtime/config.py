@@ -141,6 +141,9 @@ class DenoiserOptions(BaseModel):
     cfg_parallel: bool = False
     # fp8: the blocks' linears in e4m3 with row-wise scales (services/denoiser/quant.py).
     precision: Literal["default", "fp8"] = "default"
+    # fp8: attention through cuDNN's fp8 flash kernel (services/denoiser/attention_fp8.py), per
+    # sample per-tensor scales; for long sequences (video, 2048x2048). Ring attention stays as is.
+    attention_precision: Literal["default", "fp8"] = "default"
     # torch.compile of the repeated blocks, static shapes; None = on when the device is CUDA.
     compile: bool | None = None
     # Where compiled kernels persist (inductor + Triton caches), so a restart skips the compile.

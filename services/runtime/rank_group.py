@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 120  # a collective inside a request (first-call compiles included)
 JOIN_TIMEOUT_S = 600  # ranks joining: process start, imports, a Ray actor's scheduling
 DEATH_POLL_S = 0.5  # how often rank 0 looks at its followers while an NCCL request runs
+RECOVERY_S = 60  # for aborting the communicators after a death, before the process gives up
 _IDLE_FOREVER = datetime.timedelta(days=365)
 _control = None  # this process's control group: requests, and the signal to leave
 
@@ -141,10 +143,19 @@ def _abort_communicators() -> None:
 
 class _DeathWatch:
     """While an NCCL request runs on rank 0: a follower found dead aborts the communicators, so
-    that the request fails now rather than at the watchdog's timeout."""
+    that the request fails now rather than at the watchdog's timeout.
 
-    def __init__(self, ranks):
-        self.ranks, self.fired, self._done = ranks, False, threading.Event()
+    With CUDA graphs (on by default for multi-rank replicas) the abort alone deadlocked (2x H200):
+    NCCL's abort sets the flag that ends kernels stuck on the dead peer, then waits for the graphs
+    holding its communicators, while rank 0's thread, unstuck, blocked entering its next
+    collective on the lock the abort holds. So the abort runs in its own thread and, beside it,
+    the stage's `on_rank_death()` destroys the graphs (which waits for the device, which the
+    abort's flag frees). Unverified on a GPU as of this writing: if the two have not finished
+    after RECOVERY_S, the process ends, as torch's own NCCL error handling would have ended it,
+    so that the worker's supervisor (Ray Serve, Kubernetes) restarts it rather than it hanging."""
+
+    def __init__(self, ranks, stage):
+        self.ranks, self.stage, self.fired, self._done = ranks, stage, False, threading.Event()
         self._thread = threading.Thread(target=self._watch, name="rank-death-watch", daemon=True)
 
     def __enter__(self):
@@ -161,7 +172,20 @@ class _DeathWatch:
             if dead:
                 log.error("rank(s) %s died mid-request; aborting the replica's communicators", dead)
                 self.fired = True
-                _abort_communicators()
+                steps = [threading.Thread(target=_abort_communicators, name="nccl-abort", daemon=True)]
+                release = getattr(self.stage, "on_rank_death", None)
+                if release is not None:
+                    steps.append(threading.Thread(target=release, name="release-graphs", daemon=True))
+                for step in steps:
+                    step.start()
+                deadline = time.monotonic() + RECOVERY_S
+                for step in steps:
+                    step.join(max(0.0, deadline - time.monotonic()))
+                if any(step.is_alive() for step in steps):
+                    log.critical("rank 0 could not abort its communicators within %d s of rank(s) %s dying; "
+                                 "ending the process so that it is restarted", RECOVERY_S, dead)
+                    logging.shutdown()
+                    os._exit(70)
                 return
 
 
@@ -231,7 +255,7 @@ class RankGroup:
             self._stop()
             self._start()  # the next request gets a fresh replica
             raise StageUnavailableError(f"{role} rank(s) {dead or '?'} died; the replica was restarted")
-        watch = _DeathWatch(self.ranks) if dist.get_backend() == "nccl" else contextlib.nullcontext()
+        watch = _DeathWatch(self.ranks, self.stage) if dist.get_backend() == "nccl" else contextlib.nullcontext()
         try:
             with watch:
                 dist.broadcast_object_list([request], src=0, group=_control)

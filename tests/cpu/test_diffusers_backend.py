@@ -104,6 +104,8 @@ def test_what_the_backend_cannot_do_is_refused(sd3_dir, tmp_path):
         assert err.value.param == param
     with pytest.raises(UnsupportedModelError, match="ulysses_degree: not available with the diffusers backend"):
         DenoiserStage(DenoiserConfig(model_path=sd3_dir, device="cpu", ulysses_degree=2))
+    with pytest.raises(UnsupportedModelError, match="attention_precision: not available with the diffusers backend"):
+        DenoiserStage(DenoiserConfig(model_path=sd3_dir, device="cpu", attention_precision="fp8"))
     with pytest.raises(UnsupportedModelError, match="runs whole in the denoiser worker: it has no encoder worker"):
         EncoderStage(StageConfig(model_path=sd3_dir, device="cpu"))
     with pytest.raises(UnsupportedModelError, match="no native family for pipeline class 'StableDiffusion3Pipeline'"):

@@ -15,3 +15,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def flux_dev_dir(tmp_path_factory):
     return build_tiny_flux(tmp_path_factory.mktemp("flux-dev") / "model", guidance_embeds=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_dev_dir_d128(tmp_path_factory):
+    """The tiny Flux with 128-wide heads (cuDNN's fp8 attention takes no 16-wide ones)."""
+    return build_tiny_flux(tmp_path_factory.mktemp("flux-dev-d128") / "model", guidance_embeds=True, seed=0,
+                           head_dim=128)
