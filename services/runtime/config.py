@@ -156,10 +156,11 @@ class DenoiserOptions(BaseModel):
     lora_dir: Path | None = None
     max_loras: int = Field(8, ge=1, description="adapters a replica keeps loaded (LRU)")
     # Each DiT forward captured once per shape and replayed as a CUDA graph (denoiser/graphs.py).
-    # None = on for a compiled replica on CUDA that is multi-rank or fp8: where the host's kernel
-    # and NCCL launches were the bottleneck (4x H200, Ulysses-4, 1024x1024: 89.5 -> 43.8 ms per
-    # step; 1 H200, fp8: 90.3 -> 85.8 ms; not for fp8 models whose prompt length varies, see
-    # should_graph). A 1-GPU bf16 step measured no gain. Not with layerwise offload.
+    # None = on for a compiled replica on CUDA that is multi-rank or fp8 (linears or attention):
+    # where the host's kernel and NCCL launches were the bottleneck (4x H200, Ulysses-4,
+    # 1024x1024: 89.5 -> 43.8 ms per step; 1 H200, fp8: 90.3 -> 85.8 ms; not for fp8 models whose
+    # prompt length varies, see should_graph). A 1-GPU bf16 step measured no gain. Not with
+    # layerwise offload.
     cuda_graphs: bool | None = None
     # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
     layerwise_offload: bool = False

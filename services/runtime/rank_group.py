@@ -20,9 +20,11 @@ group) on the next request. A rank that dies mid-request makes rank 0's collecti
 of hanging: with gloo at once (its connections drop; tested in tests/cpu/test_parallel_e2e.py);
 with NCCL, whose kernels would spin on a dead peer until the watchdog's timeout, a watch thread
 polls the followers while a request runs and aborts the communicators when one dies, which
-ends the stuck kernels, graph-captured ones included (tests/gpu). NCCL's watchdog is set to
-abort without ending the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2): torch's default (3)
-would end the whole worker at a timed-out collective rather than fail its request."""
+ends the stuck kernels (tests/gpu, passed on 2x H200 without CUDA graphs; with them see
+_DeathWatch). On rank 0 NCCL's watchdog is set to abort without ending the process
+(TORCH_NCCL_ASYNC_ERROR_HANDLING=2): torch's default (3) would end the whole worker at a
+timed-out collective rather than fail its request. Followers keep the default: one whose
+collective failed ends, and rank 0 replaces every follower when it rebuilds anyway."""
 
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def _init(rank: int, world: int, address: str, device: str, timeout_s: float = C
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # abort, keep the process
+        if rank == 0:  # abort, keep the process (see the module docstring); followers keep torch's
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     # The store has its own timeout: joining may take longer than a collective may.
     host, port = address.rsplit(":", 1)
     store = dist.TCPStore(host, int(port), world, is_master=rank == 0,

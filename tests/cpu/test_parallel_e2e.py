@@ -145,3 +145,55 @@ def test_an_idle_replica_outlives_its_collective_timeout(device="cpu"):
         assert group.call(3) == 6.0
     finally:
         group.close()
+
+
+def test_the_death_watch_aborts_and_releases_at_once_and_gives_up_after_its_deadline(monkeypatch):
+    """rank_group._DeathWatch, with stand-ins for what it drives (real NCCL needs GPUs; tests/gpu
+    kills a rank for real). A rank's death starts NCCL's abort and the stage's release together:
+    here, as on a GPU with CUDA graphs, each waits for the other (the abort for the graphs to go,
+    the graphs' destruction for the device the abort frees), so running them one after the other
+    deadlocks. If they do not finish within RECOVERY_S the process ends instead of hanging."""
+    import logging
+    import threading
+
+    from services.runtime import rank_group
+
+    class Ranks:
+        dead_now: list[int] = []
+
+        def dead(self):
+            return self.dead_now
+
+    abort_started, released = threading.Event(), threading.Event()
+
+    def abort():
+        abort_started.set()
+        assert released.wait(5)
+
+    class Stage:
+        def on_rank_death(self):
+            assert abort_started.wait(5)
+            released.set()
+
+    monkeypatch.setattr(rank_group, "_abort_communicators", abort)
+    monkeypatch.setattr(rank_group, "DEATH_POLL_S", 0.01)
+    exits = []
+    monkeypatch.setattr(rank_group.os, "_exit", exits.append)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+
+    ranks = Ranks()
+    with rank_group._DeathWatch(ranks, Stage()) as quiet:  # nobody dies: nothing happens
+        time.sleep(0.05)
+    assert not quiet.fired and not abort_started.is_set()
+
+    with rank_group._DeathWatch(ranks, Stage()) as watch:
+        ranks.dead_now = [1]
+        watch._thread.join(10)
+    assert watch.fired and abort_started.is_set() and released.is_set() and exits == []
+
+    # An abort that never returns: after RECOVERY_S the process is ended (here: recorded).
+    monkeypatch.setattr(rank_group, "RECOVERY_S", 0.2)
+    monkeypatch.setattr(rank_group, "_abort_communicators", lambda: threading.Event().wait(30))
+    with rank_group._DeathWatch(ranks, Stage()) as stuck:
+        stuck._thread.join(10)
+    assert stuck.fired and exits == [70]

@@ -161,6 +161,7 @@ def test_cuda_graphs_option_defaults_and_limits():
         return should_graph(DenoiserConfig(model_path="m", **options), cuda, mesh)
     assert graphs(two_ranks) and not graphs(None) and graphs(None, cuda_graphs=True)
     assert graphs(None, precision="fp8") and not graphs(None, precision="fp8", compile=False)
+    assert graphs(None, attention_precision="fp8")  # fp8 attention's per-call host work
     fp8 = DenoiserConfig(model_path="m", precision="fp8")
     assert not should_graph(fp8, cuda, None, variable_text=True)  # a graph per prompt length: off
     assert not graphs(two_ranks, compile=False) and not graphs(two_ranks, layerwise_offload=True)
