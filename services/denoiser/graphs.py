@@ -75,9 +75,10 @@ class ForwardGraphs:
 
     def abandon(self) -> None:
         """From another thread, while a replay may be stuck on a dead rank's collective: destroy
-        every graph without waiting for the device (the driver frees an in-flight one when it
-        ends), so that NCCL's abort, which would wait for the graphs' references on its
-        communicators, can end the stuck kernels and return. Later replays raise."""
+        every graph, so that NCCL's abort, which waits for the graphs' references on its
+        communicators, can return. Destroying waits for the device (2x H200: CUDAGraph.reset sat
+        behind the stuck kernel), which the abort, run at the same time (runtime/rank_group.py's
+        _DeathWatch), frees. Later replays and captures raise."""
         with self._launch:
             self.abandoned = True
             for entry in self._graphs.values():
@@ -122,9 +123,9 @@ class ForwardGraphs:
 
 def should_graph(config, device: torch.device, mesh, variable_text: bool = False) -> bool:
     """CUDA graphs of whole forwards (config.cuda_graphs; see its comment): None = on for a
-    compiled multi-rank or fp8 (linears or attention) replica on CUDA without layerwise offload. For fp8 on one GPU
-    (5% a step) only where the prompt reaches the DiT at one length: a model whose text length
-    varies per prompt (spec.variable_text) would capture a graph per length."""
+    compiled multi-rank or fp8 (linears or attention) replica on CUDA without layerwise offload.
+    For fp8 on one GPU (5% a step) only where the prompt reaches the DiT at one length: a model
+    whose text length varies per prompt (spec.variable_text) would capture a graph per length."""
     if device.type != "cuda":
         return False
     if config.cuda_graphs is not None:

@@ -81,8 +81,8 @@ class DenoiserStage:
             warm_up(self, config)
 
     def on_rank_death(self) -> None:
-        """Called from rank 0's death watch (runtime/rank_group.py) before it aborts the
-        communicators, while this rank may be stuck in a graph on the dead rank's collective."""
+        """Called from rank 0's death watch (runtime/rank_group.py) while it aborts the
+        communicators, as this rank may be stuck in a graph on the dead rank's collective."""
         self.runner.abandon_graphs()
 
     def before_leaving_group(self) -> None:
