@@ -28,8 +28,7 @@ from functools import cache
 
 import torch
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+from services.denoiser.quant import FP8, FP8_MAX
 
 
 def unavailable_reason(device: torch.device, head_dim: int) -> str | None:
@@ -66,7 +65,7 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
 def _quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 x [B, S, H, D] with one scale per sample, and its descale [B] (fp32)."""
     amax = x.abs().amax(dim=(1, 2, 3)).float().clamp(min=1e-12)
-    return (x.float() * (E4M3_MAX / amax)[:, None, None, None]).to(E4M3), amax / E4M3_MAX
+    return (x.float() * (FP8_MAX / amax)[:, None, None, None]).to(FP8), amax / FP8_MAX
 
 
 @torch.library.custom_op("ditserve::sdpa_fp8", mutates_args=())
@@ -74,7 +73,7 @@ def _sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torc
               descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor) -> torch.Tensor:
     """e4m3 q, k, v [B, S, H, D] and their per-sample descales [B] -> e4m3 O [B, S, H, D]
     (contiguous) at per-sample scale `scale_o` [B] (v's: 1 / descale_v)."""
-    out = torch.empty(q.shape, dtype=E4M3, device=q.device)
+    out = torch.empty(q.shape, dtype=FP8, device=q.device)
     if q.device.type != "cuda":
         for b in range(q.shape[0]):
             out[b] = _emulate(q[b], k[b], v[b], descale_q[b], descale_k[b], descale_v[b], scale_o[b])
@@ -89,7 +88,7 @@ def _sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torc
 
 @_sdpa_fp8.register_fake
 def _(q, k, v, descale_q, descale_k, descale_v, scale_o):
-    return torch.empty(q.shape, dtype=E4M3, device=q.device)
+    return torch.empty(q.shape, dtype=FP8, device=q.device)
 
 
 def _bhsd(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -103,9 +102,9 @@ def _emulate(q, k, v, dq, dk, dv, scale_o) -> torch.Tensor:
     q, k, v = (t.float().transpose(0, 1) * d for t, d in ((q, dq), (k, dk), (v, dv)))  # [H, S, D]
     s = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    p8 = (p * E4M3_MAX).to(E4M3).float() / E4M3_MAX
+    p8 = (p * FP8_MAX).to(FP8).float() / FP8_MAX
     o = (p8 @ v) / p.sum(dim=-1, keepdim=True)
-    return (o * scale_o).to(E4M3).transpose(0, 1)
+    return (o * scale_o).to(FP8).transpose(0, 1)
 
 
 @cache
@@ -146,7 +145,7 @@ def _plan(device: torch.device, q_layout, k_layout, v_layout, o_layout):
                            f"{torch.cuda.get_device_name(device)}: {str(exc).splitlines()[0]}") from exc
     workspace_size = graph.get_workspace_size()
     ones = torch.ones(4, dtype=torch.float32, device=device)
-    scale_s, descale_s = (ones[0:1] * E4M3_MAX).reshape(1, 1, 1, 1), (ones[1:2] / E4M3_MAX).reshape(1, 1, 1, 1)
+    scale_s, descale_s = (ones[0:1] * FP8_MAX).reshape(1, 1, 1, 1), (ones[1:2] / FP8_MAX).reshape(1, 1, 1, 1)
     amaxes = torch.empty(2, 1, 1, 1, dtype=torch.float32, device=device)  # cuDNN reports them; unused
 
     def run(q, k, v, out, descale_q, descale_k, descale_v, scale_o):  # [1, H, S, D]; [1, 1, 1, 1]

@@ -81,9 +81,7 @@ class ForwardGraphs:
         _DeathWatch), frees. Later replays and captures raise."""
         with self._launch:
             self.abandoned = True
-            for entry in self._graphs.values():
-                entry.graph.reset()
-            self._graphs.clear()
+            self._destroy()
 
     def clear(self) -> None:
         """Destroy every graph and its memory. A graph with NCCL collectives in it holds a
@@ -91,11 +89,14 @@ class ForwardGraphs:
         for the reference to go: a two-rank replica's close hung there (H200, both ranks in
         abort for 120 s) until its graphs were cleared first. The synchronize lets the driver
         release what the destroyed graphs held."""
+        self._destroy()
+        self._pool = None
+        torch.cuda.synchronize(self.device)
+
+    def _destroy(self) -> None:
         for entry in self._graphs.values():
             entry.graph.reset()
         self._graphs.clear()
-        self._pool = None
-        torch.cuda.synchronize(self.device)
 
     def _capture(self, fn, args) -> _Graph:
         if self.abandoned:

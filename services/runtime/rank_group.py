@@ -28,7 +28,6 @@ collective failed ends, and rank 0 replaces every follower when it rebuilds anyw
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -157,17 +156,20 @@ class _DeathWatch:
     after RECOVERY_S, the process ends, as torch's own NCCL error handling would have ended it,
     so that the worker's supervisor (Ray Serve, Kubernetes) restarts it rather than it hanging."""
 
-    def __init__(self, ranks, stage):
+    def __init__(self, ranks, stage, active: bool = True):
+        """`active` False (gloo, whose collectives fail by themselves): watches nothing."""
         self.ranks, self.stage, self.fired, self._done = ranks, stage, False, threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="rank-death-watch", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="rank-death-watch", daemon=True) if active else None
 
     def __enter__(self):
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._done.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def _watch(self) -> None:
         while not self._done.wait(DEATH_POLL_S):
@@ -258,7 +260,7 @@ class RankGroup:
             self._stop()
             self._start()  # the next request gets a fresh replica
             raise StageUnavailableError(f"{role} rank(s) {dead or '?'} died; the replica was restarted")
-        watch = _DeathWatch(self.ranks, self.stage) if dist.get_backend() == "nccl" else contextlib.nullcontext()
+        watch = _DeathWatch(self.ranks, self.stage, active=dist.get_backend() == "nccl")
         try:
             with watch:
                 dist.broadcast_object_list([request], src=0, group=_control)
@@ -266,11 +268,11 @@ class RankGroup:
         except Exception as exc:
             # A failed collective means a rank is gone; after the watch aborted the communicators
             # whatever the stage raised is that too.
-            if not (getattr(watch, "fired", False) or isinstance(exc, (RuntimeError, dist.DistBackendError))):
+            if not (watch.fired or isinstance(exc, (RuntimeError, dist.DistBackendError))):
                 raise
             self.healthy = False
             raise StageUnavailableError(f"{role} replica lost a rank mid-request: {str(exc).splitlines()[0]}") from exc
-        if getattr(watch, "fired", False):  # it returned, but from aborted collectives: not a result
+        if watch.fired:  # it returned, but from aborted collectives: not a result
             self.healthy = False
             raise StageUnavailableError(f"{role} replica lost a rank mid-request")
         return result
