@@ -287,27 +287,47 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
 
     graphs = ForwardGraphs(device) if args.cuda_graphs and device.type == "cuda" else None
 
-    def graphed(model, attention: str = "default"):  # the runner's path: the whole forward as one CUDA graph
-        tensors = [inp["x"], inp["ctx"], inp["pooled"], inp["t"], *rope, inp["guidance"]]
+    def graphed(model, attention: str = "default", tables: bool = False, variant: str = ""):
+        """The runner's path: the whole forward as one CUDA graph; `tables`: with this step's row
+        of the request's precomputed modulations (runner.precompute), as the service runs Flux."""
+        mods = None
+        if tables:
+            with torch.inference_mode():
+                mods = model.modulation_table(inp["t"], inp["guidance"], inp["pooled"], dtype)
+        tensors = [inp["x"], inp["ctx"], inp["pooled"], inp["t"], *rope, inp["guidance"], mods]
 
-        def forward(x, ctx, pooled, t, cos, sin, guidance):
-            return model(x, ctx, pooled, t, (cos, sin), guidance)
+        def forward(x, ctx, pooled, t, cos, sin, guidance, mods):
+            return model(x, ctx, pooled, t, (cos, sin), guidance, modulations=mods)
 
         def fn():
             with torch.inference_mode(), attention_precision(attention):
-                return graphs.run(forward, tensors, depends_on=(id(model), attention))
+                return graphs.run(forward, tensors, depends_on=(id(model), attention, tables, variant))
         return fn
 
-    def run_compiled(name: str, model, *extra, attention: str = "default", **kw):
+    def table_ms(model, steps: int = 28) -> float:
+        """What precomputing a request's modulations costs (once per request, before its steps)."""
+        g = inp["guidance"][:1].expand(steps) if inp["guidance"] is not None else None
+        t, pooled = inp["t"][:1].expand(steps), inp["pooled"][:1].expand(steps, -1)
+
+        def fn():
+            with torch.inference_mode():
+                return model.modulation_table(t, g, pooled, dtype)
+        return timed(fn, device, 2, 5)[0]
+
+    def run_compiled(name: str, model, *extra, attention: str = "default", variant: str = "", **kw):
         table.run(name, step(model, attention), args.warmup, *extra, **kw)
         if args.profile and device.type == "cuda":
             kernel_profile(name, step(model, attention), 0, args.trace_dir, top=args.profile_top)
         if graphs is not None:
-            table.run(f"{name} + CUDA graphs", graphed(model, attention), args.warmup, *extra, **kw)
+            table.run(f"{name} + CUDA graphs", graphed(model, attention, variant=variant), args.warmup, *extra, **kw)
+            table.run(f"{name} + CUDA graphs + modulation tables", graphed(model, attention, True, variant),
+                      args.warmup, *extra, **kw)
+            precomputed.append(f"{name}: {table_ms(model):.2f} ms for 28 steps")
             if args.profile:
-                kernel_profile(f"{name} + CUDA graphs", graphed(model, attention), 0, args.trace_dir,
-                               top=args.profile_top)
+                kernel_profile(f"{name} + CUDA graphs + modulation tables", graphed(model, attention, True), 0,
+                               args.trace_dir, top=args.profile_top)
 
+    precomputed: list[str] = []
     table.run("diffusers eager", diffusers_step, args.warmup)
     table.run("ditserve eager", step(native), args.warmup)
     if not args.no_compile:
@@ -335,6 +355,16 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
             if args.fp8_attention:
                 run_compiled("ditserve fp8 + fp8 attention compiled", fp8, "fp8", "ditserve compiled",
                              attention="fp8", not_mine_bytes=replaced)
+                # the same with q and k quantised by inductor after its own norm + RoPE kernel,
+                # instead of qk_norm_fp8.py's one-pass kernel (what a sequence-parallel rank runs)
+                import services.denoiser.models.flux as flux_module
+
+                one_pass, flux_module.takes_fp8_qk = flux_module.takes_fp8_qk, lambda: False
+                try:
+                    run_compiled("ditserve fp8 + fp8 attention, q and k by inductor, compiled", fp8, "fp8",
+                                 "ditserve compiled", attention="fp8", variant="unfused", not_mine_bytes=replaced)
+                finally:
+                    flux_module.takes_fp8_qk = one_pass
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table.print(
@@ -342,6 +372,8 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
         f"{str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; {table.flops / 1e12:.1f} TFLOP/step; "
         f"weights built in {build_s:.1f}s"
     )
+    if precomputed:  # the "+ modulation tables" rows leave this out of their step time
+        print("modulation tables, once per request (batch 1): " + "; ".join(precomputed))
 
 
 def run_offload(args, device: torch.device, dtype: torch.dtype) -> None:

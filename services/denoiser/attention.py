@@ -47,18 +47,48 @@ def set_active_parallel(parallel) -> object:
     return previous
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors; returns [B, S, H, D]."""
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors; returns [B, S, H, D].
+
+    `amax_qk`: bounds on |query| and |key| (0-d fp32 tensors) that hold for any input, which a
+    model passes when wants_qk_bounds() (Flux: from its QK-RMSNorm weights, rms_norm_bound).
+    fp8 attention then scales q and k by them rather than by each sample's measured amax, so
+    their quantisation is elementwise and fuses into the kernel that normalises and rotates
+    them; exact attention ignores them."""
     if _active_parallel is not None:
-        return _active_parallel.attention(query, key, value)
-    return local_attention(query, key, value)
+        return _active_parallel.attention(query, key, value, amax_qk)
+    return local_attention(query, key, value, amax_qk)
 
 
-def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def wants_qk_bounds() -> bool:
+    """Whether the forward in progress runs fp8 attention, which can use `amax_qk`."""
+    return _fp8
+
+
+def takes_fp8_qk() -> bool:
+    """Whether attention() may be handed q and k in e4m3 (at the scale of `amax_qk`, which must
+    come with them): fp8 attention on a rank that attends alone. A sequence-parallel exchange
+    takes q, k and v in one dtype, so there they stay in the model's."""
+    return _fp8 and _active_parallel is None
+
+
+def rms_norm_bound(*norms: torch.nn.RMSNorm) -> torch.Tensor:
+    """An upper bound on |x| of anything these RMSNorms output, rotated by RoPE or not: a
+    normalised vector of width D has sum(x_i^2) <= D, so a (real, imag) pair times the weights
+    has norm <= sqrt(D) max|w|, and a rotation keeps a pair's norm. The margin covers the
+    roundings after the norm and after RoPE (bf16: 2^-8 relative each)."""
+    width = norms[0].normalized_shape[-1]
+    peak = torch.stack([n.weight.detach().abs().amax().float() for n in norms]).amax()  # affine norms
+    return peak * (width**0.5 * (1 + 2**-6))
+
+
+def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     if _fp8:  # also inside Ulysses (around this); ring attention stays in the model's dtype
         from services.denoiser.attention_fp8 import fp8_attention
 
-        return fp8_attention(query, key, value)
+        return fp8_attention(query, key, value, amax_qk)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 

@@ -14,7 +14,9 @@ on top of what fp8 linears add: an opt-in, with the error measured in benchmarks
 
 Scales are per tensor (cuDNN's fp8 SDPA takes scalar descales) and per sample: one call per batch
 entry, so a sample's result never depends on another's values (a mixed batch still equals its
-requests run alone). q, k and v are quantised from their amax. On Hopper cuDNN writes O in fp8
+requests run alone). v is quantised from its amax; q and k from a bound the model guarantees
+(Flux: its QK-RMSNorm weights, attention.rms_norm_bound), already in e4m3 from qk_norm_fp8.py's
+kernel on a rank that attends alone, else from their amax. On Hopper cuDNN writes O in fp8
 only (bf16 O needs Blackwell); its scale is v's, which cannot overflow, since every output row
 is a convex combination of v's rows. The softmax P is quantised with scale 448 (P <= 1).
 
@@ -53,19 +55,41 @@ def unavailable_reason(device: torch.device, head_dim: int) -> str | None:
     return None
 
 
-def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors in fp8; returns [B, S, H, D] in q's
     dtype. The quantisation and dequantisation are plain ops, which torch.compile fuses into the
-    kernels around them; the attention itself is one opaque op."""
-    (q8, dq), (k8, dk), (v8, dv) = (_quantise(t) for t in (query, key, value))
+    kernels around them; the attention itself is one opaque op.
+
+    `amax_qk` (attention.attention's): bounds on |q| and |k| that hold for any input. With them q
+    and k are scaled statically, an elementwise op that fuses into the kernel producing them (no
+    amax pass, no bf16 copy written and read back); without, by each sample's amax. A bound
+    wastes range only where values sit well below it: e4m3's relative step is the same from
+    2^-6 to 448, so q and k round as finely."""
+    if query.dtype == FP8:  # already quantised at their bounds' scale (qk_norm_fp8.py)
+        (q8, dq), (k8, dk) = ((t, (a.float() / FP8_MAX).reshape(1).expand(t.shape[0]).contiguous())
+                              for t, a in zip((query, key), amax_qk))
+    elif amax_qk is None:
+        (q8, dq), (k8, dk) = _quantise(query), _quantise(key)
+    else:
+        (q8, dq), (k8, dk) = (_quantise_bounded(t, a) for t, a in zip((query, key), amax_qk))
+    v8, dv = _quantise(value)
     o8 = torch.ops.ditserve.sdpa_fp8(q8, k8, v8, dq, dk, dv, 1.0 / dv)
-    return (o8.float() * dv[:, None, None, None]).to(query.dtype)
+    return (o8.float() * dv[:, None, None, None]).to(value.dtype)
 
 
 def _quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 x [B, S, H, D] with one scale per sample, and its descale [B] (fp32)."""
     amax = x.abs().amax(dim=(1, 2, 3)).float().clamp(min=1e-12)
     return (x.float() * (FP8_MAX / amax)[:, None, None, None]).to(FP8), amax / FP8_MAX
+
+
+def _quantise_bounded(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 x [B, S, H, D] at the scale of a bound on |x| (0-d), and its descale [B]. The clamp
+    keeps a value past a wrong bound finite (a cast past 448 gives NaN in e4m3fn)."""
+    amax = amax.float().clamp(min=1e-12)
+    x8 = (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x8, (amax / FP8_MAX).reshape(1).expand(x.shape[0]).contiguous()
 
 
 @torch.library.custom_op("ditserve::sdpa_fp8", mutates_args=())

@@ -75,17 +75,21 @@ def sample(
     steps = len(schedule.timesteps)
     # ZImagePipeline's cfg_truncation test, on the fp32 timesteps, computed once (no sync a step).
     guided = [t_norm <= guidance.truncation for t_norm in ((1000 - schedule.timesteps.float()) / 1000).tolist()]
-    for i, t in enumerate(schedule.timesteps):
-        if experts is not None:
-            runner.use_expert(experts[i])
+    conditionings = []
+    for t in schedule.timesteps:
         # The pipelines' timestep arithmetic, kept as is.
         t = t.expand(latents.shape[0])
         if timestep == "raw":  # WanPipeline hands the scheduler's t over as it is
-            conditioning = t
+            conditionings.append(t)
         else:  # Flux / Qwen-Image / Z-Image: cast to the latents' dtype first, then scaled
             t = t.to(latents.dtype)
-            conditioning = t / 1000 if timestep == "fraction" else (1000 - t) / 1000
-        velocities = runner.predict(latents, conditioning, inputs, guided[i])
+            conditionings.append(t / 1000 if timestep == "fraction" else (1000 - t) / 1000)
+    if experts is None and steps:
+        runner.precompute(inputs, torch.stack(conditionings))
+    for i, conditioning in enumerate(conditionings):
+        if experts is not None:
+            runner.use_expert(experts[i])
+        velocities = runner.predict(latents, conditioning, inputs, guided[i], step=i)
         if timestep == "reversed":
             velocities = [-v for v in velocities]
         rule = guidance_2 if guidance_2 is not None and experts is not None and experts[i] == 1 else guidance

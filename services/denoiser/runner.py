@@ -25,6 +25,11 @@ from services.runtime.messages import CacheStats, Conditioning
 
 log = logging.getLogger(__name__)
 
+# At most this many bytes of precomputed modulations per request (DenoiserRunner.precompute):
+# Flux.1-dev's are 2.1 MB per step, sample and branch in bf16, so 28 steps of a batch of 4 with
+# true CFG fit; a larger request computes them step by step as before.
+MODULATION_BUDGET = 512 << 20
+
 
 @dataclass
 class BranchInputs:
@@ -35,6 +40,8 @@ class BranchInputs:
     # The token split of this branch: its own, since a negative prompt's text length may differ
     # from the positive's (Qwen-Image's prompts are not padded to a fixed length).
     sp: SequenceParallel | None = None
+    # [T, B, W]: the DiT's modulations for each step and sample, when precomputed (precompute).
+    modulations: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,6 +101,10 @@ class DenoiserRunner:
         # tensors change per batch (the stage clears `graphs_allowed` while those are set).
         self.graphs = ForwardGraphs(device) if cuda_graphs and device.type == "cuda" else None
         self.graphs_allowed = True
+        # Modulations precomputed per request (precompute), except where a modulation weight is
+        # not on the device or not the same for the whole batch: layerwise offload, unmerged
+        # LoRA (the stage clears it for those).
+        self.tables_allowed = True
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
         # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
         # both); `use_expert` picks the one the next steps run.
@@ -191,36 +202,59 @@ class DenoiserRunner:
         )
 
     @torch.inference_mode()
+    def precompute(self, inputs: StepInputs, timesteps: torch.Tensor) -> None:
+        """Before a request's first step: every step's modulations of a model that can tabulate
+        them (FluxTransformer.modulation_table), into each branch's `modulations`. `timesteps`
+        [T, B] are the DiT's timestep inputs of the T steps. One sample at a time, so a sample's
+        rows do not depend on the batch it is in (a GEMM's rounding can depend on its row
+        count). Skipped past MODULATION_BUDGET bytes: the per-step GEMVs then stay."""
+        model = self.model
+        if not self.tables_allowed or not hasattr(model, "modulation_table") or len(self.experts) > 1:
+            return
+        steps, batch = timesteps.shape
+        branches = [b for b in (inputs.positive, inputs.negative) if b is not None]
+        size = steps * batch * len(branches) * model.modulation_width * torch.finfo(self.dtype).bits // 8
+        if size > MODULATION_BUDGET:
+            return
+        guidance = inputs.guidance
+        for branch in branches:
+            pooled = branch.pooled_prompt_embeds
+            branch.modulations = torch.stack([model.modulation_table(
+                timesteps[:, b], guidance[b : b + 1].expand(steps) if guidance is not None else None,
+                pooled[b : b + 1].expand(steps, -1), self.dtype) for b in range(batch)], dim=1)
+
+    @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: StepInputs,
-                guided: bool = True) -> list[torch.Tensor]:
+                guided: bool = True, step: int | None = None) -> list[torch.Tensor]:
         """Velocity of each branch: [positive] or [positive, negative] (guided: False runs the
         positive one only, a step the pipeline runs without CFG), in the latents' dtype (or the
-        DiT's, see velocity_in_dit_dtype)."""
+        DiT's, see velocity_in_dit_dtype). `step`: the index into precomputed modulations."""
         branches = [inputs.positive] + ([inputs.negative] if inputs.negative is not None and guided else [])
         # Latents may be fp32 around a bf16 DiT (spec.fp32_latents): the pipeline's casts, in and
         # out (out after the exchanges, which then move the DiT's dtype).
         x = latents.to(self.dtype)
         if self.mesh is not None and self.mesh.degrees.cfg == 2 and len(branches) == 2:
-            mine = self._forward(x, timestep, branches[self.mesh.rank("cfg")], inputs)
+            mine = self._forward(x, timestep, branches[self.mesh.rank("cfg")], inputs, step)
             shapes = [tuple(mine.shape)] * 2
             velocities = all_to_all([mine, mine], shapes, self.mesh.group("cfg"))
         else:
-            velocities = [self._forward(x, timestep, b, inputs) for b in branches]
+            velocities = [self._forward(x, timestep, b, inputs, step) for b in branches]
         return velocities if self.velocity_in_dit_dtype else [v.to(latents.dtype) for v in velocities]
 
-    def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, latents, timestep, branch: BranchInputs, inputs: StepInputs, step: int | None) -> torch.Tensor:
+        mods = branch.modulations[step] if branch.modulations is not None and step is not None else None
         if self.graphs is None or not self.graphs_allowed or branch.cache is not None:
-            return self._run(latents, timestep, branch, inputs)
+            return self._run(latents, timestep, branch, inputs, mods)
         optional = ("guidance", "reference", "reference_tokens", "channels", "image_embeds", "timestep_mask",
                     "first_tokens")
-        tensors = [latents, timestep, branch.prompt_embeds, branch.pooled_prompt_embeds,
+        tensors = [latents, timestep, branch.prompt_embeds, branch.pooled_prompt_embeds, mods,
                    *(getattr(inputs, name) for name in optional), *branch.rope]
 
-        def forward(latents, timestep, embeds, pooled, *rest):
+        def forward(latents, timestep, embeds, pooled, mods, *rest):
             fields = dict(zip(optional, rest))
             rope = tuple(rest[len(optional):])
             return self._run(latents, timestep, replace(branch, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                                                       rope=rope), replace(inputs, **fields))
+                                                       rope=rope), replace(inputs, **fields), mods)
 
         # The same shapes give the same token split, so the model is all the key needs besides them.
         try:
@@ -233,13 +267,14 @@ class DenoiserRunner:
                         "CUDA graphs from now on (--no-cuda-graphs silences this)", type(self.model).__name__, exc)
             self.graphs.clear()
             self.graphs = None
-            return self._run(latents, timestep, branch, inputs)
+            return self._run(latents, timestep, branch, inputs, mods)
 
-    def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+    def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs, mods: torch.Tensor | None):
         with attention_precision(self.attention_precision):
-            return self._run_model(latents, timestep, branch, inputs)
+            return self._run_model(latents, timestep, branch, inputs, mods)
 
-    def _run_model(self, latents, timestep, branch: BranchInputs, inputs: StepInputs) -> torch.Tensor:
+    def _run_model(self, latents, timestep, branch: BranchInputs, inputs: StepInputs,
+                   mods: torch.Tensor | None) -> torch.Tensor:
         noise_tokens, batch = latents.shape[1], latents.shape[0]
         if inputs.reference is not None:  # the edit pipelines' cat([latents, image_latents], dim=1)
             latents = torch.cat([latents, inputs.reference.expand(batch, -1, -1)], dim=1)
@@ -254,6 +289,8 @@ class DenoiserRunner:
             extra["encoder_hidden_states_image"] = inputs.image_embeds.expand(batch, -1, -1)
         if inputs.reference_tokens is not None:  # sharded below as the tokens are
             extra["reference_tokens"] = inputs.reference_tokens
+        if mods is not None:  # per sample, whole on every rank
+            extra["modulations"] = mods
         sp = branch.sp
         if sp is None:
             out = self.model(

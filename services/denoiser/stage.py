@@ -130,6 +130,8 @@ class DenoiserStage:
             )
             self._use_loras(request)
             self.runner.graphs_allowed = not self.lora.unmerged  # per-batch LoRA tensors: not in a graph
+            # (the LoRA hooks on modulation linears take the batch's rows; offloaded weights are on the host)
+            self.runner.tables_allowed = not self.lora.unmerged and not self.config.layerwise_offload
             try:
                 # WanPipeline's switch: the first expert while t >= boundary, the second after
                 experts = None if self.boundary_timestep is None else [

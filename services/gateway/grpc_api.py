@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from services.gateway.images import MIME_TYPES, encode_images
 from services.gateway.video import MP4_MIME, encode_mp4
 from services.runtime import metrics, wire
-from services.runtime.codec import GRPC_OPTIONS
+from services.runtime.codec import GRPC_OPTIONS, keepalive_options
 from services.runtime.config import GenerateRequest
 from services.runtime.errors import DitserveError, ModelNotFoundError
 from services.runtime.grpc_server import ERROR_CODE_KEY, status_for
@@ -142,7 +142,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
 
 async def start_public_grpc(router, card, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS + keepalive_options())
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationService(router, card), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

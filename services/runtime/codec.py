@@ -35,6 +35,36 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
+# A peer can vanish without closing its TCP connection (a node lost, a network partition, a
+# frozen process); without pings a call on that connection waits for its deadline (600 s for a
+# denoise). Every ditserve channel and server (stage and public) sets keepalive_options().
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 20.0, 10.0
+
+
+def keepalive_options(every_s: float = KEEPALIVE_S, timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple]:
+    """Ping the peer every `every_s` and drop the connection (its calls fail UNAVAILABLE) when a
+    ping goes unanswered for `timeout_s`. Both ends use the same list: a channel reads the
+    sending options, a server the receiving ones, and a server also pings its callers, so a
+    streaming denoise whose caller vanished sees is_active() go false and stops. Checked with
+    grpcio 1.85 against a SIGSTOPped server (tests/cpu/test_grpc_keepalive.py): with the
+    keepalive time and timeout alone the ping went out but its wait was c-core's ping timeout
+    (60 s), so the call ran to its deadline; with http2.ping_timeout_ms it fails in ~2 s."""
+    every, timeout = int(every_s * 1000), int(timeout_s * 1000)
+    return [
+        ("grpc.keepalive_time_ms", every),
+        ("grpc.keepalive_timeout_ms", timeout),
+        ("grpc.http2.ping_timeout_ms", timeout),  # what bounds a ping's wait (see above)
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A silent call (a long unary encode, a first compile) sends no data between pings: no
+        # cap on such pings, and no 5-minute spacing of them (both c-core's defaults)...
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", every),
+        # ...and the receiving end accepts them that often (by default it answers pings more
+        # often than every 5 minutes with GOAWAY after two strikes).
+        ("grpc.http2.min_ping_interval_without_data_ms", every // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
 
 def _raw_bytes(t: torch.Tensor) -> bytes:
     t = t.detach().to("cpu").contiguous()

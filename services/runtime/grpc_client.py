@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from services.runtime import wire
-from services.runtime.codec import GRPC_OPTIONS, TensorAssembler
+from services.runtime.codec import GRPC_OPTIONS, KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, TensorAssembler, keepalive_options
 from services.runtime.errors import (
     DeadlineExceededError,
     DitserveError,
@@ -53,9 +53,11 @@ def _typed_error(stage: str, address: str, err: grpc.aio.AioRpcError) -> Ditserv
 class _GrpcStage:
     stage = ""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, keepalive: tuple[float, float] = (KEEPALIVE_S, KEEPALIVE_TIMEOUT_S)):
+        """`keepalive`: (ping every s, drop after s unanswered), codec.keepalive_options."""
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS + _RECONNECT)
+        self.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS + _RECONNECT
+                                                 + keepalive_options(*keepalive))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -75,8 +77,8 @@ class _GrpcStage:
 class GrpcEncoderClient(_GrpcStage):
     stage = "encoder"
 
-    def __init__(self, address: str):
-        super().__init__(address)
+    def __init__(self, address: str, **kwargs):
+        super().__init__(address, **kwargs)
         self.stub = stages_pb2_grpc.EncoderStub(self.channel)
 
     async def encode(self, request: EncodeRequest, timeout_s: float | None = None) -> EncodeResponse:
@@ -90,8 +92,8 @@ class GrpcEncoderClient(_GrpcStage):
 class GrpcDenoiserClient(_GrpcStage):
     stage = "denoiser"
 
-    def __init__(self, address: str):
-        super().__init__(address)
+    def __init__(self, address: str, **kwargs):
+        super().__init__(address, **kwargs)
         self.stub = stages_pb2_grpc.DenoiserStub(self.channel)
 
     async def denoise(
@@ -124,8 +126,8 @@ class GrpcDenoiserClient(_GrpcStage):
 class GrpcVaeClient(_GrpcStage):
     stage = "vae"
 
-    def __init__(self, address: str):
-        super().__init__(address)
+    def __init__(self, address: str, **kwargs):
+        super().__init__(address, **kwargs)
         self.stub = stages_pb2_grpc.VaeStub(self.channel)
 
     async def decode(self, request: DecodeRequest, timeout_s: float | None = None) -> DecodeResponse:

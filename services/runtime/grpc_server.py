@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.codec import GRPC_OPTIONS
+from services.runtime.codec import GRPC_OPTIONS, keepalive_options
 from services.runtime.errors import GRPC_STATUS, DitserveError, lookup
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def start_server(
 ) -> tuple[grpc.Server, int]:
     """Start a threaded server with health (SERVING for each service) and reflection.
     Returns the server and the bound port (port 0 picks a free one)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=GRPC_OPTIONS + keepalive_options())
     for add in add_fns:
         add(server)
     health_servicer = health.HealthServicer()

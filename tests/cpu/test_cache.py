@@ -296,7 +296,8 @@ def test_flux_block_steps_match_the_forward(flux):
         cache = BlockCache(CachePolicy(preset="ultra").resolved(1))
         got = model(x, ctx, pooled, t, rope, guidance, cache=cache)
     assert cache.computed_steps == 1
-    assert len(model.block_steps(None, rope, 7)) == model.config.num_layers + model.config.num_single_layers
+    blocks = model.config.num_layers + model.config.num_single_layers
+    assert len(model.block_steps([None] * (blocks + 1), rope, 7)) == blocks
     assert torch.equal(got, expected)
 
 

@@ -76,3 +76,81 @@ def test_a_replica_that_cannot_run_fp8_attention_refuses_to_start(flux_dev_dir, 
     with pytest.raises(InvalidRequestError, match="no fp8 kernel here") as err:
         stage_module.DenoiserStage(DenoiserConfig(model_path=flux_dev_dir, device="cpu", attention_precision="fp8"))
     assert err.value.param == "attention_precision" and asked == [16]  # the tiny model's heads
+
+
+def test_q_and_k_scaled_by_their_rms_norm_bounds():
+    """Flux's q and k (RMSNorm then RoPE) never exceed rms_norm_bound, which fp8 attention then
+    uses as their static scale: the error is the measured-amax one's (e4m3 rounds as finely
+    anywhere in its normal range), and a bound that is wrong saturates instead of giving NaN."""
+    from services.denoiser.attention import rms_norm_bound
+    from services.denoiser.models.flux import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(1)
+    norm_q, norm_k = torch.nn.RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        for n in (norm_q, norm_k):
+            n.weight.copy_(torch.rand(64, generator=g) * 2)
+    ids = torch.stack([torch.zeros(300), torch.arange(300) // 20, torch.arange(300) % 20], dim=1)
+    cos, sin = rope_tables(ids, (16, 24, 24))
+    x = [torch.randn(2, 300, 4, 64, generator=g) * s for s in (1, 1, 1)]
+    x[0][0, 7, 1] = 0  # a one-hot row reaches the bound itself: sqrt(D) max|w|
+    x[0][0, 7, 1, int(norm_q.weight.argmax())] = 5
+    q, k = (apply_rope(n(t), cos, sin) for n, t in ((norm_q, x[0]), (norm_k, x[1])))
+    bounds = (rms_norm_bound(norm_q), rms_norm_bound(norm_k))
+    assert q.abs().max() <= bounds[0] and k.abs().max() <= bounds[1]
+    assert q.abs().max() > 0.95 * bounds[0]  # tight where the row is one-hot
+    v = x[2]
+    ref = _sdpa(q, k, v)
+    measured, bounded = fp8_attention(q, k, v), fp8_attention(q, k, v, bounds)
+    err = [((o - ref).norm() / ref.norm()).item() for o in (measured, bounded)]
+    assert 0.01 < err[1] < 1.2 * err[0] + 0.005, err
+    wrong = fp8_attention(q, k, v, (bounds[0] / 100, bounds[1]))
+    assert torch.isfinite(wrong).all()
+
+
+def test_flux_passes_bounds_that_hold_to_fp8_attention(flux_dev_dir, monkeypatch):
+    """Through a whole request: every attention of the Flux forward gets its bounds, and they
+    hold (on q and k in the model's dtype: the path a sequence-parallel rank takes)."""
+    import services.denoiser.attention_fp8 as fp8_module
+    import services.denoiser.models.flux as flux_module
+
+    seen = []
+    real = fp8_module.fp8_attention
+
+    def recording(q, k, v, amax_qk=None):
+        seen.append(amax_qk is not None and bool(q.abs().max() <= amax_qk[0]) and bool(k.abs().max() <= amax_qk[1]))
+        return real(q, k, v, amax_qk)
+
+    monkeypatch.setattr(fp8_module, "fp8_attention", recording)
+    monkeypatch.setattr(flux_module, "takes_fp8_qk", lambda: False)
+    router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"),
+                                     denoiser_options={"attention_precision": "fp8", "compile": False})
+    asyncio.run(router.generate(GenerateRequest(prompt="a red circle", height=64, width=64,
+                                                num_inference_steps=2, seed=5)))
+    assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_and_k_quantised_in_the_norm_kernel_equal_the_unfused_path(flux_dev_dir, monkeypatch, dtype):
+    """A rank attending alone gets q and k in e4m3 from qk_norm_fp8.py's one-pass op (on CPU its
+    reference, the same ops as the unfused path): the forward's output is bit for bit the one
+    where attention quantises bf16 q and k at the same bounds, double and single blocks alike."""
+    import services.denoiser.models.flux as flux_module
+    from services.denoiser.attention import attention_precision
+    from services.denoiser.weights import load_native_transformer
+    from services.runtime.registry import ModelDir
+    from tests.cpu.test_flux_module import _inputs
+
+    model = load_native_transformer(ModelDir(flux_dev_dir), "flux", dtype=dtype, device=torch.device("cpu"))
+    x, ctx, pooled, t, guidance, img_ids, txt_ids = _inputs(model.config, 2, 6, 10, 13, 0)
+    calls = []
+    fused = flux_module.rms_norm_rope_fp8
+    monkeypatch.setattr(flux_module, "rms_norm_rope_fp8", lambda *a: calls.append(a[3]) or fused(*a))
+    args = (x.to(dtype), ctx.to(dtype), pooled.to(dtype), t, model.rope(txt_ids, img_ids), guidance)
+    with torch.inference_mode(), attention_precision("fp8"):
+        one_pass = model(*args)
+        monkeypatch.setattr(flux_module, "takes_fp8_qk", lambda: False)
+        unfused = model(*args)
+    blocks = model.config.num_layers + model.config.num_single_layers
+    assert sorted(calls) == [0] * 2 * model.config.num_single_layers + [13] * 2 * model.config.num_layers
+    assert len(calls) == 2 * blocks and torch.equal(one_pass, unfused)

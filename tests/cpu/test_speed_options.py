@@ -206,3 +206,37 @@ def test_a_forward_that_cannot_be_captured_runs_without_graphs(flux_dev_dir, cap
     assert torch.equal(got[0], expected[0])
     assert runner.graphs is None and stand_in.cleared
     assert "CUDA graph capture of the FluxTransformer forward failed" in caplog.text
+
+
+def test_modulations_are_precomputed_once_per_request(flux_dev_dir, monkeypatch):
+    """Flux's AdaLN modulations come from a table made before the first step (one GEMM of the
+    request's steps per layer, runner.precompute) rather than a GEMV per layer per step: the
+    forward with a table row equals the plain one, and a request reads each modulation weight
+    once per sample instead of once per step, for the same latents."""
+    from services.runtime.messages import Conditioning, DenoiseRequest
+
+    model = _native(flux_dev_dir)
+    x, ctx, pooled, t, guidance, img_ids, txt_ids = _inputs(model.config, 2, 6, 10, 13, 0)
+    with torch.inference_mode():
+        rope = model.rope(txt_ids, img_ids)
+        plain = model(x, ctx, pooled, t, rope, guidance)
+        row = model.modulation_table(t, guidance, pooled, torch.float32)
+        assert row.shape == (2, model.modulation_width)
+        assert _rel_err(model(x, ctx, pooled, t, rope, guidance, modulations=row), plain) < 1e-6
+
+    stage = DenoiserStage(DenoiserConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"))
+    cfg = stage.runner.model.config
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(2, 7, cfg.joint_attention_dim, generator=g),
+                        torch.randn(2, cfg.pooled_projection_dim, generator=g))
+    request = DenoiseRequest(positive=cond, negative=None, height=32, width=48, num_inference_steps=5,
+                             guidance_scale=3.5, true_cfg_scale=1.0, seeds=[1, 2])
+    reads = []
+    stage.runner.model.transformer_blocks[0].norm1.linear.register_forward_hook(lambda m, a, o: reads.append(len(a[0])))
+    tabulated = stage.denoise(request).latents
+    assert reads == [5, 5]  # a table of 5 steps per sample, before the steps; nothing during them
+    reads.clear()
+    monkeypatch.setattr(stage.runner, "precompute", lambda inputs, timesteps: None)
+    stepwise = stage.denoise(request).latents
+    assert reads == [2] * 5  # without: the batch's 2 rows, every step
+    assert _rel_err(tabulated, stepwise) < 1e-5

@@ -342,3 +342,44 @@ def test_requests_with_fp8_attention(flux_dev_dir_d128, parallel):
     diff = np.abs(pixels[0] - pixels[1]).mean()
     assert 0 < diff < 4, diff
 
+
+
+@pytest.mark.parametrize("split", [0, 512], ids=["single_block", "joint"])
+def test_rms_norm_rope_fp8_kernel_matches_its_reference(split):
+    """qk_norm_fp8.py's Triton kernel against the eager ops it replaces, on a strided view (q
+    inside a fused QKV output), a row count that is no multiple of its block, and a joint
+    sequence with the text's own norm weights: e4m3 equal but for the rare value that the sum
+    of squares' order moves across a rounding boundary; compiled and in a CUDA graph the same."""
+    from services.denoiser.attention import rms_norm_bound
+    from services.denoiser.models.flux import rope_tables
+    from services.denoiser.qk_norm_fp8 import _reference, rms_norm_rope_fp8
+
+    device = torch.device("cuda")
+    g = torch.Generator(device).manual_seed(0)
+    b, s, h, d = 2, 1509, 5, 128
+    fused_qkv = torch.randn(b, s, 3 * h, d, generator=g, device=device, dtype=torch.bfloat16) * 3
+    x = fused_qkv[:, :, h : 2 * h]
+    norms = [torch.nn.RMSNorm(d, eps=1e-6, device=device, dtype=torch.bfloat16).requires_grad_(False)
+             for _ in range(2)]
+    for n in norms:
+        n.weight.data = torch.rand(d, generator=g, device=device).to(torch.bfloat16) * 2
+    ids = torch.stack([torch.zeros(s), torch.arange(s) // 40, torch.arange(s) % 40], dim=1).to(device)
+    cos, sin = rope_tables(ids, (16, 56, 56))
+    bound = rms_norm_bound(*norms)
+    args = (x, norms[0].weight, norms[1].weight, split, cos, sin, bound, 1e-6)
+    got, ref = rms_norm_rope_fp8(*args), _reference(*args)
+    assert got.dtype == ref.dtype and got.shape == ref.shape and got.is_contiguous()
+    differ = got.view(torch.uint8) != ref.view(torch.uint8)
+    assert differ.float().mean() < 0.02, differ.float().mean()
+    # one e4m3 step, or a few bf16 roundings of the normalised pair before RoPE (where its two
+    # terms nearly cancel, a large part of a small result): 2^-6 of the bound, 448 / 64
+    assert ((got.float() - ref.float()).abs() <= ref.float().abs() / 8 + 448 / 64).all()
+    assert ref.float().abs().max() > 50  # the bound leaves the range in use
+    compiled = torch.compile(rms_norm_rope_fp8, fullgraph=True)
+    assert torch.equal(compiled(*args).view(torch.uint8), got.view(torch.uint8))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rms_norm_rope_fp8(*args)
+    fused_qkv.mul_(-1)
+    graph.replay()
+    assert torch.equal(captured.view(torch.uint8), rms_norm_rope_fp8(*args).view(torch.uint8))

@@ -67,12 +67,12 @@ class SequenceParallel:
             local = torch.cat(all_to_all([local] * self.r, [(b, n, c) for n in sizes], self.mesh.group("ring")), dim=1)
         return local
 
-    def attention(self, q, k, v) -> torch.Tensor:
-        if self.r > 1:
+    def attention(self, q, k, v, amax_qk=None) -> torch.Tensor:
+        if self.r > 1:  # bf16 / fp32 only: the bounds are for fp8 attention
             inner = partial(ring_attention, chunk_sizes=self.ring_chunks, group=self.mesh.group("ring"),
                             rank=self.mesh.rank("ring"))
-        else:
-            inner = local_attention
+        else:  # the bounds hold for any shard of the heads
+            inner = partial(local_attention, amax_qk=amax_qk)
         if self.u == 1:
             return inner(q, k, v)
         return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"), inner)
