@@ -101,9 +101,9 @@ class DenoiserRunner:
         # tensors change per batch (the stage clears `graphs_allowed` while those are set).
         self.graphs = ForwardGraphs(device) if cuda_graphs and device.type == "cuda" else None
         self.graphs_allowed = True
-        # Modulations precomputed per request (precompute), except where a modulation weight is
-        # not on the device or not the same for the whole batch: layerwise offload, unmerged
-        # LoRA (the stage clears it for those).
+        # Modulations precomputed per request (precompute), except where the modulation weights
+        # are not on the device (layerwise offload: the stage clears it) or carry a per-batch
+        # LoRA update (the model says so: modulations_tabulable).
         self.tables_allowed = True
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
         # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
@@ -209,7 +209,8 @@ class DenoiserRunner:
         rows do not depend on the batch it is in (a GEMM's rounding can depend on its row
         count). Skipped past MODULATION_BUDGET bytes: the per-step GEMVs then stay."""
         model = self.model
-        if not self.tables_allowed or not hasattr(model, "modulation_table") or len(self.experts) > 1:
+        if (not self.tables_allowed or not hasattr(model, "modulation_table") or len(self.experts) > 1
+                or not model.modulations_tabulable()):
             return
         steps, batch = timesteps.shape
         branches = [b for b in (inputs.positive, inputs.negative) if b is not None]

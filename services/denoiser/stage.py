@@ -76,6 +76,7 @@ class DenoiserStage:
                                      cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text),
                                      attention_precision=config.attention_precision)
         self.lora = LoraRunner(transformer, self.device)
+        self.runner.tables_allowed = not config.layerwise_offload  # offloaded weights are on the host
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
             warm_up(self, config)
@@ -130,8 +131,6 @@ class DenoiserStage:
             )
             self._use_loras(request)
             self.runner.graphs_allowed = not self.lora.unmerged  # per-batch LoRA tensors: not in a graph
-            # (the LoRA hooks on modulation linears take the batch's rows; offloaded weights are on the host)
-            self.runner.tables_allowed = not self.lora.unmerged and not self.config.layerwise_offload
             try:
                 # WanPipeline's switch: the first expert while t >= boundary, the second after
                 experts = None if self.boundary_timestep is None else [

@@ -240,3 +240,45 @@ def test_modulations_are_precomputed_once_per_request(flux_dev_dir, monkeypatch)
     stepwise = stage.denoise(request).latents
     assert reads == [2] * 5  # without: the batch's 2 rows, every step
     assert _rel_err(tabulated, stepwise) < 1e-5
+
+
+def test_modulation_tables_under_mixed_lora_unless_an_adapter_updates_a_modulation(flux_dev_dir, monkeypatch):
+    """A batch mixing LoRA sets (unmerged, per-sample updates) keeps its modulation tables when
+    no adapter touches a modulation layer, as fp8 replicas (always unmerged) need; an update on
+    one (laid out by the batch's rows) sends that batch back to the per-step GEMVs."""
+    from services.denoiser.lora.adapter import LoraAdapter, LoraWeight
+    from services.runtime.messages import AdapterRef, Conditioning, DenoiseRequest
+
+    stage = DenoiserStage(DenoiserConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"))
+    model = stage.runner.model
+
+    def adapter(name, path, seed):
+        m, g = model.get_submodule(path), torch.Generator().manual_seed(seed)
+        return LoraAdapter(name, {path: LoraWeight(torch.randn(2, m.in_features, generator=g) * 0.1,
+                                                   torch.randn(m.out_features, 2, generator=g) * 0.1)})
+
+    adapters = {"q": adapter("q", "transformer_blocks.0.attn.to_q", 1),
+                "k": adapter("k", "single_transformer_blocks.0.attn.to_k", 2),
+                "mod": adapter("mod", "transformer_blocks.0.norm1.linear", 3)}
+    monkeypatch.setattr(stage.adapters, "get", lambda ref: adapters[ref.name])
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(2, 7, cfg.joint_attention_dim, generator=g),
+                        torch.randn(2, cfg.pooled_projection_dim, generator=g))
+    reads = []
+    model.transformer_blocks[0].norm1.linear.register_forward_hook(lambda m, a, o: reads.append(len(a[0])))
+
+    def run(names, samples=(0, 1)):
+        reads.clear()
+        latents = stage.denoise(DenoiseRequest(
+            positive=Conditioning(cond.prompt_embeds[list(samples)], cond.pooled_prompt_embeds[list(samples)]),
+            negative=None, height=32, width=48, num_inference_steps=3, guidance_scale=3.5, true_cfg_scale=1.0,
+            seeds=[s + 1 for s in samples], loras=[[AdapterRef(n, "", 1.0)] for n in names])).latents
+        return list(reads), latents
+
+    reads_mixed, mixed = run(["q", "k"])
+    assert reads_mixed == [3, 3]  # unmerged, tables: one per sample before the steps
+    for i, name in enumerate(["q", "k"]):  # each sample as its request alone (merged, tables too)
+        assert _rel_err(mixed[i], run([name], samples=(i,))[1][0]) < 1e-5
+    assert run(["mod", "q"])[0] == [2] * 3  # an update on norm1.linear: the batch's rows every step
+    assert not stage.lora.unmerged  # the batch's updates were taken off again

@@ -336,6 +336,12 @@ class FluxTransformer(nn.Module):
         return ([[b.norm1, b.norm1_context] for b in self.transformer_blocks]
                 + [[b.norm] for b in self.single_transformer_blocks] + [[self.norm_out]])
 
+    def modulations_tabulable(self) -> bool:
+        """Whether modulation_table gives what the forward would: not while a per-batch LoRA
+        update (lora/apply.py's unmerged `lora_down`) is set on a modulation layer, since that
+        update is laid out by the batch's rows, not by one sample's steps."""
+        return all(getattr(n.linear, "lora_down", None) is None for norms in self._modulated() for n in norms)
+
     @property
     def modulation_width(self) -> int:
         return sum(n.linear.out_features for norms in self._modulated() for n in norms)
