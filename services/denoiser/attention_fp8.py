@@ -57,7 +57,7 @@ def unavailable_reason(device: torch.device, head_dim: int) -> str | None:
 
 def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors in fp8; returns [B, S, H, D] in q's
+    """softmax(QK^T / sqrt(D)) V over [B, S, H, D] tensors in fp8; returns [B, S, H, D] in v's
     dtype. The quantisation and dequantisation are plain ops, which torch.compile fuses into the
     kernels around them; the attention itself is one opaque op.
 
@@ -67,8 +67,7 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     wastes range only where values sit well below it: e4m3's relative step is the same from
     2^-6 to 448, so q and k round as finely."""
     if query.dtype == FP8:  # already quantised at their bounds' scale (qk_norm_fp8.py)
-        (q8, dq), (k8, dk) = ((t, (a.float() / FP8_MAX).reshape(1).expand(t.shape[0]).contiguous())
-                              for t, a in zip((query, key), amax_qk))
+        (q8, dq), (k8, dk) = ((t, _descales(a, t.shape[0])) for t, a in zip((query, key), amax_qk))
     elif amax_qk is None:
         (q8, dq), (k8, dk) = _quantise(query), _quantise(key)
     else:
@@ -89,7 +88,12 @@ def _quantise_bounded(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor
     keeps a value past a wrong bound finite (a cast past 448 gives NaN in e4m3fn)."""
     amax = amax.float().clamp(min=1e-12)
     x8 = (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return x8, (amax / FP8_MAX).reshape(1).expand(x.shape[0]).contiguous()
+    return x8, _descales(amax, x.shape[0])
+
+
+def _descales(amax: torch.Tensor, batch: int) -> torch.Tensor:
+    """The op's per-sample descales [B] for one bound (0-d) that every sample shares."""
+    return (amax.float() / FP8_MAX).reshape(1).expand(batch).contiguous()
 
 
 @torch.library.custom_op("ditserve::sdpa_fp8", mutates_args=())

@@ -44,11 +44,11 @@ KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 20.0, 10.0
 def keepalive_options(every_s: float = KEEPALIVE_S, timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple]:
     """Ping the peer every `every_s` and drop the connection (its calls fail UNAVAILABLE) when a
     ping goes unanswered for `timeout_s`. Both ends use the same list: a channel reads the
-    sending options, a server the receiving ones, and a server also pings its callers, so a
-    streaming denoise whose caller vanished sees is_active() go false and stops. Checked with
-    grpcio 1.85 against a SIGSTOPped server (tests/cpu/test_grpc_keepalive.py): with the
-    keepalive time and timeout alone the ping went out but its wait was c-core's ping timeout
-    (60 s), so the call ran to its deadline; with http2.ping_timeout_ms it fails in ~2 s."""
+    sending options, a server the receiving ones (and pings its callers too; that side is not
+    tested here). Checked with grpcio 1.85 against a SIGSTOPped server
+    (tests/cpu/test_grpc_keepalive.py): with the keepalive time and timeout alone the ping went
+    out but its wait was c-core's ping timeout (60 s), so the call ran to its deadline; with
+    http2.ping_timeout_ms it fails in ~2 s."""
     every, timeout = int(every_s * 1000), int(timeout_s * 1000)
     return [
         ("grpc.keepalive_time_ms", every),
@@ -59,8 +59,9 @@ def keepalive_options(every_s: float = KEEPALIVE_S, timeout_s: float = KEEPALIVE
         # cap on such pings, and no 5-minute spacing of them (both c-core's defaults)...
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_time_between_pings_ms", every),
-        # ...and the receiving end accepts them that often (by default it answers pings more
-        # often than every 5 minutes with GOAWAY after two strikes).
+        # ...and the receiving end accepts them that often: c-core documents a 5-minute minimum
+        # between data-less pings, enforced with GOAWAY after two strikes (grpcio 1.85 did not
+        # enforce it in a 4 s call pinged every 0.3 s; other versions and peers may).
         ("grpc.http2.min_ping_interval_without_data_ms", every // 2),
         ("grpc.http2.max_ping_strikes", 0),
     ]

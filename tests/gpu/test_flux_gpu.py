@@ -343,11 +343,10 @@ def test_requests_with_fp8_attention(flux_dev_dir_d128, parallel):
     assert 0 < diff < 4, diff
 
 
-
 @pytest.mark.parametrize("split", [0, 512], ids=["single_block", "joint"])
 def test_rms_norm_rope_fp8_kernel_matches_its_reference(split):
     """qk_norm_fp8.py's Triton kernel against the eager ops it replaces, on a strided view (q
-    inside a fused QKV output), a row count that is no multiple of its block, and a joint
+    inside a fused QKV output), a head count that is no multiple of its block, and a joint
     sequence with the text's own norm weights: e4m3 equal but for the rare value that the sum
     of squares' order moves across a rounding boundary; compiled and in a CUDA graph the same."""
     from services.denoiser.attention import rms_norm_bound
