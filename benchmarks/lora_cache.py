@@ -200,7 +200,6 @@ def workload(b: Bench, adapters, args) -> None:
           f"{statistics.median(switch) * 1e3:.0f} ms); ratio {merged_s / mixed_s:.2f}x")
 
 
-
 def switch_time(b: Bench, adapters) -> None:
     """What serving one merged adapter at a time pays per change of adapter: restore the
     original weights, merge the next adapter. The first round takes the host copies of the

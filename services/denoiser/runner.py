@@ -93,6 +93,7 @@ class DenoiserRunner:
         velocity_in_dit_dtype: bool = False,
         cuda_graphs: bool = False,
         attention_precision: str = "default",
+        modulation_tables: bool = True,
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
         self.attention_precision = attention_precision  # "fp8": attention_fp8.py
@@ -102,9 +103,9 @@ class DenoiserRunner:
         self.graphs = ForwardGraphs(device) if cuda_graphs and device.type == "cuda" else None
         self.graphs_allowed = True
         # Modulations precomputed per request (precompute), except where the modulation weights
-        # are not on the device (layerwise offload: the stage clears it) or carry a per-batch
+        # are not on the device (layerwise offload: the stage passes False) or carry a per-batch
         # LoRA update (the model says so: modulations_tabulable).
-        self.tables_allowed = True
+        self.modulation_tables = modulation_tables
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
         # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
         # both); `use_expert` picks the one the next steps run.
@@ -209,7 +210,7 @@ class DenoiserRunner:
         rows do not depend on the batch it is in (a GEMM's rounding can depend on its row
         count). Skipped past MODULATION_BUDGET bytes: the per-step GEMVs then stay."""
         model = self.model
-        if (not self.tables_allowed or not hasattr(model, "modulation_table") or len(self.experts) > 1
+        if (not self.modulation_tables or not hasattr(model, "modulation_table") or len(self.experts) > 1
                 or not model.modulations_tabulable()):
             return
         steps, batch = timesteps.shape

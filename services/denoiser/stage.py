@@ -74,9 +74,9 @@ class DenoiserStage:
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
                                      cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text),
-                                     attention_precision=config.attention_precision)
+                                     attention_precision=config.attention_precision,
+                                     modulation_tables=not config.layerwise_offload)  # offloaded: on the host
         self.lora = LoraRunner(transformer, self.device)
-        self.runner.tables_allowed = not config.layerwise_offload  # offloaded weights are on the host
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)
             warm_up(self, config)

@@ -142,7 +142,8 @@ class DenoiserOptions(BaseModel):
     # fp8: the blocks' linears in e4m3 with row-wise scales (services/denoiser/quant.py).
     precision: Literal["default", "fp8"] = "default"
     # fp8: attention through cuDNN's fp8 flash kernel (services/denoiser/attention_fp8.py), per
-    # sample per-tensor scales; for long sequences (video, 2048x2048). Ring attention stays as is.
+    # sample per-tensor scales (Flux's q / k: static, from their norms); for long sequences
+    # (video, 2048x2048). Ring attention stays as is.
     attention_precision: Literal["default", "fp8"] = "default"
     # torch.compile of the repeated blocks, static shapes; None = on when the device is CUDA.
     compile: bool | None = None

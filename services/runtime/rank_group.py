@@ -20,8 +20,8 @@ group) on the next request. A rank that dies mid-request makes rank 0's collecti
 of hanging: with gloo at once (its connections drop; tested in tests/cpu/test_parallel_e2e.py);
 with NCCL, whose kernels would spin on a dead peer until the watchdog's timeout, a watch thread
 polls the followers while a request runs and aborts the communicators when one dies, which
-ends the stuck kernels (tests/gpu, passed on 2x H200 without CUDA graphs; with them see
-_DeathWatch). On rank 0 NCCL's watchdog is set to abort without ending the process
+ends the stuck kernels (tests/gpu: passed on 2x H200 without CUDA graphs, and on 2x H100 with
+them, see _DeathWatch). On rank 0 NCCL's watchdog is set to abort without ending the process
 (TORCH_NCCL_ASYNC_ERROR_HANDLING=2): torch's default (3) would end the whole worker at a
 timed-out collective rather than fail its request. Followers keep the default: one whose
 collective failed ends, and rank 0 replaces every follower when it rebuilds anyway."""
@@ -152,8 +152,8 @@ class _DeathWatch:
     holding its communicators, while rank 0's thread, unstuck, blocked entering its next
     collective on the lock the abort holds. So the abort runs in its own thread and, beside it,
     the stage's `on_rank_death()` destroys the graphs (which waits for the device, which the
-    abort's flag frees). Unverified on a GPU as of this writing: if the two have not finished
-    after RECOVERY_S, the process ends, as torch's own NCCL error handling would have ended it,
+    abort's flag frees). That passed tests/gpu's dead-rank test with graphs (2x H100). If the two
+    have not finished after RECOVERY_S, the process ends, as torch's own NCCL error handling would have ended it,
     so that the worker's supervisor (Ray Serve, Kubernetes) restarts it rather than it hanging."""
 
     def __init__(self, ranks, stage, active: bool = True):
