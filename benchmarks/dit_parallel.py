@@ -236,7 +236,9 @@ def parallel_rank(rank: int, args, port: int) -> None:
     def ditserve(model, mesh, with_cfg: bool, graphs: bool = False):
         runner = DenoiserRunner(model, layout, device, dtype, mesh, cuda_graphs=graphs)
         inputs = runner.prepare(positive, negative if with_cfg else None, 3.5, args.batch, (h, w), None)
-        return lambda: runner.predict(inp["x"], inp["t"], inputs)
+        # as the service runs a request: its modulations tabulated before the steps (this step's row)
+        runner.precompute(inputs, inp["t"][None])
+        return lambda: runner.predict(inp["x"], inp["t"], inputs, step=0)
 
     meshes = {d: ParallelMesh(d, device.type) for d in layouts}  # every rank builds every group, in order
     models = {d: native if d.tp == 1 else tp_shard(cfg, ref, meshes[d]) for d in layouts}

@@ -27,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -204,6 +205,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 row")
+    ap.add_argument("--qk-ab", action="store_true",
+                    help="also the bf16 compiled rows with q and k by inductor instead of qk_norm.py's kernel")
     ap.add_argument("--fp8-attention", action="store_true",
                     help="also the fp8 row with fp8 attention (--dit-attention-precision fp8; needs cudnn-frontend)")
     ap.add_argument("--offload", action="store_true",
@@ -277,10 +280,17 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
     with torch.inference_mode():
         rope = native.rope(inp["txt_ids"], inp["img_ids"])  # once per request in the runner
 
-    def step(model, attention: str = "default"):
+    def step(model, attention: str = "default", tables: bool = False):
+        """`tables`: with this step's row of the request's precomputed modulations
+        (runner.precompute), as the service runs Flux."""
+        mods = None
+        if tables:
+            with torch.inference_mode():
+                mods = model.modulation_table(inp["t"], inp["guidance"], inp["pooled"], dtype)
+
         def fn():
             with torch.inference_mode(), attention_precision(attention):
-                return model(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"])
+                return model(inp["x"], inp["ctx"], inp["pooled"], inp["t"], rope, inp["guidance"], modulations=mods)
         return fn
 
     from benchmarks.dit_parallel import kernel_profile  # it imports this module
@@ -316,16 +326,30 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
 
     def run_compiled(name: str, model, *extra, attention: str = "default", variant: str = "", **kw):
         table.run(name, step(model, attention), args.warmup, *extra, **kw)
+        table.run(f"{name} + modulation tables", step(model, attention, tables=True), args.warmup, *extra, **kw)
+        precomputed.append(f"{name}: {table_ms(model):.2f} ms for 28 steps")
         if args.profile and device.type == "cuda":
             kernel_profile(name, step(model, attention), 0, args.trace_dir, top=args.profile_top)
         if graphs is not None:
             table.run(f"{name} + CUDA graphs", graphed(model, attention, variant=variant), args.warmup, *extra, **kw)
             table.run(f"{name} + CUDA graphs + modulation tables", graphed(model, attention, True, variant),
                       args.warmup, *extra, **kw)
-            precomputed.append(f"{name}: {table_ms(model):.2f} ms for 28 steps")
             if args.profile:
                 kernel_profile(f"{name} + CUDA graphs + modulation tables", graphed(model, attention, True), 0,
                                args.trace_dir, top=args.profile_top)
+
+    @contextmanager
+    def qk_by_inductor():
+        """q and k normed and rotated (and quantised) by inductor's kernel after the joined copy,
+        instead of qk_norm.py's one-pass kernel: what a sequence-parallel rank runs; for a
+        same-process A/B of that kernel."""
+        import services.denoiser.models.flux as flux_module
+
+        one_pass, flux_module.attends_alone = flux_module.attends_alone, lambda: False
+        try:
+            yield
+        finally:
+            flux_module.attends_alone = one_pass
 
     precomputed: list[str] = []
     table.run("diffusers eager", diffusers_step, args.warmup)
@@ -335,6 +359,9 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
         table.run("diffusers compiled", diffusers_step, args.warmup)
         compile_blocks(native)  # the service's own compile path
         run_compiled("ditserve compiled", native)
+        if args.qk_ab:
+            with qk_by_inductor():
+                run_compiled("ditserve compiled, q and k by inductor", native, variant="unfused")
     if not args.no_fp8 and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)):
         with torch.device("meta"):
             fp8 = FluxTransformer(cfg)
@@ -355,16 +382,9 @@ def run_single(args, device: torch.device, dtype: torch.dtype) -> None:
             if args.fp8_attention:
                 run_compiled("ditserve fp8 + fp8 attention compiled", fp8, "fp8", "ditserve compiled",
                              attention="fp8", not_mine_bytes=replaced)
-                # the same with q and k quantised by inductor after its own norm + RoPE kernel,
-                # instead of qk_norm_fp8.py's one-pass kernel (what a sequence-parallel rank runs)
-                import services.denoiser.models.flux as flux_module
-
-                one_pass, flux_module.takes_fp8_qk = flux_module.takes_fp8_qk, lambda: False
-                try:
+                with qk_by_inductor():
                     run_compiled("ditserve fp8 + fp8 attention, q and k by inductor, compiled", fp8, "fp8",
                                  "ditserve compiled", attention="fp8", variant="unfused", not_mine_bytes=replaced)
-                finally:
-                    flux_module.takes_fp8_qk = one_pass
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table.print(

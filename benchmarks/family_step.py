@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.dit_step import Table, matmul_ceiling  # noqa: E402
+from benchmarks.dit_step import Table, matmul_ceiling, timed  # noqa: E402
 from benchmarks.random_checkpoint import materialise  # noqa: E402
 
 
@@ -113,10 +113,18 @@ def qwen_image(args, device, dtype, tiny: bool, edit: bool = False) -> Bench:
                                     timestep=t, img_shapes=[[(1, h // 2, w // 2)] * images],
                                     return_dict=False)[0][:, :out_tokens] for c in texts])
 
-    def native_step(model):
+    def native_step(model, tables: bool = False):
+        # tables: this step's row of the request's modulation table (runner.precompute), one for
+        # both passes, as a replica runs Qwen-Image
+        mods = None
+        if tables:
+            with torch.inference_mode():
+                mods = model.modulation_table(t, None, None, dtype)
+
         def fn():
             with torch.inference_mode():
-                return torch.stack([model(x, c, None, t, r)[:, :out_tokens] for c, r in zip(texts, ropes)])
+                return torch.stack([model(x, c, None, t, r, modulations=mods)[:, :out_tokens]
+                                    for c, r in zip(texts, ropes)])
         return fn
 
     n, d = x.shape[1], config.inner_dim
@@ -264,17 +272,35 @@ def main() -> None:
     from services.denoiser.compile import compile_blocks
     from services.denoiser.quant import apply_precision
 
+    precomputed: list[str] = []
+
+    def with_tables(model, name: str, *extra, **kw) -> None:
+        """The row again with the modulations precomputed per request (what a replica runs for a
+        family with modulation_table), and what making the table costs."""
+        if not hasattr(model, "modulation_table"):
+            return
+        table.run(f"{name} + modulation tables", bench.native_step(model, tables=True), args.warmup, *extra, **kw)
+        t = torch.full((50,), 0.5, device=device)
+
+        def make():
+            with torch.inference_mode():
+                return model.modulation_table(t, None, None, dtype)
+        precomputed.append(f"{name}: {timed(make, device, 2, 5)[0]:.2f} ms")
+
     t0 = time.perf_counter()
     bench = FAMILIES[args.family](args, device, dtype, args.tiny)
     build_s = time.perf_counter() - t0
     table = Table(device, args.iters, bench.flops, matmul_ceiling(device))
     table.run("diffusers eager", bench.diffusers_step, args.warmup)
     table.run("ditserve eager", bench.native_step(bench.native), args.warmup)
+    if args.no_compile:
+        with_tables(bench.native, "ditserve eager")
     if not args.no_compile:
         bench.ref.compile_repeated_blocks(fullgraph=True)
         table.run("diffusers compiled", bench.diffusers_step, args.warmup)
         compile_blocks(bench.native)
         table.run("ditserve compiled", bench.native_step(bench.native), args.warmup)
+        with_tables(bench.native, "ditserve compiled")
         if args.variable_text:  # how a Qwen-Image / Z-Image replica compiles (spec.variable_text)
             dynamic = _shared(bench.native, type(bench.native), bench.native.config)
             compile_blocks(dynamic, variable_text=True)
@@ -290,6 +316,8 @@ def main() -> None:
         base = "ditserve compiled" if not args.no_compile else "ditserve eager"
         table.run("ditserve fp8" + (" compiled" if not args.no_compile else ""), bench.native_step(fp8), args.warmup,
                   "fp8", base, not_mine_bytes=replaced)
+        with_tables(fp8, "ditserve fp8" + (" compiled" if not args.no_compile else ""), "fp8", base,
+                    not_mine_bytes=replaced)
         if args.fp8_attention:
             from services.denoiser.attention import attention_precision
 
@@ -301,6 +329,8 @@ def main() -> None:
             table.run("ditserve fp8 + fp8 attention" + (" compiled" if not args.no_compile else ""),
                       fp8_attention_step, args.warmup, "fp8", base, not_mine_bytes=replaced)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if precomputed:
+        print("modulation tables, once per request of 50 steps: " + "; ".join(precomputed))
     table.print(f"\n{bench.title}; {str(dtype).removeprefix('torch.')}, {name}, torch {torch.__version__}; "
                 f"{bench.flops / 1e12:.1f} TFLOP/step; weights built in {build_s:.1f}s")
 

@@ -66,11 +66,11 @@ def wants_qk_bounds() -> bool:
     return _fp8
 
 
-def takes_fp8_qk() -> bool:
-    """Whether attention() may be handed q and k in e4m3 (at the scale of `amax_qk`, which must
-    come with them): fp8 attention on a rank that attends alone. A sequence-parallel exchange
-    takes q, k and v in one dtype, so there they stay in the model's."""
-    return _fp8 and _active_parallel is None
+def attends_alone() -> bool:
+    """Whether attention() runs on this rank alone (no sequence-parallel exchange around it). Then
+    it may be handed q and k in e4m3 under fp8 attention (at the scale of `amax_qk`, which must
+    come with them); an exchange takes q, k and v in one dtype, so there they stay in the model's."""
+    return _active_parallel is None
 
 
 def rms_norm_bound(*norms: torch.nn.RMSNorm) -> torch.Tensor:

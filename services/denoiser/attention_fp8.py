@@ -15,7 +15,7 @@ on top of what fp8 linears add: an opt-in, with the error measured in benchmarks
 Scales are per tensor (cuDNN's fp8 SDPA takes scalar descales) and per sample: one call per batch
 entry, so a sample's result never depends on another's values (a mixed batch still equals its
 requests run alone). v is quantised from its amax; q and k from a bound the model guarantees
-(Flux: its QK-RMSNorm weights, attention.rms_norm_bound), already in e4m3 from qk_norm_fp8.py's
+(Flux: its QK-RMSNorm weights, attention.rms_norm_bound), already in e4m3 from qk_norm.py's
 kernel on a rank that attends alone, else from their amax. On Hopper cuDNN writes O in fp8
 only (bf16 O needs Blackwell); its scale is v's, which cannot overflow, since every output row
 is a convex combination of v's rows. The softmax P is quantised with scale 448 (P <= 1).
@@ -66,7 +66,7 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     amax pass, no bf16 copy written and read back); without, by each sample's amax. A bound
     wastes range only where values sit well below it: e4m3's relative step is the same from
     2^-6 to 448, so q and k round as finely."""
-    if query.dtype == FP8:  # already quantised at their bounds' scale (qk_norm_fp8.py)
+    if query.dtype == FP8:  # already quantised at their bounds' scale (qk_norm.py)
         (q8, dq), (k8, dk) = ((t, _descales(a, t.shape[0])) for t, a in zip((query, key), amax_qk))
     elif amax_qk is None:
         (q8, dq), (k8, dk) = _quantise(query), _quantise(key)

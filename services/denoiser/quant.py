@@ -23,6 +23,11 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # Hopper's fast accumulation (fp32 partial sums promoted less often): set from measurement.
 FAST_ACCUM = True
 PRECISIONS = ("default", "fp8")  # default: the stage dtype (bf16 on GPU)
+# The bias goes in the GEMM's epilogue from this many rows on. cuBLASLt (CUDA 13, H200) has no
+# row-wise-scaled fp8 algorithm with a bias and fast accumulation for [M <= 33, K 12288] x
+# [12288, 3072] (an MLP down-projection on a short prompt's text tokens: Qwen-Image's) and fails
+# the call; below this many rows the separate bias add costs nothing anyway.
+FUSED_BIAS_ROWS = 256
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +41,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x [..., K] in the model dtype @ weight [N, K] (e4m3, scales [1, N]) (+ bias) -> [..., N].
     `quantize` turns x's rows into (e4m3 values, scales): quantize_rows, or gelu_fp8.py's kernel
     that applies a pending GELU on the way. On CUDA the bias goes in the GEMM's epilogue (added
-    in fp32, before rounding), so the output is final and the kernel reading it next needs no
-    bias add of its own."""
+    in fp32, before rounding; from FUSED_BIAS_ROWS rows), so the output is final and the kernel
+    reading it next needs no bias add of its own."""
     xq, x_scale = quantize(x.reshape(-1, x.shape[-1]))
     # _scaled_mm wants the second operand column-major: weight is [N, K] row-major, so .t() is.
-    fused = bias if x.is_cuda else None
+    fused = bias if x.is_cuda and xq.shape[0] >= FUSED_BIAS_ROWS else None
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused, out_dtype=out_dtype,
                          use_fast_accum=FAST_ACCUM)
     y = y.reshape(*x.shape[:-1], weight.shape[0])

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # At most this many bytes of precomputed modulations per request (DenoiserRunner.precompute):
 # Flux.1-dev's are 2.1 MB per step, sample and branch in bf16, so 28 steps of a batch of 4 with
-# true CFG fit; a larger request computes them step by step as before.
+# true CFG fit; Qwen-Image's 4.4 MB per step and sample (both branches share them): 50 steps of a
+# batch of 2. A larger request computes them step by step as before.
 MODULATION_BUDGET = 512 << 20
 
 
@@ -205,25 +206,31 @@ class DenoiserRunner:
     @torch.inference_mode()
     def precompute(self, inputs: StepInputs, timesteps: torch.Tensor) -> None:
         """Before a request's first step: every step's modulations of a model that can tabulate
-        them (FluxTransformer.modulation_table), into each branch's `modulations`. `timesteps`
-        [T, B] are the DiT's timestep inputs of the T steps. One sample at a time, so a sample's
-        rows do not depend on the batch it is in (a GEMM's rounding can depend on its row
-        count). Skipped past MODULATION_BUDGET bytes: the per-step GEMVs then stay."""
+        them (FluxTransformer.modulation_table, QwenImageTransformer's), into each branch's
+        `modulations`. `timesteps` [T, B] are the DiT's timestep inputs of the T steps. One sample
+        at a time, so a sample's rows do not depend on the batch it is in (a GEMM's rounding can
+        depend on its row count). Skipped past MODULATION_BUDGET bytes: the per-step GEMVs then stay."""
         model = self.model
         if (not self.modulation_tables or not hasattr(model, "modulation_table") or len(self.experts) > 1
                 or not model.modulations_tabulable()):
             return
         steps, batch = timesteps.shape
         branches = [b for b in (inputs.positive, inputs.negative) if b is not None]
-        size = steps * batch * len(branches) * model.modulation_width * torch.finfo(self.dtype).bits // 8
+        # A model whose modulations do not depend on the prompt (Qwen-Image's: the timestep's
+        # alone) makes one table for both branches.
+        per_prompt = getattr(model, "modulations_per_prompt", True)
+        tables = len(branches) if per_prompt else 1
+        size = steps * batch * tables * model.modulation_width * torch.finfo(self.dtype).bits // 8
         if size > MODULATION_BUDGET:
             return
-        guidance = inputs.guidance
+        guidance, table = inputs.guidance, None
         for branch in branches:
-            pooled = branch.pooled_prompt_embeds
-            branch.modulations = torch.stack([model.modulation_table(
-                timesteps[:, b], guidance[b : b + 1].expand(steps) if guidance is not None else None,
-                pooled[b : b + 1].expand(steps, -1), self.dtype) for b in range(batch)], dim=1)
+            if table is None or per_prompt:
+                pooled = branch.pooled_prompt_embeds
+                table = torch.stack([model.modulation_table(
+                    timesteps[:, b], guidance[b : b + 1].expand(steps) if guidance is not None else None,
+                    pooled[b : b + 1].expand(steps, -1), self.dtype) for b in range(batch)], dim=1)
+            branch.modulations = table
 
     @torch.inference_mode()
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: StepInputs,

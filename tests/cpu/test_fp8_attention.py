@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from services.cli import build_in_process_router, main
 from services.denoiser.attention_fp8 import fp8_attention
+from services.denoiser.quant import FP8
 from services.runtime.config import GenerateRequest, StageConfig
 
 
@@ -122,7 +123,7 @@ def test_flux_passes_bounds_that_hold_to_fp8_attention(flux_dev_dir, monkeypatch
         return real(q, k, v, amax_qk)
 
     monkeypatch.setattr(fp8_module, "fp8_attention", recording)
-    monkeypatch.setattr(flux_module, "takes_fp8_qk", lambda: False)
+    monkeypatch.setattr(flux_module, "attends_alone", lambda: False)
     router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cpu", dtype="float32"),
                                      denoiser_options={"attention_precision": "fp8", "compile": False})
     asyncio.run(router.generate(GenerateRequest(prompt="a red circle", height=64, width=64,
@@ -130,11 +131,14 @@ def test_flux_passes_bounds_that_hold_to_fp8_attention(flux_dev_dir, monkeypatch
     assert seen and all(seen), seen
 
 
+@pytest.mark.parametrize("precision", ["default", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_q_and_k_quantised_in_the_norm_kernel_equal_the_unfused_path(flux_dev_dir, monkeypatch, dtype):
-    """A rank attending alone gets q and k in e4m3 from qk_norm_fp8.py's one-pass op (on CPU its
-    reference, the same ops as the unfused path): the forward's output is bit for bit the one
-    where attention quantises bf16 q and k at the same bounds, double and single blocks alike."""
+def test_q_and_k_from_the_one_pass_norm_op_equal_the_unfused_path(flux_dev_dir, monkeypatch, dtype, precision):
+    """A rank attending alone gets q and k from qk_norm.py's one-pass op (on CPU its reference,
+    the same ops as the unfused path), straight from the text's and the image's projections, in
+    e4m3 under fp8 attention: the forward's output is bit for bit the one of the unfused path
+    (norm, join, RoPE; attention quantising q and k at the same bounds), double and single
+    blocks alike."""
     import services.denoiser.models.flux as flux_module
     from services.denoiser.attention import attention_precision
     from services.denoiser.weights import load_native_transformer
@@ -144,13 +148,19 @@ def test_q_and_k_quantised_in_the_norm_kernel_equal_the_unfused_path(flux_dev_di
     model = load_native_transformer(ModelDir(flux_dev_dir), "flux", dtype=dtype, device=torch.device("cpu"))
     x, ctx, pooled, t, guidance, img_ids, txt_ids = _inputs(model.config, 2, 6, 10, 13, 0)
     calls = []
-    fused = flux_module.rms_norm_rope_fp8
-    monkeypatch.setattr(flux_module, "rms_norm_rope_fp8", lambda *a: calls.append(a[3]) or fused(*a))
+    fused = flux_module.rms_norm_rope
+
+    def recording(text, image, *rest):
+        out = fused(text, image, *rest)
+        calls.append((text.shape[1], out.dtype))
+        return out
+
+    monkeypatch.setattr(flux_module, "rms_norm_rope", recording)
     args = (x.to(dtype), ctx.to(dtype), pooled.to(dtype), t, model.rope(txt_ids, img_ids), guidance)
-    with torch.inference_mode(), attention_precision("fp8"):
+    with torch.inference_mode(), attention_precision(precision):
         one_pass = model(*args)
-        monkeypatch.setattr(flux_module, "takes_fp8_qk", lambda: False)
+        monkeypatch.setattr(flux_module, "attends_alone", lambda: False)
         unfused = model(*args)
-    blocks = model.config.num_layers + model.config.num_single_layers
-    assert sorted(calls) == [0] * 2 * model.config.num_single_layers + [13] * 2 * model.config.num_layers
-    assert len(calls) == 2 * blocks and torch.equal(one_pass, unfused)
+    out = FP8 if precision == "fp8" else dtype
+    assert sorted(c[0] for c in calls) == [0] * 2 * model.config.num_single_layers + [13] * 2 * model.config.num_layers
+    assert {c[1] for c in calls} == {out} and torch.equal(one_pass, unfused)

@@ -207,3 +207,39 @@ def test_compiled_blocks_take_the_text_length_as_a_dynamic_shape():
         graphs[variable] = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert graphs[False] == 5 and graphs[True] <= 3, graphs
+
+
+def test_modulations_are_tabulated_once_for_both_cfg_branches(qwen_image_dir, monkeypatch):
+    """Qwen-Image's modulations depend on the timestep alone: a request's table (one GEMM of its
+    steps per modulation layer, before the first step) serves the positive and the negative
+    branch, and the latents are those of the per-step GEMVs."""
+    from services.denoiser.stage import DenoiserStage
+    from services.runtime.config import DenoiserConfig
+    from services.runtime.messages import Conditioning, DenoiseRequest
+
+    native = load_native_transformer(ModelDir(qwen_image_dir), "qwen_image", dtype=torch.float32,
+                                     device=torch.device("cpu"))
+    layout, cpu = CenteredLatents2x2(4, 8), torch.device("cpu")
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(2, 12, 16, generator=g), torch.randn(2, 7, 16, generator=g), torch.rand(2, generator=g)
+    with torch.inference_mode():
+        rope = native.rope(layout.text_ids(7, cpu), layout.image_ids(6, 8, cpu))
+        plain = native(x, ctx, None, t, rope)
+        row = native.modulation_table(t, None, torch.zeros(2, 0), torch.float32)
+        assert row.shape == (2, native.modulation_width)
+        assert _rel_err(native(x, ctx, None, t, rope, modulations=row), plain) < 1e-6
+
+    stage = DenoiserStage(DenoiserConfig(model_path=qwen_image_dir, device="cpu", dtype="float32"))
+    positive = Conditioning(torch.randn(1, 7, 16, generator=g), torch.zeros(1, 0))
+    negative = Conditioning(torch.randn(1, 4, 16, generator=g), torch.zeros(1, 0))
+    request = DenoiseRequest(positive=positive, negative=negative, height=32, width=48, num_inference_steps=4,
+                             guidance_scale=1.0, true_cfg_scale=4.0, seeds=[1])
+    reads = []
+    stage.runner.model.transformer_blocks[1].img_mod[1].register_forward_hook(lambda m, a, o: reads.append(len(a[0])))
+    tabulated = stage.denoise(request).latents
+    assert reads == [4]  # one table of the 4 steps, for both branches; nothing during the steps
+    reads.clear()
+    monkeypatch.setattr(stage.runner, "precompute", lambda inputs, timesteps: None)
+    stepwise = stage.denoise(request).latents
+    assert reads == [1] * 8  # without: one row per branch, every step
+    assert _rel_err(tabulated, stepwise) < 1e-5

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from services.denoiser.attention import attention, rms_norm_bound, takes_fp8_qk, wants_qk_bounds
+from services.denoiser.attention import attends_alone, attention, rms_norm_bound, wants_qk_bounds
 from services.denoiser.models.config import from_config_json
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
-from services.denoiser.qk_norm_fp8 import rms_norm_rope_fp8
+from services.denoiser.qk_norm import rms_norm_rope
 
 if TYPE_CHECKING:  # block cache
     from services.denoiser.cache import BlockCache
@@ -223,12 +223,14 @@ class FluxAttention(nn.Module):
         amax_qk = None
         if wants_qk_bounds():  # fp8 attention: q and k scaled by their norms' bounds (attention.py)
             amax_qk = (rms_norm_bound(*norms_q), rms_norm_bound(*norms_k))
-        if takes_fp8_qk():  # norm, RoPE and quantisation in one kernel (qk_norm_fp8.py)
-            split = context.shape[1] if context is not None else 0
-            q, k = (rms_norm_rope_fp8(_joint([p[i] for p in parts]), norms[0].weight, norms[-1].weight, split,
-                                      cos, sin, bound, norms[0].eps)
-                    for i, norms, bound in ((0, norms_q, amax_qk[0]), (1, norms_k, amax_qk[1])))
-        else:
+        if attends_alone() and not torch.is_grad_enabled():
+            # norm, RoPE (and fp8's quantisation) in one kernel, straight from the text's and the
+            # image's projections (qk_norm.py; it has no backward)
+            text = parts[0] if context is not None else [p[:, :0] for p in parts[0]]
+            q, k = (rms_norm_rope(text[i], parts[-1][i], norms[0].weight, norms[-1].weight, cos, sin, norms[0].eps,
+                                  amax_qk[i] if amax_qk is not None else None)
+                    for i, norms in ((0, norms_q), (1, norms_k)))
+        else:  # a sequence-parallel rank: inductor fuses this into the exchange's packing (ulysses.py)
             q, k = (_joint([n(p[i]) for n, p in zip(norms, parts)]) for i, norms in ((0, norms_q), (1, norms_k)))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = _joint([p[2] for p in parts])

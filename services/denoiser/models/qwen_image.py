@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from services.denoiser.models.config import from_config_json
 from services.denoiser.models.flux import (
@@ -30,8 +31,10 @@ from services.denoiser.models.flux import (
     FeedForward,
     FluxAttention,
     MLPEmbedder,
+    Precomputed,
     layer_norm,
     modulate,
+    modulations_of,
 )
 from services.denoiser.parallel.tp import TensorParallel
 from services.runtime.errors import UnsupportedModelError
@@ -121,16 +124,21 @@ class QwenImageBlock(nn.Module):
 
     def forward(self, img, txt, temb, rope, reference: torch.Tensor | None = None):
         """`reference` (zero_cond_t): per image token [B, L, 1], True on input images' tokens, which
-        take the modulation of timestep 0; temb is then [2B, D], timestep t's rows then 0's."""
+        take the modulation of timestep 0; temb is then [2B, D], timestep t's rows then 0's.
+        `temb` may be a Precomputed row instead: img_mod's outputs, then txt_mod's."""
+        if isinstance(temb, Precomputed):  # this step's row of the request's modulation table
+            img_out, txt_out = temb.row.chunk(2, dim=1)
+        else:  # (under zero_cond_t the text stream keeps timestep t's rows)
+            img_out = self.img_mod(temb)
+            txt_out = self.txt_mod(temb.chunk(2, dim=0)[0] if reference is not None else temb)
         if reference is None:
             i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = (
-                v.unsqueeze(1) for v in self.img_mod(temb).chunk(6, dim=-1))
+                v.unsqueeze(1) for v in img_out.chunk(6, dim=-1))
         else:  # diffusers' _modulate with modulate_index: torch.where per token
-            now, zero = (v.unsqueeze(1) for v in self.img_mod(temb).chunk(2, dim=0))
+            now, zero = (v.unsqueeze(1) for v in img_out.chunk(2, dim=0))
             i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = (
                 torch.where(reference, z, n) for n, z in zip(now.chunk(6, dim=-1), zero.chunk(6, dim=-1)))
-            temb = temb.chunk(2, dim=0)[0]  # the text stream keeps timestep t's
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_out.chunk(6, dim=-1)
 
         img_attn, txt_attn = self.attn(
             _modulate_tokens(img, i_shift1, i_scale1), rope, context=modulate(txt, t_shift1, t_scale1)
@@ -198,6 +206,39 @@ class QwenImageTransformer(nn.Module):
         ids = torch.cat([txt_ids + offset, img_ids], dim=0)
         return rope_tables(ids, self.config.axes_dims_rope)
 
+    # --- modulations precomputed per request (runner.py's DenoiserRunner.precompute) ---
+    # The modulations depend on the timestep alone (no pooled text, no guidance): one table
+    # serves both branches of a true-CFG request.
+    modulations_per_prompt = False
+
+    def _modulated(self) -> list[nn.Linear]:
+        """The modulation linears in execution order: each block's img_mod, txt_mod, then norm_out's."""
+        blocks = [m[1] for b in self.transformer_blocks for m in (b.img_mod, b.txt_mod)]
+        return blocks + [self.norm_out.linear]
+
+    def modulations_tabulable(self) -> bool:
+        """As FluxTransformer's (no per-batch LoRA update on a modulation layer); and not under
+        zero_cond_t, whose input-image tokens take a second modulation (at t = 0) per sample."""
+        return not self.config.zero_cond_t and all(getattr(m, "lora_down", None) is None for m in self._modulated())
+
+    @property
+    def modulation_width(self) -> int:
+        return sum(m.out_features for m in self._modulated())
+
+    def modulation_table(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """FluxTransformer.modulation_table for Qwen-Image: [T, modulation_width] for timestep [T]
+        (guidance and pooled are unused). 60 blocks x 2 x 56.6M = 6.8B of Qwen-Image's 20B
+        parameters are modulation weights, read by every forward (twice a step with true CFG)
+        unless tabulated."""
+        temb = F.silu(self.time_text_embed(timestep.to(dtype), dtype))
+        return torch.cat([m(temb) for m in self._modulated()], dim=1)
+
+    def _block_modulations(self, row: torch.Tensor) -> list[Precomputed]:
+        """A step's row -> one Precomputed per block (img_mod's and txt_mod's), then norm_out's."""
+        widths = [b.img_mod[1].out_features + b.txt_mod[1].out_features for b in self.transformer_blocks]
+        return [Precomputed(r) for r in row.split(widths + [self.norm_out.linear.out_features], dim=1)]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -209,48 +250,55 @@ class QwenImageTransformer(nn.Module):
         *,
         cache: BlockCache | None = None,
         reference_tokens: torch.Tensor | None = None,
+        modulations: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, N, C_in] packed latents; encoder_hidden_states [B, S, joint_dim] (the
         prompt's valid tokens only: no padding reaches the DiT, see router); timestep [B] in the
         pipeline's 0..1 scale. `reference_tokens`: [N] bool, True on the tokens of input images
         (the runner's, sharded as hidden_states): with zero_cond_t (Qwen-Image-Edit-2511) they
-        are modulated as at timestep 0."""
+        are modulated as at timestep 0. `modulations` [B, modulation_width]: this step's rows of
+        modulation_table, in place of the timestep."""
         img = self.img_in(hidden_states)
-        timestep = timestep.to(img.dtype)
         reference = None
         if self.config.zero_cond_t and reference_tokens is not None:
-            timestep = torch.cat([timestep, timestep * 0], dim=0)
             reference = reference_tokens.view(1, -1, 1)
-        temb = self.time_text_embed(timestep, img.dtype)
+        if modulations is not None:  # (never under zero_cond_t: modulations_tabulable)
+            tembs = self._block_modulations(modulations)
+        else:
+            timestep = timestep.to(img.dtype)
+            if reference is not None:
+                timestep = torch.cat([timestep, timestep * 0], dim=0)
+            temb = self.time_text_embed(timestep, img.dtype)
+            # the blocks' inputs, then norm_out's (timestep t's rows alone)
+            tembs = [temb] * len(self.transformer_blocks) + [temb.chunk(2, dim=0)[0] if reference is not None else temb]
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
+        # AdaLayerNormContinuous: (scale, shift)
+        [(scale, shift)] = modulations_of(tembs[-1], self.norm_out)
 
         # --- block cache (services/denoiser/cache.py) ---
         if cache is not None and cache.enabled:
             text_len = txt.shape[1]
-            x = cache.run(self.block_steps(temb, rope, text_len, reference), torch.cat([txt, img], dim=1))
-            scale, shift = self.norm_out(temb.chunk(2, dim=0)[0] if reference is not None else temb)
+            x = cache.run(self.block_steps(tembs, rope, text_len, reference), torch.cat([txt, img], dim=1))
             return self.proj_out(modulate(x[:, text_len:], shift, scale))
         # --- end block cache ---
 
-        for block in self.transformer_blocks:
+        for block, temb in zip(self.transformer_blocks, tembs):
             img, txt = block(img, txt, temb, rope, reference)
-        if reference is not None:
-            temb = temb.chunk(2, dim=0)[0]
-        scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: (scale, shift)
         return self.proj_out(modulate(img, shift, scale))
 
     # --- block cache (services/denoiser/cache.py) ---
-    def block_steps(self, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_len: int,
+    def block_steps(self, tembs: list, rope: tuple[torch.Tensor, torch.Tensor], text_len: int,
                     reference: torch.Tensor | None = None):
-        """One function per block on the joint state x = [text; image] (as flux.py's double blocks)."""
+        """One function per block on the joint state x = [text; image] (as flux.py's double blocks);
+        `tembs`: each block's conditioning (forward's)."""
 
-        def step_of(block: QwenImageBlock):
+        def step_of(block: QwenImageBlock, temb):
             def step(x: torch.Tensor) -> torch.Tensor:
                 img, txt = block(x[:, text_len:].contiguous(), x[:, :text_len].contiguous(), temb, rope, reference)
                 return torch.cat([txt, img], dim=1)
 
             return step
 
-        return [step_of(b) for b in self.transformer_blocks]
+        return [step_of(b, t) for b, t in zip(self.transformer_blocks, tembs)]
 
     # --- end block cache ---

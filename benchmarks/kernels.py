@@ -1,0 +1,108 @@
+"""ditserve's own Triton kernels at Flux.1-dev 1024x1024 shapes, swept over their launch shapes,
+against inductor's kernel for the same work and a plain copy of the same bytes.
+
+    python benchmarks/kernels.py            # on a CUDA GPU with Triton
+
+- qk_norm.py's QK-RMSNorm + RoPE (bf16 out, and e4m3 for fp8 attention), per call: a single
+  block's q (strided inside the fused [4608, 21504] projection) and a double block's (text and
+  image q read from their own [512 | 4096, 9216] QKV outputs), over heads / tokens per program
+  and warps; inductor's row compiles the eager reference (norm, join, RoPE, quantisation).
+- gelu_fp8.py's GELU + row quantisation of the [4608, 12288] MLP hidden state, over warps.
+The copy row moves the kernel's bytes (read + write) with a device-to-device copy: what memory
+bandwidth allows. Times are triton.testing.do_bench_cudagraph's."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.denoiser import gelu_fp8, qk_norm  # noqa: E402
+from services.denoiser.attention import rms_norm_bound  # noqa: E402
+from services.denoiser.models.flux import rope_tables  # noqa: E402
+
+
+def bench(fn) -> float:
+    """us per call, replayed from a CUDA graph: a Python call of a custom op costs more host time
+    than these kernels take on the device, so plain timing would measure the host."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(fn, rep=200) * 1000
+
+
+def copy_us(nbytes: int, device) -> float:
+    """A device-to-device copy that reads and writes nbytes in all."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return bench(lambda: dst.copy_(src))
+
+
+def qk_rows(device) -> None:
+    g = torch.Generator(device).manual_seed(0)
+    h, d, dim = 24, 128, 3072
+    single = torch.randn(1, 4608, dim * 7, generator=g, device=device, dtype=torch.bfloat16)
+    txt_qkv = torch.randn(1, 512, dim * 3, generator=g, device=device, dtype=torch.bfloat16)
+    img_qkv = torch.randn(1, 4096, dim * 3, generator=g, device=device, dtype=torch.bfloat16)
+    norms = [torch.nn.RMSNorm(d, eps=1e-6, device=device, dtype=torch.bfloat16).requires_grad_(False)
+             for _ in range(2)]
+    ids = torch.stack([torch.zeros(4608), torch.arange(4608) // 64, torch.arange(4608) % 64], dim=1).to(device)
+    cos, sin = rope_tables(ids, (16, 56, 56))
+    view = lambda t: t[..., :dim].unflatten(-1, (h, d))  # noqa: E731  (q inside the projection's output)
+    shapes = {"single block": (view(single)[:, :0], view(single)),
+              "double block": (view(txt_qkv), view(img_qkv))}
+    reference = torch.compile(qk_norm._reference, fullgraph=True, dynamic=False)
+    default = (qk_norm.Launch.heads, qk_norm.Launch.tokens, qk_norm.Launch.warps)
+    print("\nQK-RMSNorm + RoPE of q, one call, us (heads x tokens per program, warps)")
+    print("| shape | out | inductor | copy of its bytes | " + " | ".join(
+        f"{hh}x{tt},w{ww}" for hh, tt, ww in CONFIGS) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(CONFIGS))
+    for (name, (text, image)), out in itertools.product(shapes.items(), ("bf16", "fp8")):
+        bound = rms_norm_bound(*norms) if out == "fp8" else None
+        args = (text, image, norms[0].weight, norms[1].weight, cos, sin, 1e-6, bound)
+        nbytes = 4608 * dim * (2 + (1 if out == "fp8" else 2))
+        row = [f"{bench(lambda: reference(*args)):.1f}", f"{copy_us(nbytes, device):.1f}"]
+        for qk_norm.Launch.heads, qk_norm.Launch.tokens, qk_norm.Launch.warps in CONFIGS:
+            # (the sum of squares' order depends on the warps: values may differ by a rounding)
+            row.append(f"{bench(lambda: qk_norm.rms_norm_rope(*args)):.1f}")
+        qk_norm.Launch.heads, qk_norm.Launch.tokens, qk_norm.Launch.warps = default
+        print(f"| {name} | {out} | " + " | ".join(row) + " |")
+
+
+def gelu_rows(device) -> None:
+    g = torch.Generator(device).manual_seed(0)
+    y = torch.randn(4608, 12288, generator=g, device=device, dtype=torch.bfloat16)
+    reference = torch.compile(lambda y: gelu_fp8.quantize_rows(torch.nn.functional.gelu(y, approximate="tanh")),
+                              fullgraph=True, dynamic=False)
+    default = gelu_fp8.warps, gelu_fp8.FAST
+    row = [f"{bench(lambda: reference(y)):.1f}", f"{copy_us(y.numel() * 3, device):.1f}"]
+    expected = gelu_fp8.gelu_quantize_rows(y)[0].float()
+    variants = [(fast, w) for fast in (False, True) for w in (8, 16, 32)]
+    print("\nGELU + e4m3 row quantisation of [4608, 12288], one call, us (and the share of values that "
+          "differ from the default's)")
+    print("| inductor | copy of its bytes | " + " | ".join(f"{'fast' if f else 'ieee'} w{w}" for f, w in variants) + " |")
+    print("|---:|---:|" + "---:|" * len(variants))
+    for gelu_fp8.FAST, w in variants:
+        gelu_fp8.warps = lambda block, w=w: w
+        differ = (gelu_fp8.gelu_quantize_rows(y)[0].float() != expected).float().mean().item()
+        row.append(f"{bench(lambda: gelu_fp8.gelu_quantize_rows(y)):.1f} ({differ:.0e})")
+    gelu_fp8.warps, gelu_fp8.FAST = default
+    print("| " + " | ".join(row) + " |")
+
+
+CONFIGS = [(hh, tt, ww) for hh in (4, 8) for tt in (1, 2, 4) for ww in (2, 4, 8)]
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    with torch.inference_mode():
+        qk_rows(device)
+        gelu_rows(device)
+
+
+if __name__ == "__main__":
+    main()
