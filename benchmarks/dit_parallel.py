@@ -233,8 +233,8 @@ def parallel_rank(rank: int, args, port: int) -> None:
                 print(f"NCCL all-to-all over {world} GPUs, {nbytes / 2**20:.1f} MiB per rank: {gb_s:.0f} GB/s per rank")
     modes = (["eager"] if args.eager else []) + (["compiled"] if not args.no_compile else [])
 
-    def ditserve(model, mesh, with_cfg: bool, graphs: bool = False):
-        runner = DenoiserRunner(model, layout, device, dtype, mesh, cuda_graphs=graphs)
+    def ditserve(model, mesh, with_cfg: bool, graphs: bool = False, outside: bool = False):
+        runner = DenoiserRunner(model, layout, device, dtype, mesh, cuda_graphs=graphs, variable_text=outside)
         inputs = runner.prepare(positive, negative if with_cfg else None, 3.5, args.batch, (h, w), None)
         # as the service runs a request: its modulations tabulated before the steps (this step's row)
         runner.precompute(inputs, inp["t"][None])
@@ -258,6 +258,9 @@ def parallel_rank(rank: int, args, port: int) -> None:
                              ditserve(models[d], meshes[d], d.cfg > 1, graphs), world, d.cfg > 1,
                              vs_diffusers=f"diffusers CP {layout_name(diffusers_degrees(d, world))}"
                              + (" true-CFG" if d.cfg > 1 else "") + " compiled")
+                if args.sp_outside_graphs and meshes[d].sp_size > 1:
+                    runs.run(f"ditserve {layout_name(d)}, exchanges outside graphs {tag}",
+                             ditserve(models[d], meshes[d], d.cfg > 1, graphs, outside=True), world, d.cfg > 1)
     if cuda:
         from services.denoiser.quant import apply_precision
 

@@ -228,6 +228,9 @@ def main() -> None:
     ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="each compiled ditserve row also with whole forwards as CUDA graphs")
+    ap.add_argument("--sp-outside-graphs", action="store_true",
+                    help="multi-GPU: each layout again with its exchanges outside the compiled graphs, as a "
+                         "variable-text model (Qwen-Image, Z-Image) runs them")
     ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
     args = ap.parse_args()
     if not args.layouts and args.ulysses_degree * args.ring_degree * args.tp_size * (2 if args.cfg_parallel else 1) > 1:

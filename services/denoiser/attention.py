@@ -36,15 +36,37 @@ def attention_precision(precision: str):
 
 # The SequenceParallel of the forward in progress, if any. A plain module global rather than a
 # ContextVar: torch.compile(fullgraph=True) cannot trace ContextVar.get, and a denoiser process
-# runs one forward at a time (its stage is serialised).
+# runs one forward at a time (its stage is serialised). Compiled blocks trace its exchanges (so
+# inductor can overlap them with compute) and so guard on the object: one graph per token split.
 _active_parallel = None
+# An `outside_graphs` SequenceParallel (a model whose text length varies per prompt) is held
+# where traced code never reads it: compiled blocks see only the flag and call an opaque op that
+# runs it, so a new prompt length (a new token split) does not recompile them.
+_outside: list = []
+_outside_active = False
 
 
 def set_active_parallel(parallel) -> object:
     """Make `parallel` the active one; returns the previous value, for restoring."""
-    global _active_parallel
-    previous, _active_parallel = _active_parallel, parallel
+    global _active_parallel, _outside_active
+    previous = _outside[0] if _outside_active else _active_parallel
+    _outside_active = parallel is not None and parallel.outside_graphs
+    _active_parallel = None if _outside_active else parallel
+    _outside[:] = [parallel] if _outside_active else []
     return previous
+
+
+@torch.library.custom_op("ditserve::attention_outside_graphs", mutates_args=())
+def _outside_graphs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, amax_q: torch.Tensor | None,
+                    amax_k: torch.Tensor | None) -> torch.Tensor:
+    amax_qk = (amax_q, amax_k) if amax_q is not None else None
+    # contiguous, as the fake below says: compiled code reads the result by those strides
+    return _outside[0].attention(query, key, value, amax_qk).contiguous()
+
+
+@_outside_graphs.register_fake
+def _(query, key, value, amax_q, amax_k):
+    return value.new_empty(query.shape)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -58,6 +80,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     them; exact attention ignores them."""
     if _active_parallel is not None:
         return _active_parallel.attention(query, key, value, amax_qk)
+    if _outside_active:
+        return _outside_graphs(query, key, value, *(amax_qk if amax_qk is not None else (None, None)))
     return local_attention(query, key, value, amax_qk)
 
 
@@ -70,7 +94,7 @@ def attends_alone() -> bool:
     """Whether attention() runs on this rank alone (no sequence-parallel exchange around it). Then
     it may be handed q and k in e4m3 under fp8 attention (at the scale of `amax_qk`, which must
     come with them); an exchange takes q, k and v in one dtype, so there they stay in the model's."""
-    return _active_parallel is None
+    return _active_parallel is None and not _outside_active
 
 
 def rms_norm_bound(*norms: torch.nn.RMSNorm) -> torch.Tensor:

@@ -55,8 +55,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", overlap_comm: bo
     length): shapes start static and torch's automatic dynamic shapes make the dimension that
     changed symbolic at the first recompile, so a replica compiles ~2 graphs per block instead of
     one per prompt length (and past MAX_SHAPES, eager). Under sequence parallelism each length
-    is still its own SequenceParallel object, which the graphs guard on: those recompile per
-    length (up to MAX_SHAPES)."""
+    is its own token split, which traced exchanges would bake into the graphs; such replicas
+    run them outside (SequenceParallel's outside_graphs), so the same holds there."""
     if overlap_comm:
         torch._inductor.config.reorder_for_compute_comm_overlap = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_SHAPES)

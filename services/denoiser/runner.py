@@ -95,6 +95,7 @@ class DenoiserRunner:
         cuda_graphs: bool = False,
         attention_precision: str = "default",
         modulation_tables: bool = True,
+        variable_text: bool = False,
     ):
         self.model, self.layout, self.device, self.dtype, self.mesh = model, layout, device, dtype, mesh
         self.attention_precision = attention_precision  # "fp8": attention_fp8.py
@@ -108,6 +109,9 @@ class DenoiserRunner:
         # LoRA update (the model says so: modulations_tabulable).
         self.modulation_tables = modulation_tables
         self._sp_cache: dict[tuple[int, int], SequenceParallel] = {}
+        # spec.variable_text: each prompt reaches the DiT at its own length, so sequence-parallel
+        # exchanges stay outside compiled graphs (SequenceParallel's outside_graphs)
+        self.variable_text = variable_text
         # Wan 2.2 A14B's experts (same architecture, so the same RoPE tables and shards serve
         # both); `use_expert` picks the one the next steps run.
         self.experts = [model] if expert_2 is None else [model, expert_2]
@@ -180,7 +184,8 @@ class DenoiserRunner:
             # as many layouts as compiled blocks keep shapes (prompt lengths vary): drop the oldest
             if len(self._sp_cache) >= MAX_SHAPES:
                 self._sp_cache.pop(next(iter(self._sp_cache)))
-            self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens)
+            self._sp_cache[key] = SequenceParallel(self.mesh, text_tokens, image_tokens,
+                                                   outside_graphs=self.variable_text)
         return self._sp_cache[key]
 
     def _branch(self, cond: Conditioning, grid: tuple[int, ...], cache: ResolvedCache | None,

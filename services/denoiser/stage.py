@@ -75,7 +75,8 @@ class DenoiserStage:
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
                                      cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text),
                                      attention_precision=config.attention_precision,
-                                     modulation_tables=not config.layerwise_offload)  # offloaded: on the host
+                                     modulation_tables=not config.layerwise_offload,  # offloaded: on the host
+                                     variable_text=self.spec.variable_text)
         self.lora = LoraRunner(transformer, self.device)
         self.adapters = AdapterStore(module_shapes(type(transformer), transformer.config), config.max_loras)
         if mesh is None:  # a multi-rank group warms up through its own denoise (every rank)

@@ -169,6 +169,62 @@ def test_tensor_x_ulysses_parallel_module_matches_single_rank():
     mp.spawn(_tp_rank, args=(free_port(),), nprocs=4, join=True)
 
 
+
+def _variable_text_rank(rank: int, port: int):
+    import os
+
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from services.denoiser.compile import compile_blocks
+    from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
+    from services.denoiser.parallel.context import SequenceParallel
+    from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        config = QwenImageConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                 num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+        torch.manual_seed(0)
+        model = QwenImageTransformer(config).eval()
+        compiled = QwenImageTransformer(config).eval()
+        compiled.load_state_dict(model.state_dict())
+        compile_blocks(compiled, backend="eager", overlap_comm=True, variable_text=True)  # as the stage does
+        mesh = ParallelMesh(ParallelDegrees(ulysses=2), "cpu")
+        layout, cpu = CenteredLatents2x2(4, 8), torch.device("cpu")
+        counters.clear()
+        with torch.no_grad():
+            for text_len in (5, 8, 9, 12, 13):  # odd lengths split unevenly over the two ranks
+                g = torch.Generator().manual_seed(text_len)
+                x, ctx, t = torch.randn(1, 15, 16, generator=g), torch.randn(1, text_len, 16, generator=g), torch.rand(1)
+                rope = model.rope(layout.text_ids(text_len, cpu), layout.image_ids(6, 10, cpu))
+                sp = SequenceParallel(mesh, text_len, 15, outside_graphs=True)
+                text, image = sp.shard(ctx, x)
+                with sp.active():
+                    got = sp.gather_image(compiled(image, text, None, t, sp.shard_rope(rope)))
+                expected = model(x, ctx, None, t, rope)
+                assert _rel_err(got, expected) <= 1e-5, (text_len, _rel_err(got, expected))
+        # static graphs for the first length, then one with the text length symbolic (each
+        # side of an uneven split may add one): not a graph per length
+        assert counters["stats"]["unique_graphs"] <= 3, counters["stats"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_blocks_under_ulysses_do_not_recompile_per_prompt_length():
+    """A Qwen-Image replica with Ulysses 2: each prompt reaches the DiT at its own length, so the
+    token split differs per request. The exchanges run outside the compiled blocks
+    (SequenceParallel's outside_graphs), which then compile once for the text length's
+    dynamism instead of once per length (traced exchanges made one graph per split), with the
+    single-rank result at every length."""
+    import torch.multiprocessing as mp
+
+    from tests.servers import free_port
+
+    mp.spawn(_variable_text_rank, args=(free_port(),), nprocs=2, join=True)
+
 # --- per-request LoRA and cache ----------------------------------------------------------------
 
 

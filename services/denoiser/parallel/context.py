@@ -33,8 +33,14 @@ class _Split:
 
 
 class SequenceParallel:
-    def __init__(self, mesh: ParallelMesh, text_tokens: int, image_tokens: int):
+    def __init__(self, mesh: ParallelMesh, text_tokens: int, image_tokens: int, outside_graphs: bool = False):
+        """`outside_graphs`: attention's exchanges run outside compiled graphs (attention.py), for
+        a model whose text length varies per prompt (spec.variable_text). Traced, they would make
+        every token split a graph of its own: each new prompt length recompiled every block (up
+        to compile.MAX_SHAPES, then eager). Outside, the blocks compile around them once per
+        text-length dynamism (compile.py) and inductor cannot move compute under the exchange."""
         self.mesh = mesh
+        self.outside_graphs = outside_graphs
         self.u, self.r = mesh.degrees.ulysses, mesh.degrees.ring
         self.text = _Split(text_tokens, mesh.sp_size)
         self.image = _Split(image_tokens, mesh.sp_size)
