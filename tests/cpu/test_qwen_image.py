@@ -3,6 +3,7 @@ requests through ditserve's stages against diffusers' QwenImagePipeline (same di
 seed, same pixels), alone, batched, and on parallel replicas."""
 
 import asyncio
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -121,24 +122,39 @@ def test_tensor_parallel_needs_whole_heads(qwen_image_dir):
         fc.router(qwen_image_dir, tp_size=2)  # 3 heads
 
 
-def _tp_rank(rank: int, port: int):
+@contextmanager
+def _gloo(rank: int, port: int, world: int):
+    """This process as rank `rank` of a gloo group of `world` (one CPU thread each)."""
     import os
 
     import torch.distributed as dist
 
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_qwen(tp=None):
+    """A 2-block, 4-head Qwen-Image DiT (seeded: every rank builds the same weights)."""
     from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    config = QwenImageConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                             num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+    torch.manual_seed(0)
+    return QwenImageTransformer(config, tp=tp).eval()
+
+
+def _tp_rank(rank: int, port: int):
     from services.denoiser.parallel.context import SequenceParallel
     from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
     from services.denoiser.parallel.tp import TensorParallel, shard_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=4)
-    try:
-        config = QwenImageConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                 num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
-        torch.manual_seed(0)
-        model = QwenImageTransformer(config).eval()
+    with _gloo(rank, port, 4):
+        model = _tiny_qwen()
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.2)
@@ -149,15 +165,13 @@ def _tp_rank(rank: int, port: int):
         mesh = ParallelMesh(ParallelDegrees(tp=2, ulysses=2), "cpu")
         with torch.no_grad():
             expected = model(x, ctx, None, t, rope)
-            sharded = QwenImageTransformer(config, tp=TensorParallel(mesh.group("tp"))).eval()
+            sharded = _tiny_qwen(tp=TensorParallel(mesh.group("tp")))
             sharded.load_state_dict(shard_state_dict(sharded, model.state_dict()))
             sp = SequenceParallel(mesh, ctx.shape[1], x.shape[1])
             text, image = sp.shard(ctx, x)
             with sp.active():
                 got = sp.gather_image(sharded(image, text, None, t, sp.shard_rope(rope)))
         assert _rel_err(got, expected) <= 1e-5, _rel_err(got, expected)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tensor_x_ulysses_parallel_module_matches_single_rank():
@@ -169,28 +183,15 @@ def test_tensor_x_ulysses_parallel_module_matches_single_rank():
     mp.spawn(_tp_rank, args=(free_port(),), nprocs=4, join=True)
 
 
-
 def _variable_text_rank(rank: int, port: int):
-    import os
-
-    import torch.distributed as dist
     from torch._dynamo.utils import counters
 
     from services.denoiser.compile import compile_blocks
-    from services.denoiser.models.qwen_image import QwenImageConfig, QwenImageTransformer
     from services.denoiser.parallel.context import SequenceParallel
     from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        config = QwenImageConfig(in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                 num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
-        torch.manual_seed(0)
-        model = QwenImageTransformer(config).eval()
-        compiled = QwenImageTransformer(config).eval()
-        compiled.load_state_dict(model.state_dict())
+    with _gloo(rank, port, 2):
+        model, compiled = _tiny_qwen(), _tiny_qwen()
         compile_blocks(compiled, backend="eager", overlap_comm=True, variable_text=True)  # as the stage does
         mesh = ParallelMesh(ParallelDegrees(ulysses=2), "cpu")
         layout, cpu = CenteredLatents2x2(4, 8), torch.device("cpu")
@@ -209,8 +210,6 @@ def _variable_text_rank(rank: int, port: int):
         # static graphs for the first length, then one with the text length symbolic (each
         # side of an uneven split may add one): not a graph per length
         assert counters["stats"]["unique_graphs"] <= 3, counters["stats"]
-    finally:
-        dist.destroy_process_group()
 
 
 def test_compiled_blocks_under_ulysses_do_not_recompile_per_prompt_length():
