@@ -1,13 +1,14 @@
 """ditserve's own Triton kernels at Flux.1-dev 1024x1024 shapes, swept over their launch shapes,
 against inductor's kernel for the same work and a plain copy of the same bytes.
 
-    python benchmarks/kernels.py            # on a CUDA GPU with Triton
+    python benchmarks/kernels.py [qk] [gelu] [gemm]     # on a CUDA GPU with Triton (default: all)
 
 - qk_norm.py's QK-RMSNorm + RoPE (bf16 out, and e4m3 for fp8 attention), per call: a single
   block's q (strided inside the fused [4608, 21504] projection) and a double block's (text and
   image q read from their own [512 | 4096, 9216] QKV outputs), over heads / tokens per program
   and warps; inductor's row compiles the eager reference (norm, join, RoPE, quantisation).
 - gelu_fp8.py's GELU + row quantisation of the [4608, 12288] MLP hidden state, over warps.
+- A double-stream block's text and image GEMMs: two cuBLAS calls against one grouped GEMM.
 The copy row moves the kernel's bytes (read + write) with a device-to-device copy: what memory
 bandwidth allows. Times are triton.testing.do_bench_cudagraph's."""
 
@@ -93,15 +94,53 @@ def gelu_rows(device) -> None:
     print("| " + " | ".join(row) + " |")
 
 
+def stream_gemm_rows(device) -> None:
+    """A double-stream block's text and image GEMMs (same K, N, their own weights): two cuBLAS
+    calls against one grouped GEMM (torch._grouped_mm) over the rows of both. The text's GEMMs
+    have few rows (Flux 512, Qwen-Image 128 / 32), which a GEMM alone may not fill the GPU with."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device).manual_seed(0)
+    print("\nA double-stream block's text + image GEMMs, bf16, us (TFLOP/s)")
+    print("| text rows | image rows | K x N | text alone | image alone | both, two calls | both, one grouped GEMM |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for t_rows, i_rows in ((512, 4096), (128, 4096), (32, 4096)):
+        for k, n in ((3072, 3072), (3072, 12288), (12288, 3072)):
+            txt = torch.randn(t_rows, k, generator=g, device=device, dtype=torch.bfloat16)
+            img = torch.randn(i_rows, k, generator=g, device=device, dtype=torch.bfloat16)
+            w_t, w_i = (torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(2))
+            both = torch.cat([txt, img])
+            stacked = torch.stack([w_t, w_i]).transpose(1, 2)  # [2, K, N], each weight as F.linear reads it
+            offs = torch.tensor([t_rows, t_rows + i_rows], device=device, dtype=torch.int32)
+
+            def rate(us, rows):
+                return f"{us:.1f} ({2 * rows * k * n / us / 1e6:.0f})"
+            cells = [rate(bench(lambda: F.linear(txt, w_t)), t_rows), rate(bench(lambda: F.linear(img, w_i)), i_rows),
+                     rate(bench(lambda: (F.linear(txt, w_t), F.linear(img, w_i))), t_rows + i_rows)]
+            try:
+                grouped = torch._grouped_mm(both, stacked, offs=offs)
+                ok = torch.allclose(grouped[:t_rows].float(), F.linear(txt, w_t).float(), rtol=2e-2, atol=2e-2)
+                cells.append(rate(bench(lambda: torch._grouped_mm(both, stacked, offs=offs)), t_rows + i_rows)
+                             + ("" if ok else " (differs!)"))
+            except RuntimeError as exc:
+                cells.append(f"failed: {str(exc).splitlines()[0][:60]}")
+            print(f"| {t_rows} | {i_rows} | {k} x {n} | " + " | ".join(cells) + " |")
+
+
 CONFIGS = [(hh, tt, ww) for hh in (4, 8) for tt in (1, 2, 4) for ww in (2, 4, 8)]
 
 
 def main() -> None:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    parts = sys.argv[1:] or ["qk", "gelu", "gemm"]
     with torch.inference_mode():
-        qk_rows(device)
-        gelu_rows(device)
+        if "qk" in parts:
+            qk_rows(device)
+        if "gelu" in parts:
+            gelu_rows(device)
+        if "gemm" in parts:
+            stream_gemm_rows(device)
 
 
 if __name__ == "__main__":
