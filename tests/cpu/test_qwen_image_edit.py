@@ -166,9 +166,14 @@ def test_zero_cond_t_module_matches_diffusers(edit_2511_dir):
         expected = ref(hidden_states=x, encoder_hidden_states=ctx, timestep=t, return_dict=False,
                        img_shapes=[[(1, a // 2, b // 2) for a, b in ((h, w), *refs)]] * 2)[0]
         reference = torch.arange(sum(n)) >= n[0]
-        got = native(x, ctx, None, t, layout.rope(native, 7, (h, w), cpu, references=refs), reference_tokens=reference)
-        plain = native(x, ctx, None, t, layout.rope(native, 7, (h, w), cpu, references=refs))
+        rope = layout.rope(native, 7, (h, w), cpu, references=refs)
+        got = native(x, ctx, None, t, rope, reference_tokens=reference)
+        plain = native(x, ctx, None, t, rope)
+        # the request's modulation table holds the input images' (timestep 0) rows too
+        tabulated = native(x, ctx, None, t, rope, reference_tokens=reference,
+                           modulations=native.modulation_table(t, None, None, torch.float32))
     assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+    assert ((tabulated - got).norm() / got.norm()).item() <= 1e-6
     assert (plain - expected).abs().max() > 1e-3  # the input images' own modulation matters
 
 

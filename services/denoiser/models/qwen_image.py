@@ -125,9 +125,12 @@ class QwenImageBlock(nn.Module):
     def forward(self, img, txt, temb, rope, reference: torch.Tensor | None = None):
         """`reference` (zero_cond_t): per image token [B, L, 1], True on input images' tokens, which
         take the modulation of timestep 0; temb is then [2B, D], timestep t's rows then 0's.
-        `temb` may be a Precomputed row instead: img_mod's outputs, then txt_mod's."""
+        `temb` may be a Precomputed row instead: img_mod's outputs, then txt_mod's (then, under
+        zero_cond_t, img_mod's at timestep 0)."""
         if isinstance(temb, Precomputed):  # this step's row of the request's modulation table
-            img_out, txt_out = temb.row.chunk(2, dim=1)
+            img_out, txt_out, *zero = temb.row.split(self.img_mod[1].out_features, dim=1)
+            if reference is not None:  # zero_cond_t: timestep t's rows, then timestep 0's
+                img_out = torch.cat([img_out, *zero], dim=0)
         else:  # (under zero_cond_t the text stream keeps timestep t's rows)
             img_out = self.img_mod(temb)
             txt_out = self.txt_mod(temb.chunk(2, dim=0)[0] if reference is not None else temb)
@@ -211,19 +214,22 @@ class QwenImageTransformer(nn.Module):
     # serves both branches of a true-CFG request.
     modulations_per_prompt = False
 
-    def _modulated(self) -> list[nn.Linear]:
-        """The modulation linears in execution order: each block's img_mod, txt_mod, then norm_out's."""
-        blocks = [m[1] for b in self.transformer_blocks for m in (b.img_mod, b.txt_mod)]
-        return blocks + [self.norm_out.linear]
+    def _modulated(self) -> list[list[tuple[nn.Linear, bool]]]:
+        """Each block's modulation linears as its table row holds them, (layer, at timestep 0):
+        img_mod, txt_mod and, under zero_cond_t (the input images' tokens modulated as at
+        timestep 0), img_mod again at 0; then norm_out's."""
+        zero = [True] if self.config.zero_cond_t else []
+        blocks = [[(b.img_mod[1], False), (b.txt_mod[1], False)] + [(b.img_mod[1], z) for z in zero]
+                  for b in self.transformer_blocks]
+        return blocks + [[(self.norm_out.linear, False)]]
 
     def modulations_tabulable(self) -> bool:
-        """As FluxTransformer's (no per-batch LoRA update on a modulation layer); and not under
-        zero_cond_t, whose input-image tokens take a second modulation (at t = 0) per sample."""
-        return not self.config.zero_cond_t and all(getattr(m, "lora_down", None) is None for m in self._modulated())
+        """As FluxTransformer's: no per-batch LoRA update on a modulation layer."""
+        return all(getattr(m, "lora_down", None) is None for layers in self._modulated() for m, _ in layers)
 
     @property
     def modulation_width(self) -> int:
-        return sum(m.out_features for m in self._modulated())
+        return sum(m.out_features for layers in self._modulated() for m, _ in layers)
 
     def modulation_table(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
                          dtype: torch.dtype) -> torch.Tensor:
@@ -231,13 +237,16 @@ class QwenImageTransformer(nn.Module):
         (guidance and pooled are unused). 60 blocks x 2 x 56.6M = 6.8B of Qwen-Image's 20B
         parameters are modulation weights, read by every forward (twice a step with true CFG)
         unless tabulated."""
-        temb = F.silu(self.time_text_embed(timestep.to(dtype), dtype))
-        return torch.cat([m(temb) for m in self._modulated()], dim=1)
+        timestep = timestep.to(dtype)
+        temb = F.silu(self.time_text_embed(timestep, dtype))
+        zero = F.silu(self.time_text_embed(timestep[:1] * 0, dtype))  # forward's timestep * 0
+        return torch.cat([m(zero).expand(len(timestep), -1) if at_zero else m(temb)
+                          for layers in self._modulated() for m, at_zero in layers], dim=1)
 
     def _block_modulations(self, row: torch.Tensor) -> list[Precomputed]:
-        """A step's row -> one Precomputed per block (img_mod's and txt_mod's), then norm_out's."""
-        widths = [b.img_mod[1].out_features + b.txt_mod[1].out_features for b in self.transformer_blocks]
-        return [Precomputed(r) for r in row.split(widths + [self.norm_out.linear.out_features], dim=1)]
+        """A step's row -> one Precomputed per block (see _modulated), then norm_out's."""
+        widths = [sum(m.out_features for m, _ in layers) for layers in self._modulated()]
+        return [Precomputed(r) for r in row.split(widths, dim=1)]
 
     def forward(
         self,
@@ -262,7 +271,7 @@ class QwenImageTransformer(nn.Module):
         reference = None
         if self.config.zero_cond_t and reference_tokens is not None:
             reference = reference_tokens.view(1, -1, 1)
-        if modulations is not None:  # (never under zero_cond_t: modulations_tabulable)
+        if modulations is not None:
             tembs = self._block_modulations(modulations)
         else:
             timestep = timestep.to(img.dtype)
