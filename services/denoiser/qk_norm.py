@@ -87,7 +87,8 @@ def _reference(text, image, weight_text, weight_image, cos, sin, eps, bound) -> 
 
     d = image.shape[-1]
     parts = [F.rms_norm(p, (d,), w, eps) for p, w in ((text, weight_text), (image, weight_image)) if p.shape[1]]
-    out = apply_rope(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], cos, sin).contiguous()
+    out = apply_rope(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], cos, sin).contiguous() if parts \
+        else image.new_empty(image.shape)
     return out if bound is None else _quantise_bounded(out, bound)[0]
 
 

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 # At most this many bytes of precomputed modulations per request (DenoiserRunner.precompute):
 # Flux.1-dev's are 2.1 MB per step, sample and branch in bf16, so 28 steps of a batch of 4 with
-# true CFG fit; Qwen-Image's 4.4 MB per step and sample (both branches share them): 50 steps of a
-# batch of 2. A larger request computes them step by step as before.
+# true CFG fit; Qwen-Image's are 4.4 MB per step, one table for all samples and both branches.
+# A larger request computes them step by step as before.
 MODULATION_BUDGET = 512 << 20
 
 
@@ -222,10 +222,12 @@ class DenoiserRunner:
         steps, batch = timesteps.shape
         branches = [b for b in (inputs.positive, inputs.negative) if b is not None]
         # A model whose modulations do not depend on the prompt (Qwen-Image's: the timestep's
-        # alone) makes one table for both branches.
+        # alone) makes one table for both branches, and one for all samples that step through
+        # the same timesteps (the batch's rows are then views of it).
         per_prompt = getattr(model, "modulations_per_prompt", True)
-        tables = len(branches) if per_prompt else 1
-        size = steps * batch * tables * model.modulation_width * torch.finfo(self.dtype).bits // 8
+        shared = not per_prompt and bool((timesteps == timesteps[:, :1]).all())
+        tables = (len(branches) if per_prompt else 1) * (1 if shared else batch)
+        size = steps * tables * model.modulation_width * torch.finfo(self.dtype).bits // 8
         if size > MODULATION_BUDGET:
             return
         guidance, table = inputs.guidance, None
@@ -234,7 +236,8 @@ class DenoiserRunner:
                 pooled = branch.pooled_prompt_embeds
                 table = torch.stack([model.modulation_table(
                     timesteps[:, b], guidance[b : b + 1].expand(steps) if guidance is not None else None,
-                    pooled[b : b + 1].expand(steps, -1), self.dtype) for b in range(batch)], dim=1)
+                    pooled[b : b + 1].expand(steps, -1), self.dtype) for b in range(1 if shared else batch)], dim=1)
+                table = table.expand(steps, batch, -1)
             branch.modulations = table
 
     @torch.inference_mode()

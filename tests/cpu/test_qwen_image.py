@@ -298,3 +298,14 @@ def test_modulations_are_tabulated_once_for_both_cfg_branches(qwen_image_dir, mo
     stepwise = stage.denoise(request).latents
     assert reads == [1] * 8  # without: one row per branch, every step
     assert _rel_err(tabulated, stepwise) < 1e-5
+
+    # two samples on the same timesteps share the one table too (their rows are views of it)
+    pair = DenoiseRequest(positive=Conditioning(positive.prompt_embeds.expand(2, -1, -1), torch.zeros(2, 0)),
+                          negative=Conditioning(negative.prompt_embeds.expand(2, -1, -1), torch.zeros(2, 0)),
+                          height=32, width=48, num_inference_steps=4, guidance_scale=1.0, true_cfg_scale=4.0,
+                          seeds=[1, 2])
+    monkeypatch.undo()
+    reads.clear()
+    both = stage.denoise(pair).latents
+    assert reads == [4]
+    assert _rel_err(both[0], tabulated[0]) < 1e-5 and _rel_err(both[1], both[0]) > 1e-2  # seeds 1 and 2

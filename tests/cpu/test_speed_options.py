@@ -244,8 +244,9 @@ def test_modulations_are_precomputed_once_per_request(flux_dev_dir, monkeypatch)
 
 def test_modulation_tables_under_mixed_lora_unless_an_adapter_updates_a_modulation(flux_dev_dir, monkeypatch):
     """A batch mixing LoRA sets (unmerged, per-sample updates) keeps its modulation tables when
-    no adapter touches a modulation layer, as fp8 replicas (always unmerged) need; an update on
-    one (laid out by the batch's rows) sends that batch back to the per-step GEMVs."""
+    no adapter touches a layer the table runs, as fp8 replicas (always unmerged) need; an update
+    on a modulation layer or an embedder (laid out by the batch's rows) sends that batch back to
+    the per-step GEMVs."""
     from services.denoiser.lora.adapter import LoraAdapter, LoraWeight
     from services.runtime.messages import AdapterRef, Conditioning, DenoiseRequest
 
@@ -259,7 +260,8 @@ def test_modulation_tables_under_mixed_lora_unless_an_adapter_updates_a_modulati
 
     adapters = {"q": adapter("q", "transformer_blocks.0.attn.to_q", 1),
                 "k": adapter("k", "single_transformer_blocks.0.attn.to_k", 2),
-                "mod": adapter("mod", "transformer_blocks.0.norm1.linear", 3)}
+                "mod": adapter("mod", "transformer_blocks.0.norm1.linear", 3),
+                "temb": adapter("temb", "time_text_embed.timestep_embedder.linear_1", 4)}
     monkeypatch.setattr(stage.adapters, "get", lambda ref: adapters[ref.name])
     cfg = model.config
     g = torch.Generator().manual_seed(0)
@@ -281,4 +283,5 @@ def test_modulation_tables_under_mixed_lora_unless_an_adapter_updates_a_modulati
     for i, name in enumerate(["q", "k"]):  # each sample as its request alone (merged, tables too)
         assert _rel_err(mixed[i], run([name], samples=(i,))[1][0]) < 1e-5
     assert run(["mod", "q"])[0] == [2] * 3  # an update on norm1.linear: the batch's rows every step
+    assert run(["temb", "q"])[0] == [2] * 3  # or on an embedder the table runs
     assert not stage.lora.unmerged  # the batch's updates were taken off again

@@ -142,6 +142,13 @@ class AdaLNModulation(nn.Module):
         return self.linear(F.silu(temb)).chunk(self.n, dim=1)
 
 
+def lora_free(*modules: nn.Module) -> bool:
+    """Whether no layer in `modules` carries a per-batch LoRA update (lora/apply.py's unmerged
+    `lora_down`): one laid out by the batch's rows, which a modulation table's rows (one sample's
+    steps) are not."""
+    return all(getattr(m, "lora_down", None) is None for module in modules for m in module.modules())
+
+
 class Precomputed(NamedTuple):
     """What a block gets in place of temb when the runner precomputed the request's modulations
     (FluxTransformer.modulation_table): the outputs of its AdaLN linears, side by side [B, width]."""
@@ -340,9 +347,8 @@ class FluxTransformer(nn.Module):
 
     def modulations_tabulable(self) -> bool:
         """Whether modulation_table gives what the forward would: not while a per-batch LoRA
-        update (lora/apply.py's unmerged `lora_down`) is set on a modulation layer, since that
-        update is laid out by the batch's rows, not by one sample's steps."""
-        return all(getattr(n.linear, "lora_down", None) is None for norms in self._modulated() for n in norms)
+        update is set on a layer the table runs (the embedders or a modulation layer)."""
+        return lora_free(self.time_text_embed, *(n.linear for norms in self._modulated() for n in norms))
 
     @property
     def modulation_width(self) -> int:

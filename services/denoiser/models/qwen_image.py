@@ -33,6 +33,7 @@ from services.denoiser.models.flux import (
     MLPEmbedder,
     Precomputed,
     layer_norm,
+    lora_free,
     modulate,
     modulations_of,
 )
@@ -224,8 +225,8 @@ class QwenImageTransformer(nn.Module):
         return blocks + [[(self.norm_out.linear, False)]]
 
     def modulations_tabulable(self) -> bool:
-        """As FluxTransformer's: no per-batch LoRA update on a modulation layer."""
-        return all(getattr(m, "lora_down", None) is None for layers in self._modulated() for m, _ in layers)
+        """As FluxTransformer's: no per-batch LoRA update on a layer the table runs."""
+        return lora_free(self.time_text_embed, *(m for layers in self._modulated() for m, _ in layers))
 
     @property
     def modulation_width(self) -> int:
