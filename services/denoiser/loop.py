@@ -84,7 +84,7 @@ def sample(
         else:  # Flux / Qwen-Image / Z-Image: cast to the latents' dtype first, then scaled
             t = t.to(latents.dtype)
             conditionings.append(t / 1000 if timestep == "fraction" else (1000 - t) / 1000)
-    if experts is None and steps:
+    if steps:  # (the runner decides whether this model and replica tabulate: not with two experts)
         runner.precompute(inputs, torch.stack(conditionings))
     for i, conditioning in enumerate(conditionings):
         if experts is not None:
