@@ -91,7 +91,7 @@ class Runs:
             return False
         dist.barrier()
         if self.args.profile and self.device.type == "cuda" and name.startswith("ditserve"):
-            kernel_profile(name, fn, self.rank, self.args.trace_dir)
+            kernel_profile(name, fn, self.rank, self.args.trace_dir, top=self.args.profile_top)
         out = out[0] if isinstance(out, list) else out
         row = Row(name, ms, peak, gpus, cfg, out.float(), time.perf_counter() - t0, vs_diffusers)
         self.rows[name] = row

@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="GPU time per kernel kind for each compiled ditserve row (multi-GPU: rank 0's, and how much "
                          "of the communication ran under compute)")
-    ap.add_argument("--profile-top", type=int, default=18, help="with --profile on one GPU: how many kernels to list")
+    ap.add_argument("--profile-top", type=int, default=18, help="with --profile: how many kernels to list (rank 0)")
     ap.add_argument("--trace-dir", default=None, help="with --profile: rank 0's Chrome traces, one per row")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="each compiled ditserve row also with whole forwards as CUDA graphs")

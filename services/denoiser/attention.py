@@ -85,6 +85,21 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return local_attention(query, key, value, amax_qk)
 
 
+def ulysses_packing(heads: int) -> int:
+    """n > 1 where the forward in progress exchanges q / k / v of `heads` heads between n Ulysses
+    ranks and takes them as one send buffer (attention_packed; the model writes it with
+    qk_norm.ulysses_pack, which has no backward), else 0."""
+    if _active_parallel is None or torch.is_grad_enabled():
+        return 0
+    return _active_parallel.packs(heads)
+
+
+def attention_packed(send: torch.Tensor, amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """attention() of q / k / v given as a Ulysses send buffer [n, S, B, 3, H / n, D] (see
+    ulysses_packing); returns [B, S, H, D]."""
+    return _active_parallel.attention_packed(send, amax_qk)
+
+
 def wants_qk_bounds() -> bool:
     """Whether the forward in progress runs fp8 attention, which can use `amax_qk`."""
     return _fp8

@@ -271,7 +271,7 @@ class DenoiserRunner:
             fields = dict(zip(optional, rest))
             rope = tuple(rest[len(optional):])
             return self._run(latents, timestep, replace(branch, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
-                                                       rope=rope), replace(inputs, **fields), mods)
+                                                       rope=rope), replace(inputs, **fields), mods, graphed=True)
 
         # The same shapes give the same token split, so the model is all the key needs besides them.
         try:
@@ -286,12 +286,13 @@ class DenoiserRunner:
             self.graphs = None
             return self._run(latents, timestep, branch, inputs, mods)
 
-    def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs, mods: torch.Tensor | None):
+    def _run(self, latents, timestep, branch: BranchInputs, inputs: StepInputs, mods: torch.Tensor | None,
+             graphed: bool = False):
         with attention_precision(self.attention_precision):
-            return self._run_model(latents, timestep, branch, inputs, mods)
+            return self._run_model(latents, timestep, branch, inputs, mods, graphed)
 
     def _run_model(self, latents, timestep, branch: BranchInputs, inputs: StepInputs,
-                   mods: torch.Tensor | None) -> torch.Tensor:
+                   mods: torch.Tensor | None, graphed: bool = False) -> torch.Tensor:
         noise_tokens, batch = latents.shape[1], latents.shape[0]
         if inputs.reference is not None:  # the edit pipelines' cat([latents, image_latents], dim=1)
             latents = torch.cat([latents, inputs.reference.expand(batch, -1, -1)], dim=1)
@@ -308,7 +309,8 @@ class DenoiserRunner:
             extra["reference_tokens"] = inputs.reference_tokens
         if mods is not None:  # per sample, whole on every rank
             extra["modulations"] = mods
-        sp = branch.sp
+        # a forward replayed from a CUDA graph takes the exchanges that cost host time (for_graphs)
+        sp = branch.sp.for_graphs() if branch.sp is not None and graphed else branch.sp
         if sp is None:
             out = self.model(
                 latents, branch.prompt_embeds, branch.pooled_prompt_embeds, timestep, branch.rope, inputs.guidance,

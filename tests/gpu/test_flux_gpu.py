@@ -224,9 +224,11 @@ def test_cuda_graph_forwards_equal_plain_ones(flux_dev_dir):
                          ids=["1gpu", "fp8", "ulysses2", "fp8_ulysses2"])
 def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
     """Whole requests through the service with and without CUDA graphs (compiled either way):
-    the same pixels, on one GPU (bf16 and fp8, whose default is graphs on) and on a two-rank
-    replica (graphs on by default too). Run on H200 in session 9: all but fp8_ulysses2 (added
-    after the GPU time ran out)."""
+    the same pixels on one GPU (bf16 and fp8, whose default is graphs on). On a two-rank replica
+    (graphs on by default too) a replayed forward packs q and k with qk_norm.ulysses_pack's
+    kernel where the plain one has inductor's, whose sums of squares round a rare value the
+    other way (SequenceParallel.for_graphs): the same pixels within that rounding (bf16 and fp8
+    passed on 2x H200, session 13)."""
     if torch.cuda.device_count() < parallel.get("ulysses_degree", 1):
         pytest.skip("needs 2 GPUs")
     kwargs = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, guidance_scale=3.5, seed=5)
@@ -235,11 +237,18 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
         router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cuda", dtype="bfloat16"),
                                          denoiser_options={**parallel, "cuda_graphs": graphs})
         try:
-            pixels.append(asyncio.run(router.generate(GenerateRequest(**kwargs))).images[0].pixels)
+            image = asyncio.run(router.generate(GenerateRequest(**kwargs))).images[0]
+            pixels.append(image.pixels.astype(np.int16))
         finally:
             if hasattr(router.denoiser.stage, "close"):  # a multi-rank group's processes
                 router.denoiser.stage.close()
-    assert np.array_equal(pixels[0], pixels[1])
+    diff = np.abs(pixels[0] - pixels[1])
+    if "ulysses_degree" not in parallel:
+        assert not diff.any()
+    else:
+        # fp8's per-token activation scales carry a changed q / k value further (H200: mean 0.70, max 7)
+        bound = 2.0 if parallel.get("precision") == "fp8" else 0.5
+        assert pixels[0].std() > 5 and diff.mean() < bound and diff.max() <= 16, (diff.mean(), diff.max())
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["plain", "cuda_graphs"])
@@ -400,15 +409,52 @@ def test_rms_norm_rope_kernel_matches_its_reference(split, out):
     assert ((got.float() - ref.float()).abs() <= ref.float().abs() / 8 + top / 64).all()
     if out == "fp8":
         assert ref.float().abs().max() > 50  # the bound leaves the range in use
-    compiled = torch.compile(rms_norm_rope, fullgraph=True)
-    assert torch.equal(bits(compiled(*args)), bits(got))
+    _compiled_and_replayed_alike(rms_norm_rope, args, got, bits, (fused_qkv, fused_txt))
+
+
+def _compiled_and_replayed_alike(op, args, got, bits, sources) -> None:
+    """op(*args) compiled gives `got`; captured in a CUDA graph, a replay after its `sources`
+    changed in place gives what a fresh call gives (compared as `bits`)."""
+    assert torch.equal(bits(torch.compile(op, fullgraph=True)(*args)), bits(got))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = rms_norm_rope(*args)
-    fused_qkv.mul_(-1)
-    fused_txt.mul_(-1)
+        captured = op(*args)
+    for source in sources:
+        source.mul_(-1)
     graph.replay()
-    assert torch.equal(bits(captured), bits(rms_norm_rope(*args)))
+    assert torch.equal(bits(captured), bits(op(*args)))
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("split", [0, 512], ids=["single_block", "joint"])
+def test_ulysses_pack_kernel_matches_its_reference(split, ranks):
+    """qk_norm.ulysses_pack's kernel writes a Ulysses send buffer: q and k normalised and rotated
+    as rms_norm_rope's kernel does them, v copied bit for bit, every head in its rank's slot;
+    against the eager reference (the layout ulysses.py packs by hand), on strided projections,
+    compiled and in a CUDA graph the same."""
+    from services.denoiser.models.flux import rope_tables
+    from services.denoiser.qk_norm import _ulysses_pack, ulysses_pack
+
+    device = torch.device("cuda")
+    g = torch.Generator(device).manual_seed(0)
+    b, s, h, d = 2, 1509, 12, 128
+    fused_img = torch.randn(b, s, 3 * h, d, generator=g, device=device, dtype=torch.bfloat16) * 3
+    fused_txt = torch.randn(b, split, 3 * h, d, generator=g, device=device, dtype=torch.bfloat16) * 3
+    q, k, v = ((fused_txt[:, :, i * h : (i + 1) * h], fused_img[:, :, i * h : (i + 1) * h]) for i in range(3))
+    weights = [torch.rand(d, generator=g, device=device).to(torch.bfloat16) * 2 for _ in range(4)]
+    ids = torch.stack([torch.zeros(split + s), torch.arange(split + s) // 40, torch.arange(split + s) % 40], dim=1)
+    cos, sin = rope_tables(ids.to(device), (16, 56, 56))
+    args = (q, k, v, tuple(weights[:2]), tuple(weights[2:]), cos, sin, 1e-6, ranks)
+    got = ulysses_pack(*args)
+    ref = _ulysses_pack(*(t.cpu() if isinstance(t, torch.Tensor) else t
+                          for t in (*q, *k, *v, *weights, cos, sin, 1e-6, ranks))).to(device)
+    assert got.shape == ref.shape == (ranks, split + s, b, 3, h // ranks, d)
+    assert torch.equal(got[:, :, :, 2], ref[:, :, :, 2])  # v
+    bits = got[:, :, :, :2].view(torch.int16) != ref[:, :, :, :2].view(torch.int16)
+    assert bits.float().mean() < 0.02, bits.float().mean()
+    top = ref.float().abs().max().item()
+    assert ((got.float() - ref.float()).abs() <= ref.float().abs() / 8 + top / 64).all()
+    _compiled_and_replayed_alike(ulysses_pack, args, got, lambda t: t.view(torch.int16), (fused_img, fused_txt))
 
 
 def test_variable_text_ulysses_replica_serves_prompts_of_any_length(qwen_image_dir):

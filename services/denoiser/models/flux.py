@@ -19,10 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from services.denoiser.attention import attends_alone, attention, rms_norm_bound, wants_qk_bounds
+from services.denoiser.attention import (
+    attends_alone,
+    attention,
+    attention_packed,
+    rms_norm_bound,
+    ulysses_packing,
+    wants_qk_bounds,
+)
 from services.denoiser.models.config import from_config_json
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
-from services.denoiser.qk_norm import rms_norm_rope
+from services.denoiser.qk_norm import rms_norm_rope, ulysses_pack
 
 if TYPE_CHECKING:  # block cache
     from services.denoiser.cache import BlockCache
@@ -230,18 +237,25 @@ class FluxAttention(nn.Module):
         amax_qk = None
         if wants_qk_bounds():  # fp8 attention: q and k scaled by their norms' bounds (attention.py)
             amax_qk = (rms_norm_bound(*norms_q), rms_norm_bound(*norms_k))
-        if attends_alone() and not torch.is_grad_enabled():
-            # norm, RoPE (and fp8's quantisation) in one kernel, straight from the text's and the
-            # image's projections (qk_norm.py; it has no backward)
-            text = parts[0] if context is not None else [p[:, :0] for p in parts[0]]
-            q, k = (rms_norm_rope(text[i], parts[-1][i], norms[0].weight, norms[-1].weight, cos, sin, norms[0].eps,
-                                  amax_qk[i] if amax_qk is not None else None)
-                    for i, norms in ((0, norms_q), (1, norms_k)))
-        else:  # a sequence-parallel rank: inductor fuses this into the exchange's packing (ulysses.py)
-            q, k = (_joint([n(p[i]) for n, p in zip(norms, parts)]) for i, norms in ((0, norms_q), (1, norms_k)))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = _joint([p[2] for p in parts])
-        out = attention(q, k, v, amax_qk).flatten(2, 3).to(v.dtype)
+        # the one-pass kernels below read the text's and the image's projections where they are
+        text = parts[0] if context is not None else [p[:, :0] for p in parts[0]]
+        image, eps = parts[-1], norms_q[0].eps
+        if ranks := ulysses_packing(image[0].shape[2]):
+            # a Ulysses rank: norm and RoPE written straight into the exchange's send buffer (qk_norm.py)
+            send = ulysses_pack(*zip(text, image), tuple(n.weight for n in (norms_q[0], norms_q[-1])),
+                                tuple(n.weight for n in (norms_k[0], norms_k[-1])), cos, sin, eps, ranks)
+            out = attention_packed(send, amax_qk).flatten(2, 3)
+        else:
+            if attends_alone() and not torch.is_grad_enabled():
+                # norm, RoPE (and fp8's quantisation) in one kernel (qk_norm.py; it has no backward)
+                q, k = (rms_norm_rope(text[i], image[i], norms[0].weight, norms[-1].weight, cos, sin, eps,
+                                      amax_qk[i] if amax_qk is not None else None)
+                        for i, norms in ((0, norms_q), (1, norms_k)))
+            else:  # other sequence-parallel forwards: inductor fuses this into the exchange's packing
+                q, k = (_joint([n(p[i]) for n, p in zip(norms, parts)]) for i, norms in ((0, norms_q), (1, norms_k)))
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            v = _joint([p[2] for p in parts])
+            out = attention(q, k, v, amax_qk).flatten(2, 3).to(v.dtype)
         if context is None:
             return out
         ctx_out, img_out = out.split_with_sizes([context.shape[1], x.shape[1]], dim=1)

@@ -18,7 +18,7 @@ from services.denoiser.attention import local_attention, set_active_parallel
 from services.denoiser.parallel.comm import all_to_all
 from services.denoiser.parallel.mesh import ParallelMesh, even_split, offsets
 from services.denoiser.parallel.ring import ring_attention
-from services.denoiser.parallel.ulysses import ulysses_attention
+from services.denoiser.parallel.ulysses import attend_packed, ulysses_attention
 
 
 class _Split:
@@ -48,6 +48,7 @@ class SequenceParallel:
         ring_rank = mesh.rank("ring")
         self.ring_chunks = [sum(seq[c * self.u : (c + 1) * self.u]) for c in range(self.r)]
         self.ulysses_seq = seq[ring_rank * self.u : (ring_rank + 1) * self.u]
+        self._op_group = None  # see for_graphs
 
     def shard(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, C], [B, N, C] -> this rank's shards of each."""
@@ -73,15 +74,53 @@ class SequenceParallel:
             local = torch.cat(all_to_all([local] * self.r, [(b, n, c) for n in sizes], self.mesh.group("ring")), dim=1)
         return local
 
-    def attention(self, q, k, v, amax_qk=None) -> torch.Tensor:
+    def _inner(self, amax_qk):
         if self.r > 1:  # bf16 / fp32 only: the bounds are for fp8 attention
-            inner = partial(ring_attention, chunk_sizes=self.ring_chunks, group=self.mesh.group("ring"),
-                            rank=self.mesh.rank("ring"))
-        else:  # the bounds hold for any shard of the heads
-            inner = partial(local_attention, amax_qk=amax_qk)
+            return partial(ring_attention, chunk_sizes=self.ring_chunks, group=self.mesh.group("ring"),
+                           rank=self.mesh.rank("ring"))
+        return partial(local_attention, amax_qk=amax_qk)  # the bounds hold for any shard of the heads
+
+    def _opaque(self) -> str | None:
+        """The Ulysses group's name where its exchanges run as one op (for_graphs); read there,
+        not in traced code, which cannot read a process group's attributes."""
+        return self._op_group
+
+    def attention(self, q, k, v, amax_qk=None) -> torch.Tensor:
         if self.u == 1:
-            return inner(q, k, v)
-        return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"), inner)
+            return self._inner(amax_qk)(q, k, v)
+        return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"),
+                                 self._inner(amax_qk), self._opaque())
+
+    def packs(self, heads: int) -> int:
+        """n > 1 where attention_packed takes q / k / v of `heads` heads as a send buffer laid out for
+        n Ulysses ranks (qk_norm.ulysses_pack), else 0. Only in forwards replayed from CUDA graphs
+        (for_graphs). Without graphs it measured 77.6 -> 74.6 ms in bf16 (Flux 1024x1024 Ulysses-2,
+        2x H200, one run), but that step is close to host-bound, and the host-bound fp8 one reads
+        64-109 ms across runs of the same code, too noisy to show what three more Python kernel
+        launches a block cost it; so plain forwards keep the code they had."""
+        return self.u if self._op_group is not None and heads % self.u == 0 else 0
+
+    def attention_packed(self, send: torch.Tensor, amax_qk=None) -> torch.Tensor:
+        """attention() of q / k / v given as their send buffer [u, S, B, 3, H / u, D]; returns [B, S, H, D]."""
+        return attend_packed(send, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"),
+                             self._inner(amax_qk), self._opaque(), amax_qk)
+
+    def for_graphs(self) -> SequenceParallel:
+        """This layout for forwards replayed from CUDA graphs: there the Ulysses exchanges run as
+        one op (ulysses.py's ulysses_attend) that hides the output's way back under attention, fed
+        by qk_norm.ulysses_pack (see packs). The op costs more host time than the traced
+        exchanges, and a forward that is not replayed is bound by its host (2x H200, Flux
+        1024x1024 Ulysses-2: 78.4 -> 133.6 ms a step without graphs; 76.9 -> 71.8 with them).
+        Made once and kept, as the part views are: compiled blocks guard on the active object's
+        identity, so a replica compiles its blocks once more for the graphed forwards."""
+        if self._op_group is not None or self.u == 1 or self.r > 1:
+            return self
+        if "_graphed" not in self.__dict__:
+            view = copy.copy(self)
+            view.__dict__.pop("_part_views", None)  # its own, which inherit the op
+            view._op_group = self.mesh.group("ulysses").group_name
+            self._graphed = view
+        return self._graphed
 
     @contextmanager
     def active(self):
