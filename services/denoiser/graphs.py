@@ -122,7 +122,7 @@ class ForwardGraphs:
         return _Graph(graph, static, output)
 
 
-def should_graph(config, device: torch.device, mesh, variable_text: bool = False) -> bool:
+def should_graph(config, device: torch.device, multi_rank: bool, variable_text: bool = False) -> bool:
     """CUDA graphs of whole forwards (config.cuda_graphs; see its comment): None = on for a
     compiled multi-rank or fp8 (linears or attention) replica on CUDA without layerwise offload.
     For fp8 on one GPU (5% a step) only where the prompt reaches the DiT at one length: a model
@@ -131,7 +131,6 @@ def should_graph(config, device: torch.device, mesh, variable_text: bool = False
         return False
     if config.cuda_graphs is not None:
         return config.cuda_graphs
-    multi_rank = mesh is not None and mesh.degrees.world_size > 1
     # fp8 attention adds host work per attention (attention_fp8.py's cuDNN call): at 1024x1024 it
     # lost 3 ms a step without graphs and gained 4 ms with them (H200).
     fp8 = config.precision == "fp8" or config.attention_precision == "fp8"

@@ -5,6 +5,7 @@ DenoiserGroup (services/denoiser/group.py): the same interface, backed by severa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -73,7 +74,8 @@ class DenoiserStage:
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
-                                     cuda_graphs=should_graph(config, self.device, mesh, self.spec.variable_text),
+                                     cuda_graphs=should_graph(config, self.device, config.world_size > 1,
+                                                              self.spec.variable_text),
                                      attention_precision=config.attention_precision,
                                      modulation_tables=not config.layerwise_offload,  # offloaded: on the host
                                      variable_text=self.spec.variable_text)
@@ -214,7 +216,20 @@ def warm_up(stage, config: DenoiserConfig) -> None:
         references = [torch.zeros(layout.channels, *layout.latent_grid(height, width, 1))] \
             if spec.image_conditioning is not None else []
         image_dim = getattr(transformer, "image_dim", None)
-        stage.denoise(DenoiseRequest(positive=cond, negative=None, height=height, width=width,
-                                     num_inference_steps=1, guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0],
-                                     num_frames=1 if "video" in spec.features else 0, reference_latents=references,
-                                     image_embeds=torch.zeros(1, 257, image_dim) if image_dim else None))
+        request = DenoiseRequest(positive=cond, negative=None, height=height, width=width, num_inference_steps=1,
+                                 guidance_scale=3.5, true_cfg_scale=1.0, seeds=[0],
+                                 num_frames=1 if "video" in spec.features else 0, reference_latents=references,
+                                 image_embeds=torch.zeros(1, 257, image_dim) if image_dim else None)
+        stage.denoise(request)
+        if plain_forwards_compile_apart(config, spec.variable_text):
+            stage.denoise(replace(request, cache={"enabled": True}))  # a DiT cache: no graphs
+
+
+def plain_forwards_compile_apart(config: DenoiserConfig, variable_text: bool) -> bool:
+    """Whether forwards that run without CUDA graphs (a DiT cache, unmerged LoRA) use compiled
+    blocks of their own: on a graphed Ulysses replica whose blocks trace the exchanges, where
+    graphed forwards take the exchanges as one op (SequenceParallel.for_graphs). The warm-up then
+    runs one such forward per size too, or the first cached or LoRA request would compile."""
+    device = parse_device(config.device)
+    return (config.ulysses_degree > 1 and config.ring_degree == 1 and not variable_text
+            and should_graph(config, device, config.world_size > 1, variable_text))

@@ -143,8 +143,6 @@ def test_worker_refuses_denoiser_flags_for_other_roles(capsys):
 def test_cuda_graphs_option_defaults_and_limits():
     """--cuda-graphs reaches the denoiser config; unset, only a compiled multi-rank or fp8 CUDA
     replica captures graphs; with layerwise offload it is refused, and CPU replicas never capture."""
-    from types import SimpleNamespace
-
     import pydantic
 
     from services.denoiser.graphs import should_graph
@@ -156,17 +154,17 @@ def test_cuda_graphs_option_defaults_and_limits():
     with pytest.raises(pydantic.ValidationError, match="cuda_graphs and layerwise_offload"):
         DenoiserConfig(model_path="m", cuda_graphs=True, layerwise_offload=True)
 
-    cuda, two_ranks = torch.device("cuda"), SimpleNamespace(degrees=SimpleNamespace(world_size=2))
-    def graphs(mesh, **options):
-        return should_graph(DenoiserConfig(model_path="m", **options), cuda, mesh)
-    assert graphs(two_ranks) and not graphs(None) and graphs(None, cuda_graphs=True)
-    assert graphs(None, precision="fp8") and not graphs(None, precision="fp8", compile=False)
-    assert graphs(None, attention_precision="fp8")  # fp8 attention's per-call host work
+    cuda = torch.device("cuda")
+    def graphs(multi_rank, **options):
+        return should_graph(DenoiserConfig(model_path="m", **options), cuda, multi_rank)
+    assert graphs(True) and not graphs(False) and graphs(False, cuda_graphs=True)
+    assert graphs(False, precision="fp8") and not graphs(False, precision="fp8", compile=False)
+    assert graphs(False, attention_precision="fp8")  # fp8 attention's per-call host work
     fp8 = DenoiserConfig(model_path="m", precision="fp8")
-    assert not should_graph(fp8, cuda, None, variable_text=True)  # a graph per prompt length: off
-    assert not graphs(two_ranks, compile=False) and not graphs(two_ranks, layerwise_offload=True)
-    assert not graphs(two_ranks, cuda_graphs=False)
-    assert not should_graph(DenoiserConfig(model_path="m", cuda_graphs=True), torch.device("cpu"), two_ranks)
+    assert not should_graph(fp8, cuda, False, variable_text=True)  # a graph per prompt length: off
+    assert not graphs(True, compile=False) and not graphs(True, layerwise_offload=True)
+    assert not graphs(True, cuda_graphs=False)
+    assert not should_graph(DenoiserConfig(model_path="m", cuda_graphs=True), torch.device("cpu"), True)
     assert DenoiserRunner(torch.nn.Linear(1, 1), PackedLatents2x2(4, 8), torch.device("cpu"), torch.float32,
                           cuda_graphs=True).graphs is None
 
@@ -285,3 +283,30 @@ def test_modulation_tables_under_mixed_lora_unless_an_adapter_updates_a_modulati
     assert run(["mod", "q"])[0] == [2] * 3  # an update on norm1.linear: the batch's rows every step
     assert run(["temb", "q"])[0] == [2] * 3  # or on an embedder the table runs
     assert not stage.lora.unmerged  # the batch's updates were taken off again
+
+
+def test_graphed_ulysses_replica_warms_up_its_plain_forwards_too(flux_dev_dir, monkeypatch):
+    """On a CUDA Ulysses replica with graphs, forwards replayed from graphs and forwards without
+    (a DiT cache, unmerged LoRA) run differently compiled blocks (SequenceParallel.for_graphs):
+    the warm-up runs a cached request per size too, so no later request compiles. Not with ring
+    (one variant), a variable-length text (its exchanges stay outside the compiled blocks), or
+    without graphs."""
+    from types import SimpleNamespace
+
+    from services.denoiser import stage as stage_module
+
+    monkeypatch.setattr(stage_module, "parse_device", lambda name: torch.device(name or "cuda"))
+    seen = []
+    fake = SimpleNamespace(denoise=lambda request, on_step=None: seen.append((request.height, request.cache)))
+
+    def warm(**options):
+        seen.clear()
+        stage_module.warm_up(fake, DenoiserConfig(model_path=flux_dev_dir, device="cuda",
+                                                  warmup_resolutions=["64x32"], **options))
+        return seen
+
+    assert warm(ulysses_degree=2) == [(32, None), (32, {"enabled": True})]
+    assert warm(ulysses_degree=2, ring_degree=2) == [(32, None)]
+    assert warm(ulysses_degree=2, cuda_graphs=False) == [(32, None)]
+    assert warm() == [(32, None)]
+    assert not stage_module.plain_forwards_compile_apart(DenoiserConfig(model_path="m", ulysses_degree=2), True)
