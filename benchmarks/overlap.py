@@ -8,7 +8,14 @@ way back), the MLP half of a single block's proj_out alone (the work that depend
 the two one after the other on one stream (today's order), and the all-to-all issued on a side
 stream while the GEMM runs, with cuBLAS told to leave 0 / 8 / 16 / 32 SMs free for NCCL
 (torch._C._set_sm_carveout_experimental). Also the attention of half the queries beside the
-output's exchange (the other way to hide it). Overlap pays where "side stream" is below "serial"."""
+output's exchange (the other way to hide it). Overlap pays where "side stream" is below "serial".
+
+    python benchmarks/overlap.py copy       # only the copy-engine rows
+
+The copy-engine rows move the q/k/v exchange without NCCL: each rank copies its chunk for the
+other straight into the other's receive buffer (torch symmetric memory maps it; a contiguous
+copy_ is a cudaMemcpyAsync, run by a copy engine, no SMs), then a device-side barrier. If that
+hides under a GEMM where NCCL's kernel does not, it is the way to hide the q/k/v exchange."""
 
 from __future__ import annotations
 
@@ -52,7 +59,7 @@ def timed_graph(fn, device) -> float:
     return sorted(times[1:])[2]
 
 
-def rank_main(rank: int, world: int, port: int) -> None:
+def rank_main(rank: int, world: int, port: int, only_copy: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -101,6 +108,67 @@ def rank_main(rank: int, world: int, port: int) -> None:
                 f()
         return run
 
+    if only_copy:
+        rows = []
+    else:
+        rows = _nccl_rows(a2a_qkv, a2a_out, gemm, half_attention, beside, serial)
+    rows += _copy_engine_rows(qkv_send, gemm, beside, serial, rank, world, device)
+    env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_") and "CTA" in k}
+    if rank == 0:
+        print(f"Ulysses-{world} single-block shapes, {torch.cuda.get_device_name(device)}, NCCL {env or 'defaults'}")
+    for name, fn in rows:
+        try:
+            us = timed_graph(fn, device)
+        except Exception as exc:  # a row that cannot run says why; the others still run
+            if rank == 0:
+                print(f"  {name:<62} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            continue
+        if rank == 0:
+            print(f"  {name:<62} {us:8.1f} us", flush=True)
+    dist.destroy_process_group()
+
+
+def _copy_engine_rows(qkv_send, gemm, beside, serial, rank, world, device):
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        recv = symm_mem.empty(qkv_send.numel(), dtype=qkv_send.dtype, device=device)
+        handle = symm_mem.rendezvous(recv, dist.group.WORLD.group_name)
+    except Exception as exc:
+        if rank == 0:
+            print(f"  symmetric memory unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        return []
+    peers = [handle.get_buffer(j, (qkv_send.numel(),), qkv_send.dtype) for j in range(world)]
+
+    def copy_exchange(send=qkv_send, ready_first=False):
+        def run():
+            part = send.numel() // world
+            if ready_first:  # every rank done reading its receive buffer before anyone writes it
+                handle.barrier(channel=1)
+            for j in range(world):  # my chunk for rank j into slot `rank` of j's receive buffer
+                peers[j][rank * part : (rank + 1) * part].copy_(send[j * part : (j + 1) * part])
+            handle.barrier(channel=0)
+        return run
+
+    out_send = qkv_send[: qkv_send.numel() // 3]  # the output's exchange is a third of q/k/v's
+    h = HEADS // world
+    q, k, v = (torch.randn(1, h, TOKENS, HEAD_DIM, dtype=qkv_send.dtype, device=device) for _ in range(3))
+
+    def half_attention():
+        torch.nn.functional.scaled_dot_product_attention(q[:, :, : TOKENS // 2], k, v)
+
+    return [
+        ("copy engine: q/k/v exchange alone", copy_exchange()),
+        ("serial: copy-engine exchange + GEMM", serial(copy_exchange(), gemm())),
+        ("side stream: copy-engine exchange beside GEMM", beside(copy_exchange(), gemm())),
+        ("copy engine, barrier before and after: alone", copy_exchange(ready_first=True)),
+        ("  ... beside GEMM", beside(copy_exchange(ready_first=True), gemm())),
+        ("copy engine: output exchange alone", copy_exchange(out_send)),
+        ("  ... beside half attention", beside(copy_exchange(out_send), half_attention)),
+    ]
+
+
+def _nccl_rows(a2a_qkv, a2a_out, gemm, half_attention, beside, serial):
     rows = [
         ("q/k/v all-to-all alone", a2a_qkv),
         ("output all-to-all alone", a2a_out),
@@ -118,18 +186,11 @@ def rank_main(rank: int, world: int, port: int) -> None:
         ("serial: output all-to-all + half attention", serial(a2a_out, half_attention)),
         ("side stream: output all-to-all beside half attention", beside(a2a_out, half_attention)),
     ]
-    env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_") and "CTA" in k}
-    if rank == 0:
-        print(f"Ulysses-{world} single-block shapes, {torch.cuda.get_device_name(device)}, NCCL {env or 'defaults'}")
-    for name, fn in rows:
-        us = timed_graph(fn, device)
-        if rank == 0:
-            print(f"  {name:<62} {us:8.1f} us", flush=True)
-    dist.destroy_process_group()
+    return rows
 
 
 if __name__ == "__main__":
     world = torch.cuda.device_count()
     if world < 2:
         sys.exit("needs 2 GPUs")
-    mp.spawn(rank_main, args=(2, 29517), nprocs=2)
+    mp.spawn(rank_main, args=(2, 29517, sys.argv[1:] == ["copy"]), nprocs=2)
