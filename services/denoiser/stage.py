@@ -229,7 +229,8 @@ def plain_forwards_compile_apart(config: DenoiserConfig, variable_text: bool) ->
     """Whether forwards that run without CUDA graphs (a DiT cache, unmerged LoRA) use compiled
     blocks of their own: on a graphed Ulysses replica whose blocks trace the exchanges, where
     graphed forwards take the exchanges as one op (SequenceParallel.for_graphs). The warm-up then
-    runs one such forward per size too, or the first cached or LoRA request would compile."""
-    device = parse_device(config.device)
+    runs one such forward per size too, or the first cached or LoRA request would compile.
+    (The device is read, not checked: a group's driver process may have no GPU of its own.)"""
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return (config.ulysses_degree > 1 and config.ring_degree == 1 and not variable_text
             and should_graph(config, device, config.world_size > 1, variable_text))

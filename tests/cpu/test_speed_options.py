@@ -285,7 +285,7 @@ def test_modulation_tables_under_mixed_lora_unless_an_adapter_updates_a_modulati
     assert not stage.lora.unmerged  # the batch's updates were taken off again
 
 
-def test_graphed_ulysses_replica_warms_up_its_plain_forwards_too(flux_dev_dir, monkeypatch):
+def test_graphed_ulysses_replica_warms_up_its_plain_forwards_too(flux_dev_dir):
     """On a CUDA Ulysses replica with graphs, forwards replayed from graphs and forwards without
     (a DiT cache, unmerged LoRA) run differently compiled blocks (SequenceParallel.for_graphs):
     the warm-up runs a cached request per size too, so no later request compiles. Not with ring
@@ -295,7 +295,6 @@ def test_graphed_ulysses_replica_warms_up_its_plain_forwards_too(flux_dev_dir, m
 
     from services.denoiser import stage as stage_module
 
-    monkeypatch.setattr(stage_module, "parse_device", lambda name: torch.device(name or "cuda"))
     seen = []
     fake = SimpleNamespace(denoise=lambda request, on_step=None: seen.append((request.height, request.cache)))
 
