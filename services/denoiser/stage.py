@@ -204,6 +204,7 @@ def warm_up(stage, config: DenoiserConfig) -> None:
     transformer = fam.config_cls.from_dict(model.component_config("transformer"))
     multiple = spec.size_multiple(model)
     text_len = spec.defaults(model).max_sequence_length
+    plain_too = plain_forwards_compile_apart(config, spec.variable_text)
     for size in config.warmup_resolutions:
         height, width = warmup_size(size, multiple)
         cond = Conditioning(
@@ -221,7 +222,7 @@ def warm_up(stage, config: DenoiserConfig) -> None:
                                  num_frames=1 if "video" in spec.features else 0, reference_latents=references,
                                  image_embeds=torch.zeros(1, 257, image_dim) if image_dim else None)
         stage.denoise(request)
-        if plain_forwards_compile_apart(config, spec.variable_text):
+        if plain_too:
             stage.denoise(replace(request, cache={"enabled": True}))  # a DiT cache: no graphs
 
 

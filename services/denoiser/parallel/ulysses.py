@@ -78,10 +78,7 @@ def attend_packed(send: torch.Tensor, seq_sizes: list[int], group, rank: int, in
         amax = amax_qk if amax_qk is not None else (None, None)
         return torch.ops.ditserve.ulysses_attend(send, seq_sizes, rank, opaque, *amax)
     n, s, b, _, h, d = send.shape
-    total = sum(seq_sizes)
-    unit = b * 3 * h * d  # elements per token
-    recv = exchange(send.view(-1), [s * unit] * n, [x * unit for x in seq_sizes], group)
-    qkv = recv.view(total, b, 3, h, d).transpose(0, 1)  # [B, S_all, 3, h, D], strided
+    qkv = _trade_qkv(send, seq_sizes, group)
     out = inner(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # [B, S_all, h, D]
 
     # Back: each rank's tokens, sequence-major ([S_all, B, h, D]: a view when B == 1 or when
@@ -90,6 +87,15 @@ def attend_packed(send: torch.Tensor, seq_sizes: list[int], group, rank: int, in
     unit = b * h * d
     recv = exchange(send.view(-1), [x * unit for x in seq_sizes], [s * unit] * n, group)
     return recv.view(n, s, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, s, n * h, d)
+
+
+def _trade_qkv(send: torch.Tensor, seq_sizes: list[int], group) -> torch.Tensor:
+    """The q/k/v exchange: send [n, s, B, 3, h, D] -> every rank's tokens of our heads,
+    [B, S_all, 3, h, D] (a strided view of what arrived)."""
+    n, s, b, _, h, d = send.shape
+    unit = b * 3 * h * d  # elements per token
+    recv = exchange(send.view(-1), [s * unit] * n, [x * unit for x in seq_sizes], group)
+    return recv.view(sum(seq_sizes), b, 3, h, d).transpose(0, 1)
 
 
 # A side stream per device for the output's exchange (made on first use, which is a warm-up
@@ -111,9 +117,7 @@ def _ulysses_attend(send: torch.Tensor, seq_sizes: list[int], rank: int, group_n
     group = _resolve_process_group(group_name)
     n, s, b, _, h, d = send.shape
     total, offs = sum(seq_sizes), offsets(seq_sizes)
-    unit = b * 3 * h * d
-    recv = exchange(send.view(-1), [s * unit] * n, [x * unit for x in seq_sizes], group)
-    qkv = recv.view(total, b, 3, h, d).transpose(0, 1)
+    qkv = _trade_qkv(send, seq_sizes, group)
     amax = (amax_q, amax_k) if amax_q is not None else None
 
     def attend(lo: int, hi: int) -> torch.Tensor:  # queries lo:hi over every key -> [hi - lo, B, h, D]
@@ -132,7 +136,6 @@ def _ulysses_attend(send: torch.Tensor, seq_sizes: list[int], rank: int, group_n
         if send.device.index not in _side_streams:
             _side_streams[send.device.index] = torch.cuda.Stream(send.device)
         side = _side_streams[send.device.index]
-    if side is not None:
         side.wait_stream(torch.cuda.current_stream(send.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         dist.all_to_all_single(returned.view(-1), back.view(-1), out_splits, in_splits, group=group)
