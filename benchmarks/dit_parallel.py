@@ -38,6 +38,7 @@ from benchmarks.dit_step import MODELS, build_models, diffusers_forward, make_in
 from services.denoiser.compile import compile_blocks
 from services.denoiser.latents import PackedLatents2x2
 from services.denoiser.models.flux import FluxConfig, FluxTransformer
+from services.denoiser.parallel import copy_exchange
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
 from services.denoiser.runner import DenoiserRunner
 from services.runtime.messages import Conditioning
@@ -258,6 +259,11 @@ def parallel_rank(rank: int, args, port: int) -> None:
                              ditserve(models[d], meshes[d], d.cfg > 1, graphs), world, d.cfg > 1,
                              vs_diffusers=f"diffusers CP {layout_name(diffusers_degrees(d, world))}"
                              + (" true-CFG" if d.cfg > 1 else "") + " compiled")
+                if graphs and args.copy_engine and d.ulysses > 1:
+                    copy_exchange.use_copy_engine(True)  # for the graphs this row captures
+                    runs.run(f"ditserve {layout_name(d)} {tag}, copy-engine exchange",
+                             ditserve(models[d], meshes[d], d.cfg > 1, graphs), world, d.cfg > 1)
+                    copy_exchange.use_copy_engine(False)
                 if args.sp_outside_graphs and meshes[d].sp_size > 1:
                     runs.run(f"ditserve {layout_name(d)}, exchanges outside graphs {tag}",
                              ditserve(models[d], meshes[d], d.cfg > 1, graphs, outside=True), world, d.cfg > 1)

@@ -232,6 +232,9 @@ def main() -> None:
                     help="multi-GPU: each layout again with its exchanges outside the compiled graphs, as a "
                          "variable-text model (Qwen-Image, Z-Image) runs them")
     ap.add_argument("--no-diffusers", action="store_true", help="multi-GPU: skip diffusers' context parallelism")
+    ap.add_argument("--copy-engine", action="store_true",
+                    help="multi-GPU with --cuda-graphs: each Ulysses layout's graphed row again with the q/k/v "
+                         "exchange by copy engine (--ulysses-exchange copy-engine)")
     args = ap.parse_args()
     if not args.layouts and args.ulysses_degree * args.ring_degree * args.tp_size * (2 if args.cfg_parallel else 1) > 1:
         args.layouts = ["x".join(f"{k}{v}" for k, v in (("cfg", 2 if args.cfg_parallel else 1),

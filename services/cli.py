@@ -100,6 +100,8 @@ def _add_denoiser_flags(p) -> None:
     g.add_argument("--warmup-resolutions", nargs="+", metavar="WxH", help="sizes to compile and run once at start")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each DiT forward as a CUDA graph (default: on for a compiled multi-GPU or fp8 replica)")
+    g.add_argument("--ulysses-exchange", choices=["nccl", "copy-engine"],
+                   help="how graphed Ulysses forwards move q/k/v (default nccl; copy-engine hides it under a GEMM)")
     g.add_argument("--dit-layerwise-offload", dest="layerwise_offload", action="store_true", default=None,
                    help="DiT weights in pinned host memory, each block copied in while the previous one runs")
     g.add_argument("--offload-prefetch", type=int, help="blocks copied ahead (default 1)")
@@ -138,7 +140,7 @@ def _cache_policy(args) -> dict | None:
 _FLAG_NAMES = {"precision": "--dit-precision", "attention_precision": "--dit-attention-precision",
                "layerwise_offload": "--dit-layerwise-offload"}
 _DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "attention_precision",
-                   "compile", "cuda_graphs", "compile_cache_dir", "warmup_resolutions", "layerwise_offload",
+                   "compile", "cuda_graphs", "ulysses_exchange", "compile_cache_dir", "warmup_resolutions", "layerwise_offload",
                    "offload_prefetch", "lora_dir", "max_loras")
 
 

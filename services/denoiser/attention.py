@@ -87,17 +87,24 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def ulysses_packing(heads: int) -> int:
     """n > 1 where the forward in progress exchanges q / k / v of `heads` heads between n Ulysses
-    ranks and takes them as one send buffer (attention_packed; the model writes it with
+    ranks and takes them as one send buffer (post_packed; the model writes it with
     qk_norm.ulysses_pack, which has no backward), else 0."""
     if _active_parallel is None or torch.is_grad_enabled():
         return 0
     return _active_parallel.packs(heads)
 
 
-def attention_packed(send: torch.Tensor, amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """attention() of q / k / v given as a Ulysses send buffer [n, S, B, 3, H / n, D] (see
-    ulysses_packing); returns [B, S, H, D]."""
-    return _active_parallel.attention_packed(send, amax_qk)
+def post_packed(send: torch.Tensor):
+    """Start the exchange of q / k / v given as a Ulysses send buffer [n, S, B, 3, H / n, D] (see
+    ulysses_packing). Work that does not need it may run before attention_packed takes it."""
+    return _active_parallel.post_packed(send)
+
+
+def attention_packed(posted, amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     after: torch.Tensor | None = None) -> torch.Tensor:
+    """attention() of what post_packed sent; returns [B, S, H, D]. `after`: a tensor computed
+    between the two calls, which the compiler must then keep there (ulysses.py's finish_packed)."""
+    return _active_parallel.attention_packed(posted, amax_qk, after)
 
 
 def wants_qk_bounds() -> bool:

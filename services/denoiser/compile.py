@@ -56,9 +56,14 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", overlap_comm: bo
     changed symbolic at the first recompile, so a replica compiles ~2 graphs per block instead of
     one per prompt length (and past MAX_SHAPES, eager). Under sequence parallelism each length
     is its own token split, which traced exchanges would bake into the graphs; such replicas
-    run them outside (SequenceParallel's outside_graphs), so the same holds there."""
+    run them outside (SequenceParallel's outside_graphs), so the same holds there.
+
+    A multi-rank replica also keeps the blocks' own order of independent work: inductor's
+    reordering for peak memory moved Flux's single-block MLP GEMM from between ulysses_post and
+    ulysses_finish (where it runs beside the q/k/v exchange) to before them both."""
     if overlap_comm:
         torch._inductor.config.reorder_for_compute_comm_overlap = True
+        torch._inductor.config.reorder_for_peak_memory = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_SHAPES)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_SHAPES)

@@ -3,7 +3,7 @@ exchange): out in the model dtype, or quantised to e4m3 for fp8 attention
 (`--dit-attention-precision fp8`, at the static scale of attention.rms_norm_bound). The same
 kernel writes a Ulysses rank's send buffer (ulysses_pack: q and k normalised and rotated, v
 copied, each head into its rank's slot) in forwards replayed from CUDA graphs; with it and
-ulysses.py's ulysses_attend the graphed Flux Ulysses-2 step went from 76.9 to 71.3 ms (2x H200,
+ulysses.py's exchange op the graphed Flux Ulysses-2 step went from 76.9 to 71.3 ms (2x H200,
 1024x1024, same call; inductor's norm, RoPE and packing kernels had taken ~8 ms of it).
 
 Compiled, inductor fuses Flux's per-head RMSNorm, RoPE (and the quantisation) into one reduction

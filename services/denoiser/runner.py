@@ -17,6 +17,7 @@ from services.denoiser.cache import BlockCache
 from services.denoiser.compile import MAX_SHAPES
 from services.denoiser.graphs import CaptureError, ForwardGraphs
 from services.denoiser.latents import PackedLatents2x2
+from services.denoiser.parallel import copy_exchange
 from services.denoiser.parallel.comm import all_to_all, broadcast_flag, mean_over
 from services.denoiser.parallel.context import SequenceParallel
 from services.denoiser.parallel.mesh import ParallelMesh
@@ -124,11 +125,16 @@ class DenoiserRunner:
         calls it before it leaves the group (runtime/rank_group.py)."""
         if self.graphs is not None:
             self.graphs.clear()
+        copy_exchange.release_all()  # no graph holds their buffers now
 
     def abandon_graphs(self) -> None:
-        """A rank died mid-forward (runtime/rank_group.py's death watch, another thread)."""
+        """A rank died mid-forward (runtime/rank_group.py's death watch, another thread). First
+        the barriers of the copy-engine exchanges let go of the dead rank, as NCCL's abort
+        (run beside this) makes its kernels do; destroying the graphs waits for the device."""
+        copy_exchange.abort_all()
         if self.graphs is not None:
             self.graphs.abandon()
+        copy_exchange.forget_aborted()
 
     def use_expert(self, index: int) -> None:
         self.model = self.experts[index]

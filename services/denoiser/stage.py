@@ -19,6 +19,7 @@ from services.denoiser.lora.apply import LoraRunner
 from services.denoiser.lora.formats import module_shapes
 from services.denoiser.lora.store import AdapterStore
 from services.denoiser.models import FAMILIES
+from services.denoiser.parallel import copy_exchange
 from services.denoiser.parallel.comm import gather_ints
 from services.denoiser.parallel.mesh import ParallelMesh
 from services.denoiser.parallel.tp import TensorParallel
@@ -72,6 +73,7 @@ class DenoiserStage:
         self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
         # Wan 2.2 TI2V: a timestep per token, and image-to-video through the first latent frame.
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
+        copy_exchange.use_copy_engine(config.ulysses_exchange == "copy-engine")
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
                                      cuda_graphs=should_graph(config, self.device, config.world_size > 1,

@@ -163,6 +163,13 @@ class DenoiserOptions(BaseModel):
     # prompt length varies, see should_graph). A 1-GPU bf16 step measured no gain. Not with
     # layerwise offload.
     cuda_graphs: bool | None = None
+    # How a graphed Ulysses forward moves q / k / v: "copy-engine" copies them into the peers'
+    # memory (torch symmetric memory) beside the single blocks' MLP GEMM, where NCCL's kernel
+    # waits for the GEMM's SMs (services/denoiser/parallel/copy_exchange.py): Flux 1024x1024
+    # Ulysses-2, 2x H200, 72.4 -> 70.5 ms a step. Not the default yet: with it a rank's death
+    # ended rank 0's process after 60 s (NCCL's abort stalled) instead of failing the request and
+    # rebuilding the replica in place.
+    ulysses_exchange: Literal["nccl", "copy-engine"] = "nccl"
     # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
     layerwise_offload: bool = False
     offload_prefetch: int = Field(1, ge=1, description="blocks copied ahead of the one computing")

@@ -289,7 +289,7 @@ def test_standalone_gateway_and_workers_are_wired(tmp_path):
 
 EVERY_DENOISER_OPTION = {  # a non-default value of each DenoiserOptions field
     "ulysses_degree": 2, "ring_degree": 2, "tp_size": 2, "cfg_parallel": True, "precision": "fp8",
-    "attention_precision": "fp8", "compile": False, "cuda_graphs": False, "compile_cache_dir": "/cache", "warmup_resolutions": ["1024x1024", "512x768"],
+    "attention_precision": "fp8", "compile": False, "cuda_graphs": False, "ulysses_exchange": "copy-engine", "compile_cache_dir": "/cache", "warmup_resolutions": ["1024x1024", "512x768"],
     "lora_dir": "/loras", "max_loras": 3, "layerwise_offload": True, "offload_prefetch": 2,
 }
 

@@ -138,8 +138,46 @@ def _ulysses_op_rank(rank: int, world: int, port: int):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ulysses_attend_op_matches_attention(world):
-    """ulysses.py's op (exchange, the other ranks' queries first, their output sent back beside
-    this rank's own queries' attention) gives full attention's rows of each rank's shard, with
+    """ulysses.py's ops (ulysses_post's exchange, then ulysses_finish: the other ranks' queries
+    first, their output sent back beside this rank's own queries' attention) give full
+    attention's rows of each rank's shard, with
     shards of unequal size; at 3 ranks the middle rank's other queries are two ranges and its
     returned heads two slots."""
     mp.spawn(_ulysses_op_rank, args=(world, free_port()), nprocs=world, join=True)
+
+
+def _compiled_order_rank(rank: int, world: int, port: int):
+    from torch._inductor.utils import run_and_get_code
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, (x, ctx, pooled, t, rope, guidance) = _model_and_inputs(6, 10, config=CONFIG_TP)
+        with torch.no_grad():
+            expected = model(x, ctx, pooled, t, rope, guidance)
+            compile_blocks(model, backend="inductor", overlap_comm=True)
+            sp = SequenceParallel(ParallelMesh(ParallelDegrees(ulysses=world), "cpu"), ctx.shape[1], x.shape[1])
+            text, image = sp.shard(ctx, x)
+            with sp.for_graphs().active():
+                local, codes = run_and_get_code(model, image, text, pooled, t, sp.shard_rope(rope), guidance)
+            got = sp.gather_image(local)
+        assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+        # the single block's code (its proj_out reads a [64, 320] weight), whose only GEMM of
+        # [tokens, 64] x [64, 256] is the MLP's
+        [single] = {c for c in codes if "ulysses_finish" in c and "(1, 320)" in c}
+        call = single[single.index("def call("):]
+        post, finish = call.index("ditserve.ulysses_post.default("), call.index("ditserve.ulysses_finish.default(")
+        mlp = call.index("(64, 256), (1, 64)")  # the MLP weight [256, 64] read transposed
+        assert post < mlp < finish, (post, mlp, finish)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # checked; skip the teardown that can abort after gloo collectives (see _rank_main)
+
+
+def test_compiled_single_block_runs_its_mlp_gemm_beside_the_exchange():
+    """Under inductor (the service's compile of a multi-rank replica) a graphed Ulysses forward
+    keeps Flux's single-block MLP GEMM between ulysses_post and ulysses_finish, where it runs
+    beside the q/k/v exchange on a GPU: inductor's peak-memory reordering had moved it before
+    both (compile.py)."""
+    mp.spawn(_compiled_order_rank, args=(2, free_port()), nprocs=2, join=True)

@@ -220,15 +220,16 @@ def test_cuda_graph_forwards_equal_plain_ones(flux_dev_dir):
 
 
 @pytest.mark.parametrize("parallel", [{}, {"precision": "fp8"}, {"ulysses_degree": 2},
-                                      {"precision": "fp8", "ulysses_degree": 2}],
-                         ids=["1gpu", "fp8", "ulysses2", "fp8_ulysses2"])
+                                      {"precision": "fp8", "ulysses_degree": 2},
+                                      {"ulysses_degree": 2, "ulysses_exchange": "copy-engine"}],
+                         ids=["1gpu", "fp8", "ulysses2", "fp8_ulysses2", "ulysses2_copy_engine"])
 def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
     """Whole requests through the service with and without CUDA graphs (compiled either way):
     the same pixels on one GPU (bf16 and fp8, whose default is graphs on). On a two-rank replica
     (graphs on by default too) a replayed forward packs q and k with qk_norm.ulysses_pack's
     kernel where the plain one has inductor's, whose sums of squares round a rare value the
     other way (SequenceParallel.for_graphs): the same pixels within that rounding (bf16 and fp8
-    passed on 2x H200, session 13)."""
+    passed on 2x H200, session 13; bf16 with the copy-engine exchange, session 14)."""
     if torch.cuda.device_count() < parallel.get("ulysses_degree", 1):
         pytest.skip("needs 2 GPUs")
     kwargs = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, guidance_scale=3.5, seed=5)

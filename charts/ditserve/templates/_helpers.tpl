@@ -203,7 +203,7 @@ back with the CLI's own parser and compares with the serve values). */}}
 {{- range $field, $flag := dict "ulysses_degree" "--ulysses-degree" "ring_degree" "--ring-degree" "tp_size" "--tp-size" "offload_prefetch" "--offload-prefetch" "max_loras" "--max-loras" }}
 {{- if and (hasKey $d $field) (not (kindIs "invalid" (get $d $field))) }}{{ $args = concat $args (list $flag (get $d $field | int | toString)) }}{{ end }}
 {{- end }}
-{{- range $field, $flag := dict "precision" "--dit-precision" "attention_precision" "--dit-attention-precision" "compile_cache_dir" "--compile-cache-dir" "lora_dir" "--lora-dir" }}
+{{- range $field, $flag := dict "precision" "--dit-precision" "attention_precision" "--dit-attention-precision" "ulysses_exchange" "--ulysses-exchange" "compile_cache_dir" "--compile-cache-dir" "lora_dir" "--lora-dir" }}
 {{- with get $d $field }}{{ $args = concat $args (list $flag (toString .)) }}{{ end }}
 {{- end }}
 {{- range $field, $flag := dict "cfg_parallel" "--cfg-parallel" "layerwise_offload" "--dit-layerwise-offload" }}

@@ -23,16 +23,19 @@ from services.denoiser.attention import (
     attends_alone,
     attention,
     attention_packed,
+    post_packed,
     rms_norm_bound,
     ulysses_packing,
     wants_qk_bounds,
 )
+from services.denoiser.gelu_fp8 import PendingGelu
 from services.denoiser.models.config import from_config_json
 from services.denoiser.parallel.tp import ColumnParallelLinear, RowParallelLinear, TensorParallel
 from services.denoiser.qk_norm import rms_norm_rope, ulysses_pack
 
-if TYPE_CHECKING:  # block cache
+if TYPE_CHECKING:
     from services.denoiser.cache import BlockCache
+    from services.denoiser.parallel.ulysses import Posted
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -228,38 +231,76 @@ class FluxAttention(nn.Module):
                 to_v(x).unflatten(-1, (-1, self.head_dim)))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
+        return self.end(self.begin(x, rope, context))
+
+    def begin(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: torch.Tensor | None = None):
+        """forward() up to its q/k/v exchange, started, where one runs as an op (a Ulysses rank in
+        a graphed forward): the caller may run work that does not need the attention before
+        end() (FluxSingleBlock's MLP GEMM, which a copy-engine exchange runs beside). Elsewhere
+        this runs nothing yet and end() runs it all."""
+        if not (ranks := ulysses_packing(self.to_q.out_features // self.head_dim)):
+            return _Deferred(x, rope, context)
+        parts, norms_q, norms_k, amax_qk = self._project(x, context)
+        text = parts[0] if context is not None else [p[:, :0] for p in parts[0]]
+        # norm and RoPE written straight into the exchange's send buffer (qk_norm.py)
+        send = ulysses_pack(*zip(text, parts[-1]), tuple(n.weight for n in (norms_q[0], norms_q[-1])),
+                            tuple(n.weight for n in (norms_k[0], norms_k[-1])), *rope, norms_q[0].eps, ranks)
+        return _Exchanging(post_packed(send), amax_qk, x, context)
+
+    def end(self, begun, after: torch.Tensor | None = None):
+        """The attention output of begin()'s forward. `after`: what the caller computed in between,
+        which the compiler must leave there (attention_packed)."""
+        if isinstance(begun, _Exchanging):
+            out = attention_packed(begun.posted, begun.amax_qk, after).flatten(2, 3)
+        else:
+            out = self._attend(*begun)
+        x, context = begun.x, begun.context
+        if context is None:
+            return out
+        ctx_out, img_out = out.split_with_sizes([context.shape[1], x.shape[1]], dim=1)
+        return self.to_out[0](img_out.contiguous()), self.to_add_out(ctx_out.contiguous())
+
+    def _project(self, x, context):
+        """q / k / v projections ([text, image] parts, text first), their norms, fp8's q / k bounds."""
         parts = [self._qkv(x, self.to_q, self.to_k, self.to_v)]
         norms_q, norms_k = [self.norm_q], [self.norm_k]
         if context is not None:  # joint attention: the text tokens first, with their own norms
             parts.insert(0, self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj))
             norms_q, norms_k = [self.norm_added_q, self.norm_q], [self.norm_added_k, self.norm_k]
-        cos, sin = rope
         amax_qk = None
         if wants_qk_bounds():  # fp8 attention: q and k scaled by their norms' bounds (attention.py)
             amax_qk = (rms_norm_bound(*norms_q), rms_norm_bound(*norms_k))
-        # the one-pass kernels below read the text's and the image's projections where they are
+        return parts, norms_q, norms_k, amax_qk
+
+    def _attend(self, x, rope, context) -> torch.Tensor:
+        parts, norms_q, norms_k, amax_qk = self._project(x, context)
+        cos, sin = rope
+        # the one-pass kernel below reads the text's and the image's projections where they are
         text = parts[0] if context is not None else [p[:, :0] for p in parts[0]]
         image, eps = parts[-1], norms_q[0].eps
-        if ranks := ulysses_packing(image[0].shape[2]):
-            # a Ulysses rank: norm and RoPE written straight into the exchange's send buffer (qk_norm.py)
-            send = ulysses_pack(*zip(text, image), tuple(n.weight for n in (norms_q[0], norms_q[-1])),
-                                tuple(n.weight for n in (norms_k[0], norms_k[-1])), cos, sin, eps, ranks)
-            out = attention_packed(send, amax_qk).flatten(2, 3)
-        else:
-            if attends_alone() and not torch.is_grad_enabled():
-                # norm, RoPE (and fp8's quantisation) in one kernel (qk_norm.py; it has no backward)
-                q, k = (rms_norm_rope(text[i], image[i], norms[0].weight, norms[-1].weight, cos, sin, eps,
-                                      amax_qk[i] if amax_qk is not None else None)
-                        for i, norms in ((0, norms_q), (1, norms_k)))
-            else:  # other sequence-parallel forwards: inductor fuses this into the exchange's packing
-                q, k = (_joint([n(p[i]) for n, p in zip(norms, parts)]) for i, norms in ((0, norms_q), (1, norms_k)))
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            v = _joint([p[2] for p in parts])
-            out = attention(q, k, v, amax_qk).flatten(2, 3).to(v.dtype)
-        if context is None:
-            return out
-        ctx_out, img_out = out.split_with_sizes([context.shape[1], x.shape[1]], dim=1)
-        return self.to_out[0](img_out.contiguous()), self.to_add_out(ctx_out.contiguous())
+        if attends_alone() and not torch.is_grad_enabled():
+            # norm, RoPE (and fp8's quantisation) in one kernel (qk_norm.py; it has no backward)
+            q, k = (rms_norm_rope(text[i], image[i], norms[0].weight, norms[-1].weight, cos, sin, eps,
+                                  amax_qk[i] if amax_qk is not None else None)
+                    for i, norms in ((0, norms_q), (1, norms_k)))
+        else:  # other sequence-parallel forwards: inductor fuses this into the exchange's packing
+            q, k = (_joint([n(p[i]) for n, p in zip(norms, parts)]) for i, norms in ((0, norms_q), (1, norms_k)))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = _joint([p[2] for p in parts])
+        return attention(q, k, v, amax_qk).flatten(2, 3).to(v.dtype)
+
+
+class _Deferred(NamedTuple):  # FluxAttention.begin where nothing runs before end
+    x: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    context: torch.Tensor | None
+
+
+class _Exchanging(NamedTuple):  # FluxAttention.begin with the q/k/v exchange under way
+    posted: Posted
+    amax_qk: tuple[torch.Tensor, torch.Tensor] | None
+    x: torch.Tensor
+    context: torch.Tensor | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +352,12 @@ class FluxSingleBlock(nn.Module):
     def forward(self, x, temb, rope):
         [(shift, scale, gate)] = modulations_of(temb, self.norm)
         h = modulate(x, shift, scale)
+        # The MLP GEMM does not need the attention: where begin() has started the attention's
+        # exchange (a graphed Ulysses forward) by copy engine, it runs beside it.
+        begun = self.attn.begin(h, rope)
         mlp = self.proj_mlp.forward_gelu(h, lazy=True)
-        out = self.proj_out.forward_pieces([self.attn(h, rope), mlp])
+        attn = self.attn.end(begun, after=mlp.pre if isinstance(mlp, PendingGelu) else mlp)
+        out = self.proj_out.forward_pieces([attn, mlp])
         x = x + gate.unsqueeze(1) * out
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

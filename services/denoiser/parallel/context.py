@@ -15,10 +15,11 @@ from functools import partial
 import torch
 
 from services.denoiser.attention import local_attention, set_active_parallel
+from services.denoiser.parallel import copy_exchange
 from services.denoiser.parallel.comm import all_to_all
 from services.denoiser.parallel.mesh import ParallelMesh, even_split, offsets
 from services.denoiser.parallel.ring import ring_attention
-from services.denoiser.parallel.ulysses import attend_packed, ulysses_attention
+from services.denoiser.parallel.ulysses import Posted, finish_packed, post_packed, ulysses_attention
 
 
 class _Split:
@@ -92,7 +93,7 @@ class SequenceParallel:
                                  self._inner(amax_qk), self._opaque())
 
     def packs(self, heads: int) -> int:
-        """n > 1 where attention_packed takes q / k / v of `heads` heads as a send buffer laid out for
+        """n > 1 where post_packed takes q / k / v of `heads` heads as a send buffer laid out for
         n Ulysses ranks (qk_norm.ulysses_pack), else 0. Only in forwards replayed from CUDA graphs
         (for_graphs). Without graphs it measured 77.6 -> 74.6 ms in bf16 (Flux 1024x1024 Ulysses-2,
         2x H200, one run), but that step is close to host-bound, and the host-bound fp8 one reads
@@ -100,15 +101,20 @@ class SequenceParallel:
         launches a block cost it; so plain forwards keep the code they had."""
         return self.u if self._op_group is not None and heads % self.u == 0 else 0
 
-    def attention_packed(self, send: torch.Tensor, amax_qk=None) -> torch.Tensor:
-        """attention() of q / k / v given as their send buffer [u, S, B, 3, H / u, D]; returns [B, S, H, D]."""
-        return attend_packed(send, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"),
-                             self._inner(amax_qk), self._opaque(), amax_qk)
+    def post_packed(self, send: torch.Tensor) -> Posted:
+        """Start the exchange of q / k / v given as their send buffer [u, S, B, 3, H / u, D] (see
+        packs); attention_packed finishes it."""
+        return post_packed(send, self.ulysses_seq, self.mesh.rank("ulysses"), self._op_group)
+
+    def attention_packed(self, posted: Posted, amax_qk=None, after: torch.Tensor | None = None) -> torch.Tensor:
+        """attention() of what post_packed sent; returns [B, S, H, D]. `after`: see finish_packed."""
+        return finish_packed(posted, self.ulysses_seq, self.mesh.rank("ulysses"), self._op_group, amax_qk, after)
 
     def for_graphs(self) -> SequenceParallel:
         """This layout for forwards replayed from CUDA graphs: there the Ulysses exchanges run as
-        one op (ulysses.py's ulysses_attend) that hides the output's way back under attention, fed
-        by qk_norm.ulysses_pack (see packs). The op costs more host time than the traced
+        ops (ulysses.py's ulysses_post / ulysses_finish) that hide the q/k/v exchange under the
+        work the model puts between them and the output's way back under attention, fed by
+        qk_norm.ulysses_pack (see packs). The op costs more host time than the traced
         exchanges, and a forward that is not replayed is bound by its host (2x H200, Flux
         1024x1024 Ulysses-2: 78.4 -> 133.6 ms a step without graphs; 76.9 -> 71.8 with them).
         Made once and kept, as the part views are: compiled blocks guard on the active object's
@@ -124,6 +130,8 @@ class SequenceParallel:
 
     @contextmanager
     def active(self):
+        if self._op_group is not None:
+            copy_exchange.begin_forward(self._op_group)
         previous = set_active_parallel(self)
         try:
             yield self

@@ -12,20 +12,24 @@ torch.compile that write fuses into the QK-norm / RoPE kernel that produces them
 replayed from a CUDA graph Flux writes it with qk_norm.ulysses_pack's kernel), and what
 arrives, [S_all, B, 3, h, D], is attended to in place through strided views; the attention
 output goes back without a copy where its memory is already sequence-major. In graphed forwards
-(SequenceParallel.for_graphs) the exchanges and the attention run as one op, ulysses_attend,
-which sends the output back from a side stream under the attention of the rank's own queries.
-The general path below packs with cat and serves uneven head counts."""
+(SequenceParallel.for_graphs) the exchanges and the attention run as two ops: ulysses_post
+starts the q/k/v exchange (through NCCL, or by copy engine from a side stream with
+--ulysses-exchange copy-engine: copy_exchange.py) and returns, so that the model can run work
+that does not need it; ulysses_finish waits for it, attends, and sends the output back from a
+side stream under the attention of the rank's own queries. The general path below packs with
+cat and serves uneven head counts."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from services.denoiser.attention import local_attention
+from services.denoiser.parallel import copy_exchange
 from services.denoiser.parallel.comm import all_to_all, exchange
 from services.denoiser.parallel.mesh import even_split, offsets
 
@@ -72,13 +76,12 @@ def attend_packed(send: torch.Tensor, seq_sizes: list[int], group, rank: int, in
     """send [n, s, B, 3, h, D] (rank j's heads of this rank's q, k, v: qk_norm.ulysses_pack's or
     ulysses_attention's layout) -> the attention output [B, s, n h, D]. `opaque`, the group's
     name where `inner` is plain local attention (which `amax_qk` is then for): without autograd
-    the exchanges run in ulysses_attend's op, which hides the output's way back under attention.
-    Otherwise traced, as ring attention's exchanges (USP) are."""
+    the exchanges run in the ops below (post_packed, then finish_packed). Otherwise traced, as
+    ring attention's exchanges (USP) are."""
     if opaque is not None and not torch.is_grad_enabled():
-        amax = amax_qk if amax_qk is not None else (None, None)
-        return torch.ops.ditserve.ulysses_attend(send, seq_sizes, rank, opaque, *amax)
+        return finish_packed(post_packed(send, seq_sizes, rank, opaque), seq_sizes, rank, opaque, amax_qk)
     n, s, b, _, h, d = send.shape
-    qkv = _trade_qkv(send, seq_sizes, group)
+    qkv = _trade_qkv(send, seq_sizes, group).view(sum(seq_sizes), b, 3, h, d).transpose(0, 1)
     out = inner(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # [B, S_all, h, D]
 
     # Back: each rank's tokens, sequence-major ([S_all, B, h, D]: a view when B == 1 or when
@@ -89,35 +92,79 @@ def attend_packed(send: torch.Tensor, seq_sizes: list[int], group, rank: int, in
     return recv.view(n, s, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, s, n * h, d)
 
 
+class Posted(NamedTuple):
+    """A q/k/v exchange under way (post_packed): what was sent, kept alive until finish_packed,
+    and where it arrives."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+
+
+def post_packed(send: torch.Tensor, seq_sizes: list[int], rank: int, group_name: str) -> Posted:
+    """Start the q/k/v exchange of `send` [n, s, B, 3, h, D]; the caller may run work that does not
+    need it (Flux's single blocks: their MLP GEMM) before finish_packed."""
+    return Posted(send, torch.ops.ditserve.ulysses_post(send, seq_sizes, rank, group_name))
+
+
+def finish_packed(posted: Posted, seq_sizes: list[int], rank: int, group_name: str,
+                  amax_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  after: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over what post_packed exchanged -> [B, s, n h, D]. `after`: a tensor the work
+    meant to run beside the exchange produced, so that the compiler orders that work before
+    this (an input the op only waits for)."""
+    amax = amax_qk if amax_qk is not None else (None, None)
+    return torch.ops.ditserve.ulysses_finish(posted.send, posted.recv, after, seq_sizes, rank, group_name, *amax)
+
+
 def _trade_qkv(send: torch.Tensor, seq_sizes: list[int], group) -> torch.Tensor:
-    """The q/k/v exchange: send [n, s, B, 3, h, D] -> every rank's tokens of our heads,
-    [B, S_all, 3, h, D] (a strided view of what arrived)."""
+    """The q/k/v exchange through the process group: send [n, s, B, 3, h, D] -> every rank's
+    tokens of our heads, flat in [S_all, B, 3, h, D] order."""
     n, s, b, _, h, d = send.shape
     unit = b * 3 * h * d  # elements per token
-    recv = exchange(send.view(-1), [s * unit] * n, [x * unit for x in seq_sizes], group)
-    return recv.view(sum(seq_sizes), b, 3, h, d).transpose(0, 1)
+    return exchange(send.view(-1), [s * unit] * n, [x * unit for x in seq_sizes], group)
 
 
-# A side stream per device for the output's exchange (made on first use, which is a warm-up
-# call outside any CUDA-graph capture).
-_side_streams: dict[int, torch.cuda.Stream] = {}
+@torch.library.custom_op("ditserve::ulysses_post", mutates_args=())
+def _ulysses_post(send: torch.Tensor, seq_sizes: list[int], rank: int, group_name: str) -> torch.Tensor:
+    """The q/k/v exchange, started: returns [S_all, B, 3, h, D], to be read only by ulysses_finish.
+    With the copy-engine exchange on (copy_exchange.py) by copy engine from a side stream, so
+    that the GEMM the model issues before ulysses_finish runs beside it; otherwise (and on CPU)
+    through the process group, now: NCCL's kernel would wait for that GEMM's SMs anyway. Opaque
+    to torch.compile: inductor cannot place work on a second stream."""
+    n, s, b, _, h, d = send.shape
+    copier = copy_exchange.exchange_for(group_name, send.device) if send.is_cuda else None
+    if copier is not None:
+        return copier.post(send, seq_sizes)
+    recv = _trade_qkv(send, seq_sizes, _resolve_process_group(group_name))
+    return recv.view(sum(seq_sizes), b, 3, h, d)
 
 
-@torch.library.custom_op("ditserve::ulysses_attend", mutates_args=())
-def _ulysses_attend(send: torch.Tensor, seq_sizes: list[int], rank: int, group_name: str,
-                    amax_q: torch.Tensor | None, amax_k: torch.Tensor | None) -> torch.Tensor:
-    """attend_packed with the output's exchange under the attention of this rank's own queries.
+@_ulysses_post.register_fake
+def _(send, seq_sizes, rank, group_name):
+    n, s, b, _, h, d = send.shape
+    return send.new_empty((sum(seq_sizes), b, 3, h, d))
+
+
+@torch.library.custom_op("ditserve::ulysses_finish", mutates_args=())
+def _ulysses_finish(send: torch.Tensor, recv: torch.Tensor, after: torch.Tensor | None, seq_sizes: list[int],
+                    rank: int, group_name: str, amax_q: torch.Tensor | None,
+                    amax_k: torch.Tensor | None) -> torch.Tensor:
+    """Attention over ulysses_post's exchange, with the output's way back hidden under the
+    attention of this rank's own queries.
 
     The queries that other ranks own are attended first and sent back from a side stream while
     the attention of this rank's own queries (which never travel) runs: measured on 2x H200 at
     a Flux 1024x1024 single block (benchmarks/overlap.py), the output's all-to-all alone 49 us,
-    half the attention 117 us, one after the other 178 us, side by side 120 us. (Beside a
-    cuBLAS GEMM the same exchange hardly overlaps, at any SM carve-out: 353 -> 331-338 us.)
-    Opaque to torch.compile: inductor cannot place work on a second stream."""
+    half the attention 117 us, one after the other 178 us, side by side 120 us. `send` is here
+    to live until the exchange that reads it is done; `after` only orders (_ulysses_post)."""
     group = _resolve_process_group(group_name)
     n, s, b, _, h, d = send.shape
     total, offs = sum(seq_sizes), offsets(seq_sizes)
-    qkv = _trade_qkv(send, seq_sizes, group)
+    side = None
+    if send.is_cuda:
+        side = copy_exchange.side_stream(send.device)
+        torch.cuda.current_stream(send.device).wait_stream(side)  # q/k/v have landed
+    qkv = recv.transpose(0, 1)  # [B, S_all, 3, h, D]
     amax = (amax_q, amax_k) if amax_q is not None else None
 
     def attend(lo: int, hi: int) -> torch.Tensor:  # queries lo:hi over every key -> [hi - lo, B, h, D]
@@ -131,11 +178,7 @@ def _ulysses_attend(send: torch.Tensor, seq_sizes: list[int], rank: int, group_n
     in_splits = [0 if j == rank else x * unit for j, x in enumerate(seq_sizes)]
     out_splits = [0 if j == rank else s * unit for j in range(n)]
     returned = back.new_empty((n - 1, s, b, h, d))  # each other rank's heads of our tokens
-    side = None
-    if send.is_cuda:
-        if send.device.index not in _side_streams:
-            _side_streams[send.device.index] = torch.cuda.Stream(send.device)
-        side = _side_streams[send.device.index]
+    if side is not None:
         side.wait_stream(torch.cuda.current_stream(send.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         dist.all_to_all_single(returned.view(-1), back.view(-1), out_splits, in_splits, group=group)
@@ -153,7 +196,7 @@ def _ulysses_attend(send: torch.Tensor, seq_sizes: list[int], rank: int, group_n
     return out.view(b, s, n * h, d)
 
 
-@_ulysses_attend.register_fake
-def _(send, seq_sizes, rank, group_name, amax_q, amax_k):
+@_ulysses_finish.register_fake
+def _(send, recv, after, seq_sizes, rank, group_name, amax_q, amax_k):
     n, s, b, _, h, d = send.shape
     return send.new_empty((b, s, n * h, d))
