@@ -5,6 +5,7 @@ DenoiserGroup (services/denoiser/group.py): the same interface, backed by severa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Callable
 
@@ -33,6 +34,8 @@ from services.runtime.device import default_dtype, measure, parse_device, parse_
 from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import Conditioning, DenoiseRequest, DenoiseResponse
 from services.runtime.registry import resolve
+
+log = logging.getLogger(__name__)
 
 
 class DenoiserStage:
@@ -73,11 +76,15 @@ class DenoiserStage:
         self.latent_dtype = torch.float32 if self.spec.fp32_latents else self.dtype
         # Wan 2.2 TI2V: a timestep per token, and image-to-video through the first latent frame.
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
+        graphs = should_graph(config, self.device, config.world_size > 1, self.spec.variable_text)
         copy_exchange.use_copy_engine(config.ulysses_exchange == "copy-engine")
+        if config.ulysses_exchange == "copy-engine" and not (graphs and config.ulysses_degree > 1
+                                                              and config.ring_degree == 1):
+            log.warning("--ulysses-exchange copy-engine changes nothing here: it applies to the forwards a "
+                        "Ulysses replica (no ring) replays from CUDA graphs")
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
                                      velocity_in_dit_dtype=self.spec.guidance_in_dit_dtype,
-                                     cuda_graphs=should_graph(config, self.device, config.world_size > 1,
-                                                              self.spec.variable_text),
+                                     cuda_graphs=graphs,
                                      attention_precision=config.attention_precision,
                                      modulation_tables=not config.layerwise_offload,  # offloaded: on the host
                                      variable_text=self.spec.variable_text)

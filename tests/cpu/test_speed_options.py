@@ -309,3 +309,23 @@ def test_graphed_ulysses_replica_warms_up_its_plain_forwards_too(flux_dev_dir):
     assert warm(ulysses_degree=2, cuda_graphs=False) == [(32, None)]
     assert warm() == [(32, None)]
     assert not stage_module.plain_forwards_compile_apart(DenoiserConfig(model_path="m", ulysses_degree=2), True)
+
+
+def test_copy_engine_exchange_is_opt_in_and_says_where_it_does_nothing(flux_dev_dir, caplog):
+    """--ulysses-exchange reaches the denoiser config (default nccl); a replica that has no graphed
+    Ulysses forwards (here one CPU rank) says that copy-engine changes nothing for it, and the
+    process-wide switch follows the config of the stage built last."""
+    from services.denoiser.parallel import copy_exchange
+
+    args = build_parser().parse_args(["serve", "--no-ray", "--ulysses-exchange", "copy-engine"])
+    assert serve_config_from_args(args).stage_config("denoiser").ulysses_exchange == "copy-engine"
+    assert DenoiserConfig(model_path="m").ulysses_exchange == "nccl"
+    try:
+        with caplog.at_level("WARNING"):
+            DenoiserStage(DenoiserConfig(model_path=flux_dev_dir, device="cpu", ulysses_exchange="copy-engine"))
+        assert "changes nothing here" in caplog.text and copy_exchange._enabled
+        caplog.clear()
+        DenoiserStage(DenoiserConfig(model_path=flux_dev_dir, device="cpu"))
+        assert "changes nothing" not in caplog.text and not copy_exchange._enabled
+    finally:
+        copy_exchange.use_copy_engine(False)
