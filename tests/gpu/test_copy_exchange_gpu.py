@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from tests.servers import free_port
 
 SIZES, B, H, D = [7, 6], 2, 3, 16  # uneven shards, as token counts often are
+PART = [3, 2]  # a smaller exchange in the same forward (Z-Image's per-part layers)
 
 
 def _rank(rank: int, world: int, port: int) -> None:
@@ -24,24 +25,29 @@ def _rank(rank: int, world: int, port: int) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
-    group, total = dist.group.WORLD, sum(SIZES)
+    group = dist.group.WORLD
 
-    def send(seed: int) -> torch.Tensor:
+    def send(seed: int, sizes=SIZES) -> torch.Tensor:
         g = torch.Generator(device).manual_seed(seed * 10 + rank)
-        return torch.randn(world, SIZES[rank], B, 3, H, D, generator=g, device=device, dtype=torch.bfloat16)
+        return torch.randn(world, sizes[rank], B, 3, H, D, generator=g, device=device, dtype=torch.bfloat16)
 
-    def expected(x: torch.Tensor) -> torch.Tensor:
-        return _trade_qkv(x, SIZES, group).view(total, B, 3, H, D)
+    def expected(x: torch.Tensor, sizes=SIZES) -> torch.Tensor:
+        return _trade_qkv(x, sizes, group).view(sum(sizes), B, 3, H, D)
 
     copy_exchange.use_copy_engine(True)  # as a stage with ulysses_exchange="copy-engine" does
     exchange = copy_exchange.exchange_for(group.group_name, device)
     assert exchange is not None
-    # eager: five in a row, each read before the next is posted, as the model does
-    for i in range(5):
-        x = send(i)
-        got = exchange.post(x, SIZES)
-        exchange.finish()
-        assert torch.equal(got, expected(x)), f"eager exchange {i}"
+
+    def finish() -> None:  # as ulysses_finish starts
+        torch.cuda.current_stream(device).wait_stream(copy_exchange.side_stream(device))
+
+    # eager: six in a row, sizes alternating, each read before the next is posted, as the model does
+    for i in range(6):
+        sizes = SIZES if i % 2 == 0 else PART
+        x = send(i, sizes)
+        got = exchange.post(x, sizes)
+        finish()
+        assert torch.equal(got, expected(x, sizes)), f"eager exchange {i}"
 
     # a "forward" of three exchanges captured once, replayed three times in a row
     static = [send(100 + i) for i in range(3)]
@@ -51,7 +57,7 @@ def _rank(rank: int, world: int, port: int) -> None:
         outs = []
         for x in static:
             recv = exchange.post(x, SIZES)
-            exchange.finish()
+            finish()
             outs.append(recv * 1)  # read on the main stream, as the attention does
         return outs
 

@@ -110,8 +110,8 @@ class CopyExchange:
         group = _resolve_process_group(group_name)
         self.device = device
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
-        self.group_name = _symmetric_group(group, self.rank, self.size)
-        self.buffers: list[tuple[torch.Tensor, object]] = []  # (local flat buffer, handle)
+        self.group_name = _symmetric_group(group, self.rank)
+        self.buffers: list[tuple[torch.Tensor, object]] = []  # (local flat buffer of two slots, handle)
         self.count = 0  # exchanges since the forward began
         # On the device, so that graph replays keep counting: barriers passed, signals received
         # from each peer (in symmetric memory, peers add to it). The abort flag in page-locked
@@ -120,7 +120,7 @@ class CopyExchange:
         self.passed = torch.zeros(1, dtype=torch.int64, device=device)
         self.stop = torch.zeros(1, dtype=torch.int32).pin_memory()
         self.signals = symm_mem.empty(self.size, dtype=torch.int64, device=device)
-        handle = symm_mem.rendezvous(self.signals, group_name)
+        handle = symm_mem.rendezvous(self.signals, self.group_name)
         self.signals.zero_()
         self._signal_handle = handle
         self.peer_signals = torch.tensor(
@@ -132,12 +132,14 @@ class CopyExchange:
     def post(self, send: torch.Tensor, seq_sizes: list[int]) -> torch.Tensor:
         """Start sending send [n, s, B, 3, h, D] (chunk j to rank j) on the side stream; returns the
         receive slot [S_all, B, 3, h, D], complete once the current stream has waited for the
-        side stream (finish)."""
+        side stream (ulysses_finish)."""
         n, s, b, _, h, d = send.shape
         total = sum(seq_sizes)
-        shape = (2, total, b, 3, h, d)
-        buffer, handle = self._buffer(2 * total * b * 3 * h * d, send.dtype)
-        slot, fence = self.count % 2, self.count == 0
+        need = total * b * 3 * h * d
+        buffer, handle = self._buffer(need, send.dtype)
+        # Slot k is the buffer's k-th half whatever the size, so that exchanges of different
+        # sizes in one forward (Z-Image's per-part layers) never overlap the other slot.
+        slot, fence, half = self.count % 2, self.count == 0, buffer.numel() // 2
         self.count += 1
         at = sum(seq_sizes[: self.rank])
         side = side_stream(self.device)
@@ -146,13 +148,10 @@ class CopyExchange:
             if fence:
                 self.barrier()
             for j in range(n):  # this rank's tokens of rank j's heads, into slot `slot` of j's buffer
-                handle.get_buffer(j, shape, send.dtype)[slot, at : at + s].copy_(send[j])
+                peer = handle.get_buffer(j, (2 * half,), send.dtype)[slot * half : slot * half + need]
+                peer.view(total, b, 3, h, d)[at : at + s].copy_(send[j])
             self.barrier()
-        return buffer[: 2 * total * b * 3 * h * d].view(shape)[slot]
-
-    def finish(self) -> None:
-        """The current stream waits for what post started."""
-        torch.cuda.current_stream(self.device).wait_stream(side_stream(self.device))
+        return buffer[slot * half : slot * half + need].view(total, b, 3, h, d)
 
     def barrier(self) -> None:
         _barrier_kernel()[(1,)](self.peer_signals, self.signals, self.passed, self.stop.data_ptr(),
@@ -162,21 +161,22 @@ class CopyExchange:
     def abort(self) -> None:
         self.stop.fill_(1)  # host memory: the spinning barrier sees it over the bus
 
-    def _buffer(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, object]:
+    def _buffer(self, need: int, dtype: torch.dtype) -> tuple[torch.Tensor, object]:
+        """A buffer of two slots of at least `need` elements each (made on first need, collectively)."""
         for buffer, handle in self.buffers:
-            if buffer.numel() >= numel and buffer.dtype == dtype:
+            if buffer.numel() >= 2 * need and buffer.dtype == dtype:
                 return buffer, handle
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("a Ulysses exchange of a new size during CUDA graph capture (its buffer is made "
                                "in the warm-up forward)")
         import torch.distributed._symmetric_memory as symm_mem
 
-        buffer = symm_mem.empty(numel, dtype=dtype, device=self.device)
+        buffer = symm_mem.empty(2 * need, dtype=dtype, device=self.device)
         self.buffers.append((buffer, symm_mem.rendezvous(buffer, self.group_name)))
         return self.buffers[-1]
 
 
-def _symmetric_group(group, rank: int, size: int) -> str:
+def _symmetric_group(group, rank: int) -> str:
     """The group registered again under a name of its own, for symmetric memory, which keeps
     per group name what it first resolved the name to (rank, size, store) for the life of the
     process. A replica built again in the same process (after a rank died; in tests) gets the same
