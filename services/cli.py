@@ -140,8 +140,8 @@ def _cache_policy(args) -> dict | None:
 _FLAG_NAMES = {"precision": "--dit-precision", "attention_precision": "--dit-attention-precision",
                "layerwise_offload": "--dit-layerwise-offload"}
 _DENOISER_FLAGS = ("ulysses_degree", "ring_degree", "tp_size", "cfg_parallel", "precision", "attention_precision",
-                   "compile", "cuda_graphs", "ulysses_exchange", "compile_cache_dir", "warmup_resolutions", "layerwise_offload",
-                   "offload_prefetch", "lora_dir", "max_loras")
+                   "compile", "cuda_graphs", "ulysses_exchange", "compile_cache_dir", "warmup_resolutions",
+                   "layerwise_offload", "offload_prefetch", "lora_dir", "max_loras")
 
 
 def _denoiser_options(args) -> dict:

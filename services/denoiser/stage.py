@@ -78,8 +78,7 @@ class DenoiserStage:
         self.expand_timesteps = bool(self.model.index.get("expand_timesteps"))
         graphs = should_graph(config, self.device, config.world_size > 1, self.spec.variable_text)
         copy_exchange.use_copy_engine(config.ulysses_exchange == "copy-engine")
-        if config.ulysses_exchange == "copy-engine" and not (graphs and config.ulysses_degree > 1
-                                                              and config.ring_degree == 1):
+        if config.ulysses_exchange == "copy-engine" and not graphed_ulysses(config, graphs):
             log.warning("--ulysses-exchange copy-engine changes nothing here: it applies to the forwards a "
                         "Ulysses replica (no ring) replays from CUDA graphs")
         self.runner = DenoiserRunner(transformer, self.layout, self.device, self.dtype, mesh, expert_2=self.expert_2,
@@ -242,5 +241,11 @@ def plain_forwards_compile_apart(config: DenoiserConfig, variable_text: bool) ->
     runs one such forward per size too, or the first cached or LoRA request would compile.
     (The device is read, not checked: a group's driver process may have no GPU of its own.)"""
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return (config.ulysses_degree > 1 and config.ring_degree == 1 and not variable_text
-            and should_graph(config, device, config.world_size > 1, variable_text))
+    return not variable_text and graphed_ulysses(config, should_graph(config, device, config.world_size > 1,
+                                                                      variable_text))
+
+
+def graphed_ulysses(config: DenoiserConfig, graphs: bool) -> bool:
+    """Whether a replica with (`graphs`) or without CUDA graphs replays Ulysses forwards from them,
+    the forwards whose exchanges run as ops (SequenceParallel.for_graphs: not with ring)."""
+    return graphs and config.ulysses_degree > 1 and config.ring_degree == 1

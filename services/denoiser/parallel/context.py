@@ -49,7 +49,9 @@ class SequenceParallel:
         ring_rank = mesh.rank("ring")
         self.ring_chunks = [sum(seq[c * self.u : (c + 1) * self.u]) for c in range(self.r)]
         self.ulysses_seq = seq[ring_rank * self.u : (ring_rank + 1) * self.u]
-        self._op_group = None  # see for_graphs
+        # The Ulysses group's name where its exchanges run as ops (for_graphs); read when the view
+        # is made, not in traced code, which cannot read a process group's attributes.
+        self._op_group = None
 
     def shard(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, C], [B, N, C] -> this rank's shards of each."""
@@ -81,16 +83,11 @@ class SequenceParallel:
                            rank=self.mesh.rank("ring"))
         return partial(local_attention, amax_qk=amax_qk)  # the bounds hold for any shard of the heads
 
-    def _opaque(self) -> str | None:
-        """The Ulysses group's name where its exchanges run as one op (for_graphs); read there,
-        not in traced code, which cannot read a process group's attributes."""
-        return self._op_group
-
     def attention(self, q, k, v, amax_qk=None) -> torch.Tensor:
         if self.u == 1:
             return self._inner(amax_qk)(q, k, v)
         return ulysses_attention(q, k, v, self.ulysses_seq, self.mesh.group("ulysses"), self.mesh.rank("ulysses"),
-                                 self._inner(amax_qk), self._opaque())
+                                 self._inner(amax_qk), self._op_group)
 
     def packs(self, heads: int) -> int:
         """n > 1 where post_packed takes q / k / v of `heads` heads as a send buffer laid out for
