@@ -1,7 +1,7 @@
 """ditserve's own Triton kernels at Flux.1-dev 1024x1024 shapes, swept over their launch shapes,
 against inductor's kernel for the same work and a plain copy of the same bytes.
 
-    python benchmarks/kernels.py [qk] [gelu] [gemm]     # on a CUDA GPU with Triton (default: all)
+    python benchmarks/kernels.py [qk] [gelu] [gemm] [fuse]   # on a CUDA GPU with Triton (default: all)
 
 - qk_norm.py's QK-RMSNorm + RoPE (bf16 out, and e4m3 for fp8 attention), per call: a single
   block's q (strided inside the fused [4608, 21504] projection) and a double block's (text and
@@ -9,6 +9,9 @@ against inductor's kernel for the same work and a plain copy of the same bytes.
   and warps; inductor's row compiles the eager reference (norm, join, RoPE, quantisation).
 - gelu_fp8.py's GELU + row quantisation of the [4608, 12288] MLP hidden state, over warps.
 - A double-stream block's text and image GEMMs: two cuBLAS calls against one grouped GEMM.
+- The block's GEMMs as the model calls them against fused forms of them (q/k/v as one GEMM,
+  the single block's q/k/v + MLP-in as one, proj_out over its two pieces as one, the text's
+  GEMMs on a second stream beside the image's), at the 1-GPU and Ulysses-2 row counts.
 The copy row moves the kernel's bytes (read + write) with a device-to-device copy: what memory
 bandwidth allows. Times are triton.testing.do_bench_cudagraph's."""
 
@@ -127,13 +130,74 @@ def stream_gemm_rows(device) -> None:
             print(f"| {t_rows} | {i_rows} | {k} x {n} | " + " | ".join(cells) + " |")
 
 
+def fusion_rows(device) -> None:
+    """Each of a Flux block's GEMM groups as the model runs it (one cuBLAS call per weight)
+    against fused forms: what wave quantisation on 132 SMs costs the [rows, 3072] outputs."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device).manual_seed(0)
+    dim, hidden = 3072, 12288
+
+    def w(n, k):
+        return torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) / k**0.5
+
+    def x(m, k):
+        return torch.randn(m, k, generator=g, device=device, dtype=torch.bfloat16)
+
+    wq, wk, wv, wm = w(dim, dim), w(dim, dim), w(dim, dim), w(hidden, dim)
+    bias_m = torch.zeros(hidden, device=device, dtype=torch.bfloat16)
+    w_qkv, w_all = torch.cat([wq, wk, wv]), torch.cat([wq, wk, wv, wm])
+    wo_a, wo_m = w(dim, dim), w(dim, hidden)
+    wo = torch.cat([wo_a, wo_m], dim=1)
+    side = torch.cuda.Stream(device)
+
+    def beside(main, other):
+        def run():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                other()
+            main()
+            torch.cuda.current_stream().wait_stream(side)
+        return run
+
+    print("\nFlux block GEMM groups, bf16, us: as the model runs them -> fused forms")
+    print("| rows | group | as run | fused | fused / as run |")
+    print("|---:|---|---:|---:|---:|")
+    for rows, text_rows in ((4608, 512), (2304, 256)):
+        h, a, m = x(rows, dim), x(rows, dim), x(rows, hidden)
+        hm = torch.cat([a, m], dim=1)
+        t = x(text_rows, dim)
+        groups = {
+            "q, k, v": (lambda: [F.linear(h, wi) for wi in (wq, wk, wv)], lambda: F.linear(h, w_qkv)),
+            "q, k, v, MLP-in (GELU epilogue -> GELU after)": (
+                lambda: ([F.linear(h, wi) for wi in (wq, wk, wv)],
+                         torch._addmm_activation(bias_m, h, wm.t(), use_gelu=True)),
+                lambda: F.gelu(F.linear(h, w_all)[:, 3 * dim:], approximate="tanh")),
+            "proj_out: two pieces + add -> one GEMM over [attn | mlp]": (
+                lambda: F.linear(a, wo_a) + F.linear(m, wo_m), lambda: F.linear(hm, wo)),
+            "proj_out: two pieces + add -> addmm accumulating": (
+                lambda: F.linear(a, wo_a) + F.linear(m, wo_m), lambda: torch.addmm(F.linear(a, wo_a), m, wo_m.t())),
+            "image q, k, v then text q, k, v -> text on a second stream": (
+                lambda: ([F.linear(h[: rows - text_rows], wi) for wi in (wq, wk, wv)],
+                         [F.linear(t, wi) for wi in (wq, wk, wv)]),
+                beside(lambda: [F.linear(h[: rows - text_rows], wi) for wi in (wq, wk, wv)],
+                       lambda: [F.linear(t, wi) for wi in (wq, wk, wv)])),
+            "image MLP-in then text MLP-in -> text on a second stream": (
+                lambda: (F.linear(h[: rows - text_rows], wm), F.linear(t, wm)),
+                beside(lambda: F.linear(h[: rows - text_rows], wm), lambda: F.linear(t, wm))),
+        }
+        for name, (as_run, fused) in groups.items():
+            before, after = bench(as_run), bench(fused)
+            print(f"| {rows} | {name} | {before:.1f} | {after:.1f} | {after / before:.3f} |")
+
+
 CONFIGS = [(hh, tt, ww) for hh in (4, 8) for tt in (1, 2, 4) for ww in (2, 4, 8)]
 
 
 def main() -> None:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    parts = sys.argv[1:] or ["qk", "gelu", "gemm"]
+    parts = sys.argv[1:] or ["qk", "gelu", "gemm", "fuse"]
     with torch.inference_mode():
         if "qk" in parts:
             qk_rows(device)
@@ -141,6 +205,8 @@ def main() -> None:
             gelu_rows(device)
         if "gemm" in parts:
             stream_gemm_rows(device)
+        if "fuse" in parts:
+            fusion_rows(device)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ the static inputs live outside the pool."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -50,6 +51,7 @@ class ForwardGraphs:
         # a launch only, never while the device runs).
         self._launch = threading.Lock()
         self.abandoned = False
+        self._replayed: torch.cuda.Event | None = None  # recorded after each launch (replay_ended)
 
     def run(self, fn: Callable[..., torch.Tensor], args: list[torch.Tensor | None], depends_on: Hashable) -> torch.Tensor:
         """fn(*args), replayed from the graph captured for this signature (captured now if new).
@@ -71,7 +73,20 @@ class ForwardGraphs:
             if self.abandoned:
                 raise RuntimeError("this replica's communicators were aborted (a rank died): no more replays")
             entry.graph.replay()
+            if self._replayed is None:
+                self._replayed = torch.cuda.Event()
+            self._replayed.record()
         return entry.output.clone()
+
+    def replay_ended(self, timeout_s: float) -> bool:
+        """Whether the last launch has finished on the device, waiting up to `timeout_s` for it
+        (polled: from the death watch's thread, which must not block on a stuck device)."""
+        deadline = time.monotonic() + timeout_s
+        while self._replayed is not None and not self._replayed.query():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def abandon(self) -> None:
         """From another thread, while a replay may be stuck on a dead rank's collective: destroy
@@ -94,9 +109,17 @@ class ForwardGraphs:
         torch.cuda.synchronize(self.device)
 
     def _destroy(self) -> None:
-        for entry in self._graphs.values():
-            entry.graph.reset()
+        """Every graph, even where one fails to go (a CUDA error after a rank died): each one kept
+        holds its communicators' references, which NCCL's abort waits for."""
+        entries, failure = list(self._graphs.values()), None
         self._graphs.clear()
+        for entry in entries:
+            try:
+                entry.graph.reset()
+            except RuntimeError as exc:
+                failure = exc
+        if failure is not None:
+            raise failure
 
     def _capture(self, fn, args) -> _Graph:
         if self.abandoned:

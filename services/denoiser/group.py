@@ -7,7 +7,9 @@ which runs through the group so that every rank compiles the same shapes."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from services.denoiser.parallel.mesh import ParallelDegrees, ParallelMesh
 from services.runtime.config import DenoiserConfig
@@ -15,6 +17,8 @@ from services.runtime.errors import InvalidRequestError
 from services.runtime.messages import DenoiseRequest, DenoiseResponse
 from services.runtime.rank_group import RankGroup, RankSpec
 from services.runtime.registry import resolve
+
+log = logging.getLogger(__name__)
 
 
 def _degrees(config: DenoiserConfig) -> ParallelDegrees:
@@ -46,8 +50,17 @@ class DenoiserGroup(RankGroup):
         super().__init__(RankSpec("denoiser", rank_stage, "denoise", config), config.world_size)
 
     def _start(self) -> None:
+        from services.denoiser.parallel import copy_exchange
         from services.denoiser.stage import warm_up
 
+        if self.config.ulysses_exchange == "copy-engine" and copy_exchange.aborted_here():
+            # Decided here, where every rank's config comes from: a fresh follower would set up
+            # the copy engine while rank 0 did not, and wait for it for good.
+            log.warning("this denoiser replica is rebuilt after a rank died: its Ulysses exchanges go through NCCL "
+                        "from now on, not by copy engine (whose set-up hung in a replica rebuilt in the same "
+                        "process); restart the worker to get it back")
+            self.config = self.config.model_copy(update={"ulysses_exchange": "nccl"})
+            self.spec = replace(self.spec, config=self.config)
         super()._start()
         warm_up(self, self.config)
 

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # true CFG fit; Qwen-Image's are 4.4 MB per step, one table for all samples and both branches.
 # A larger request computes them step by step as before.
 MODULATION_BUDGET = 512 << 20
+# After a rank died: how long the graph replay under way gets to end once its barriers were
+# released (abandon_graphs) before the graphs are destroyed regardless.
+REPLAY_END_S = 5.0
 
 
 @dataclass
@@ -130,10 +133,17 @@ class DenoiserRunner:
     def abandon_graphs(self) -> None:
         """A rank died mid-forward (runtime/rank_group.py's death watch, another thread). First
         the barriers of the copy-engine exchanges let go of the dead rank, as NCCL's abort
-        (run beside this) makes its kernels do; destroying the graphs waits for the device."""
+        (run beside this) makes its kernels do. Then the replay under way is given time to end:
+        a graph destroyed mid-launch releases its hold on the NCCL communicators, which their
+        abort waits for, only once that launch ends. Destroying the graphs waits for the device."""
         copy_exchange.abort_all()
         if self.graphs is not None:
-            self.graphs.abandon()
+            try:
+                if not self.graphs.replay_ended(REPLAY_END_S):
+                    log.warning("a CUDA graph replay still runs %.0f s after a rank died (a kernel waits on the "
+                                "dead rank); destroying the graphs anyway", REPLAY_END_S)
+            finally:  # (a CUDA error in the wait must not keep the graphs, which the abort waits for)
+                self.graphs.abandon()
         copy_exchange.forget_aborted()
 
     def use_expert(self, index: int) -> None:

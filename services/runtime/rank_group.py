@@ -51,6 +51,7 @@ COLLECTIVE_TIMEOUT_S = 120  # a collective inside a request (first-call compiles
 JOIN_TIMEOUT_S = 600  # ranks joining: process start, imports, a Ray actor's scheduling
 DEATH_POLL_S = 0.5  # how often rank 0 looks at its followers while an NCCL request runs
 RECOVERY_S = 60  # for aborting the communicators after a death, before the process gives up
+PROGRESS_S = 10  # how often a recovery still under way is logged
 _IDLE_FOREVER = datetime.timedelta(days=365)
 _control = None  # this process's control group: requests, and the signal to leave
 
@@ -137,10 +138,18 @@ def _abort_communicators() -> None:
     """Abort every NCCL communicator of this process (the default group and the mesh's groups),
     from another thread than the one blocked on them: NCCL kernels waiting on a dead peer see the
     abort and end, and the blocked call raises. The groups stay registered; leave_group tears
-    them down when the replica is rebuilt."""
-    for pg in list(dist.distributed_c10d._world.pg_names):
-        if pg is not _control:
-            pg.abort()
+    them down when the replica is rebuilt.
+
+    Each group's abort runs in a thread of its own: NCCL's abort of a communicator waits until
+    every CUDA graph that captured work on it has finished and been released, and a graph's
+    replay can be stuck on another communicator's kernel, which only that one's abort ends. One
+    after the other, the first abort could wait for a replay that the second would have freed."""
+    aborts = [threading.Thread(target=_logged(pg.abort, f"nccl-abort-{i}"), name=f"nccl-abort-{i}", daemon=True)
+              for i, pg in enumerate(list(dist.distributed_c10d._world.pg_names)) if pg is not _control]
+    for thread in aborts:
+        thread.start()
+    for thread in aborts:
+        thread.join()
 
 
 class _DeathWatch:
@@ -177,21 +186,41 @@ class _DeathWatch:
             if dead:
                 log.error("rank(s) %s died mid-request; aborting the replica's communicators", dead)
                 self.fired = True
-                steps = [threading.Thread(target=_abort_communicators, name="nccl-abort", daemon=True)]
-                release = getattr(self.stage, "on_rank_death", None)
-                if release is not None:
-                    steps.append(threading.Thread(target=release, name="release-graphs", daemon=True))
+                targets = {"nccl-abort": _abort_communicators,
+                           "release-graphs": getattr(self.stage, "on_rank_death", None)}
+                steps = [threading.Thread(target=_logged(fn, name), name=name, daemon=True)
+                         for name, fn in targets.items() if fn is not None]
                 for step in steps:
                     step.start()
-                deadline = time.monotonic() + RECOVERY_S
-                for step in steps:
-                    step.join(max(0.0, deadline - time.monotonic()))
-                if any(step.is_alive() for step in steps):
+                if not _finish(steps, dead):
                     log.critical("rank 0 could not abort its communicators within %d s of rank(s) %s dying; "
                                  "ending the process so that it is restarted", RECOVERY_S, dead)
                     logging.shutdown()
                     os._exit(70)
                 return
+
+
+def _logged(fn: Callable[[], None], name: str) -> Callable[[], None]:
+    """fn, its failure logged: a thread's exception would otherwise reach only stderr, and a
+    recovery step that failed leaves the other waiting until RECOVERY_S with nothing said."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed while recovering from a rank's death", name)
+    return run
+
+
+def _finish(steps: list[threading.Thread], dead: list[int]) -> bool:
+    """Wait up to RECOVERY_S for the recovery's threads, naming every PROGRESS_S those still
+    running (a recovery that hangs says where); whether they all ended."""
+    deadline = time.monotonic() + RECOVERY_S
+    while (alive := [s for s in steps if s.is_alive()]) and (left := deadline - time.monotonic()) > 0:
+        alive[0].join(min(PROGRESS_S, left))
+        if any(s.is_alive() for s in steps):
+            log.warning("rank(s) %s died %.0f s ago; still running: %s", dead,
+                        RECOVERY_S - (deadline - time.monotonic()), ", ".join(s.name for s in steps if s.is_alive()))
+    return not alive
 
 
 def _free_port() -> int:

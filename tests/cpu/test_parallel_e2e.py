@@ -147,7 +147,7 @@ def test_an_idle_replica_outlives_its_collective_timeout(device="cpu"):
         group.close()
 
 
-def test_the_death_watch_aborts_and_releases_at_once_and_gives_up_after_its_deadline(monkeypatch):
+def test_the_death_watch_aborts_and_releases_at_once_and_gives_up_after_its_deadline(monkeypatch, caplog):
     """rank_group._DeathWatch, with stand-ins for what it drives (real NCCL needs GPUs; tests/gpu
     kills a rank for real). A rank's death starts NCCL's abort and the stage's release together:
     here, as on a GPU with CUDA graphs, each waits for the other (the abort for the graphs to go,
@@ -191,9 +191,69 @@ def test_the_death_watch_aborts_and_releases_at_once_and_gives_up_after_its_dead
         watch._thread.join(10)
     assert watch.fired and abort_started.is_set() and released.is_set() and exits == []
 
-    # An abort that never returns: after RECOVERY_S the process is ended (here: recorded).
-    monkeypatch.setattr(rank_group, "RECOVERY_S", 0.2)
+    # An abort that never returns: after RECOVERY_S the process is ended (here: recorded), and
+    # meanwhile the log says every PROGRESS_S which step is still running.
+    monkeypatch.setattr(rank_group, "RECOVERY_S", 0.5)
+    monkeypatch.setattr(rank_group, "PROGRESS_S", 0.1)
     monkeypatch.setattr(rank_group, "_abort_communicators", lambda: threading.Event().wait(30))
-    with rank_group._DeathWatch(ranks, Stage()) as stuck:
-        stuck._thread.join(10)
+    with caplog.at_level(logging.WARNING, logger="services.runtime.rank_group"):
+        with rank_group._DeathWatch(ranks, Stage()) as stuck:
+            stuck._thread.join(10)
     assert stuck.fired and exits == [70]
+    assert any("still running: nccl-abort" in r.getMessage() for r in caplog.records)
+
+
+def test_every_communicator_is_aborted_at_once(monkeypatch):
+    """NCCL's abort of one communicator waits for the CUDA graphs that captured its work, and a
+    graph's replay may be stuck on another communicator's kernel, which only that one's abort
+    ends: here group A's abort returns only once B's has begun, so aborting one group after the
+    other would never reach B."""
+    import threading
+    from types import SimpleNamespace
+
+    from services.runtime import rank_group
+
+    b_started, finished = threading.Event(), []
+
+    class Group:
+        def __init__(self, name, waits_for=None, starts=None):
+            self.name, self.waits_for, self.starts = name, waits_for, starts
+
+        def abort(self):
+            if self.starts is not None:
+                self.starts.set()
+            if self.waits_for is not None:
+                assert self.waits_for.wait(5), f"{self.name}'s abort waited for the other's in vain"
+            finished.append(self.name)
+
+    groups = {Group("A", waits_for=b_started): "A", Group("B", starts=b_started): "B"}
+    monkeypatch.setattr(rank_group.dist.distributed_c10d, "_world", SimpleNamespace(pg_names=groups))
+    rank_group._abort_communicators()
+    assert sorted(finished) == ["A", "B"]
+
+
+def test_a_replica_rebuilt_after_copy_engine_exchanges_were_aborted_uses_nccl(flux_dev_dir, monkeypatch, caplog):
+    """After a rank's death aborted copy-engine exchanges in this process, the rebuilt replica (rank
+    0 here, fresh followers) runs its Ulysses exchanges through NCCL: the copy engine's set-up hung
+    in a replica rebuilt in the same process (2x H200). The choice travels in the config every
+    rank gets, so that no follower sets up the copy engine alone."""
+    import logging
+
+    from services.denoiser import group as group_module
+    from services.denoiser import stage as stage_module
+    from services.denoiser.parallel import copy_exchange
+    from services.runtime.config import DenoiserConfig
+    from services.runtime.rank_group import RankGroup
+
+    started = []
+    monkeypatch.setattr(RankGroup, "_start", lambda self: started.append(self.spec.config.ulysses_exchange))
+    monkeypatch.setattr(stage_module, "warm_up", lambda group, config: None)
+    config = DenoiserConfig(model_path=flux_dev_dir, device="cpu", ulysses_degree=2, ulysses_exchange="copy-engine")
+
+    group = group_module.DenoiserGroup(config)  # nothing aborted yet: as configured
+    assert started == ["copy-engine"]
+    monkeypatch.setattr(copy_exchange, "_aborted_here", True)  # what abort_all leaves after a death
+    with caplog.at_level(logging.WARNING, logger="services.denoiser.group"):
+        group._start()  # RankGroup.call's rebuild
+    assert started == ["copy-engine", "nccl"] and group.config.ulysses_exchange == "nccl"
+    assert "through NCCL" in caplog.text

@@ -35,7 +35,8 @@ def _rank(rank: int, world: int, port: int) -> None:
         return _trade_qkv(x, sizes, group).view(sum(sizes), B, 3, H, D)
 
     copy_exchange.use_copy_engine(True)  # as a stage with ulysses_exchange="copy-engine" does
-    exchange = copy_exchange.exchange_for(group.group_name, device)
+    with torch.inference_mode():  # made in a forward, as the service's are (abort comes from outside it)
+        exchange = copy_exchange.exchange_for(group.group_name, device)
     assert exchange is not None
 
     def finish() -> None:  # as ulysses_finish starts

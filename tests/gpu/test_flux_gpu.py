@@ -240,6 +240,10 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
         try:
             image = asyncio.run(router.generate(GenerateRequest(**kwargs))).images[0]
             pixels.append(image.pixels.astype(np.int16))
+            # Graphed for real: a capture that fails falls back to plain forwards with a warning,
+            # and these pixels would then compare plain with plain (the NCCL Ulysses path did).
+            stage = getattr(router.denoiser.stage, "stage", router.denoiser.stage)  # rank 0's of a group
+            assert (stage.runner.graphs is not None and stage.runner.graphs.captures > 0) == graphs
         finally:
             if hasattr(router.denoiser.stage, "close"):  # a multi-rank group's processes
                 router.denoiser.stage.close()
@@ -252,8 +256,10 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
         assert pixels[0].std() > 5 and diff.mean() < bound and diff.max() <= 16, (diff.mean(), diff.max())
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "cuda_graphs"])
-def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_dev_dir, graphs):
+@pytest.mark.parametrize("options", [{"cuda_graphs": False}, {"cuda_graphs": True},
+                                     {"cuda_graphs": True, "ulysses_exchange": "copy-engine"}],
+                         ids=["plain", "cuda_graphs", "cuda_graphs_copy_engine"])
+def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_dev_dir, options):
     """tests/cpu/test_parallel_e2e.py's dead-rank test on NCCL: a follower killed mid-request
     fails that request with StageUnavailableError within seconds (rank 0's death watch aborts the
     communicators its kernels spin on, graph-captured ones included), the next one rebuilds the
@@ -266,10 +272,12 @@ def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_
         pytest.skip("needs 2 GPUs")
     small = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, seed=5)
     router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cuda", dtype="bfloat16"),
-                                     denoiser_options={"ulysses_degree": 2, "cuda_graphs": graphs})
+                                     denoiser_options={"ulysses_degree": 2, **options})
     group = router.denoiser.stage
     try:
         expected = asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels
+        graphs = group.stage.runner.graphs  # rank 0's: graphed for real, where asked (not a fallback)
+        assert (graphs is not None and graphs.captures > 0) == options["cuda_graphs"]
 
         # Kill rank 1 from rank 0's step callback, at step 5 of 1000: a sleep-timed kill missed
         # the request on H200, where 1000 graph-replayed steps of this tiny model took under 1 s.

@@ -40,6 +40,7 @@ _enabled = False  # DenoiserOptions.ulysses_exchange == "copy-engine" (use_copy_
 _exchanges: dict[str, CopyExchange | None] = {}  # by group name; None: symmetric memory failed there
 _retired: list[CopyExchange] = []  # aborted, kept: a graph still replaying may read their memory
 _side_streams: dict[int, torch.cuda.Stream] = {}
+_aborted_here = False  # abort_all has released exchanges in this process (aborted_here)
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -83,11 +84,21 @@ def begin_forward(group_name: str) -> None:
 def abort_all() -> None:
     """Release every barrier waiting on a peer, now and from now on (a rank died). Called from the
     death watch's thread while rank 0 may be inside a graph replay."""
-    for exchange in _exchanges.values():
-        if exchange is not None:
-            exchange.abort()
-            _retired.append(exchange)
+    global _aborted_here
+    exchanges = [e for e in _exchanges.values() if e is not None]
+    _aborted_here = _aborted_here or bool(exchanges)
+    _retired.extend(exchanges)
     _exchanges.clear()
+    for exchange in exchanges:
+        exchange.abort()
+
+
+def aborted_here() -> bool:
+    """Whether a rank's death has aborted copy-engine exchanges in this process. A replica rebuilt
+    in it then uses NCCL (DenoiserGroup._start): the rebuilt replica's first symmetric-memory
+    rendezvous hung (2x H200, tests/gpu's dead-rank test, after the old replica's abort had
+    finished; cause not found)."""
+    return _aborted_here
 
 
 def forget_aborted() -> None:
@@ -118,7 +129,11 @@ class CopyExchange:
         # host memory, which kernels read at the same address: abort() sets it without a CUDA
         # call, which could queue behind the stuck work.
         self.passed = torch.zeros(1, dtype=torch.int64, device=device)
-        self.stop = torch.zeros(1, dtype=torch.int32).pin_memory()
+        # Made outside inference mode (the forward that makes it runs in it): abort() writes it
+        # from the death watch's thread, and an in-place write to an inference tensor outside
+        # inference mode raises, which left every barrier spinning and NCCL's abort waiting.
+        with torch.inference_mode(False):
+            self.stop = torch.zeros(1, dtype=torch.int32).pin_memory()
         self.signals = symm_mem.empty(self.size, dtype=torch.int64, device=device)
         handle = symm_mem.rendezvous(self.signals, self.group_name)
         self.signals.zero_()

@@ -163,7 +163,11 @@ def _ulysses_finish(send: torch.Tensor, recv: torch.Tensor, after: torch.Tensor 
     side = None
     if send.is_cuda:
         side = copy_exchange.side_stream(send.device)
-        torch.cuda.current_stream(send.device).wait_stream(side)  # q/k/v have landed
+        if copy_exchange.exchange_for(group_name, send.device) is not None:
+            # q/k/v have landed. Only then: in a forward being captured, a wait on the side
+            # stream before any work of the capture ran there is an error that voids the capture
+            # (the NCCL path's graphs all failed to capture so, 2x H200).
+            torch.cuda.current_stream(send.device).wait_stream(side)
     qkv = recv.transpose(0, 1)  # [B, S_all, 3, h, D]
     amax = (amax_q, amax_k) if amax_q is not None else None
 
