@@ -140,9 +140,24 @@ class ForwardGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = fn(*static)
         except RuntimeError as exc:  # the forward ran above, uncaptured: only capturing it failed
+            _stop_routing_to_pool(self.device, self._pool)
             raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         self.captures += 1
         return _Graph(graph, static, output)
+
+
+def _stop_routing_to_pool(device: torch.device, pool) -> None:
+    """After a failed capture: torch's capture_end raises at cudaStreamEndCapture, before it tells
+    the caching allocator that the capture's allocations no longer go to the graph pool. The
+    allocator then keeps a capture "under way" whose stream filter points into the dead graph
+    object, and its INTERNAL ASSERT (captures_underway.empty()) ended a process that had fallen
+    back to plain forwards (2x H200, rc 134 at exit). Where capture_end got that far itself, the
+    call finds nothing under way and raises, which is fine."""
+    try:
+        torch._C._cuda_endAllocateToPool(device.index if device.index is not None else torch.cuda.current_device(),
+                                         pool)
+    except (RuntimeError, AttributeError):
+        pass
 
 
 def should_graph(config, device: torch.device, multi_rank: bool, variable_text: bool = False) -> bool:

@@ -74,6 +74,13 @@ def exchange_for(group_name: str, device: torch.device) -> CopyExchange | None:
     return _exchanges[group_name]
 
 
+def posts_by_copy(group_name: str) -> bool:
+    """Whether the group's exchanges are going by copy engine (ulysses_finish then waits for the
+    side stream). Makes nothing, unlike exchange_for: after abort_all a finish must not set up a
+    new exchange with a dead peer."""
+    return _enabled and _exchanges.get(group_name) is not None
+
+
 def begin_forward(group_name: str) -> None:
     """A forward starts (SequenceParallel.active): its first exchange fences (see the docstring)."""
     exchange = _exchanges.get(group_name)

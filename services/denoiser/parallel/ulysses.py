@@ -163,7 +163,7 @@ def _ulysses_finish(send: torch.Tensor, recv: torch.Tensor, after: torch.Tensor 
     side = None
     if send.is_cuda:
         side = copy_exchange.side_stream(send.device)
-        if copy_exchange.exchange_for(group_name, send.device) is not None:
+        if copy_exchange.posts_by_copy(group_name):
             # q/k/v have landed. Only then: in a forward being captured, a wait on the side
             # stream before any work of the capture ran there is an error that voids the capture
             # (the NCCL path's graphs all failed to capture so, 2x H200).
