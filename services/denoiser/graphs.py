@@ -88,6 +88,12 @@ class ForwardGraphs:
             time.sleep(0.01)
         return True
 
+    def stop(self) -> None:
+        """No launch or capture from now on (they raise): a rank died (runner.abandon_graphs),
+        and the replay under way is to be the last, so that replay_ended waits for that one."""
+        with self._launch:
+            self.abandoned = True
+
     def abandon(self) -> None:
         """From another thread, while a replay may be stuck on a dead rank's collective: destroy
         every graph, so that NCCL's abort, which waits for the graphs' references on its
@@ -104,9 +110,11 @@ class ForwardGraphs:
         for the reference to go: a two-rank replica's close hung there (H200, both ranks in
         abort for 120 s) until its graphs were cleared first. The synchronize lets the driver
         release what the destroyed graphs held."""
-        self._destroy()
-        self._pool = None
-        torch.cuda.synchronize(self.device)
+        try:
+            self._destroy()
+        finally:
+            self._pool = None
+            torch.cuda.synchronize(self.device)
 
     def _destroy(self) -> None:
         """Every graph, even where one fails to go (a CUDA error after a rank died): each one kept
@@ -136,10 +144,14 @@ class ForwardGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with torch.cuda.graph(graph, pool=self._pool):
                 output = fn(*static)
         except RuntimeError as exc:  # the forward ran above, uncaptured: only capturing it failed
+            # torch.cuda.graph's exit skips restoring the stream when capture_end raises: the plain
+            # forwards that follow would run on the capture stream, unordered with this one's work.
+            torch.cuda.set_stream(stream)
             _stop_routing_to_pool(self.device, self._pool)
             raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         self.captures += 1

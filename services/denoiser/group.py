@@ -53,7 +53,8 @@ class DenoiserGroup(RankGroup):
         from services.denoiser.parallel import copy_exchange
         from services.denoiser.stage import warm_up
 
-        if self.config.ulysses_exchange == "copy-engine" and copy_exchange.aborted_here():
+        rebuilt = hasattr(self, "stage")  # RankGroup.call's rebuild after a rank died (the old stage is kept)
+        if rebuilt and self.config.ulysses_exchange == "copy-engine" and copy_exchange.set_up_here():
             # Decided here, where every rank's config comes from: a fresh follower would set up
             # the copy engine while rank 0 did not, and wait for it for good.
             log.warning("this denoiser replica is rebuilt after a rank died: its Ulysses exchanges go through NCCL "

@@ -137,13 +137,16 @@ class DenoiserRunner:
         a graph destroyed mid-launch releases its hold on the NCCL communicators, which their
         abort waits for, only once that launch ends. Destroying the graphs waits for the device."""
         copy_exchange.abort_all()
-        if self.graphs is not None:
+        graphs = self.graphs  # (the request thread may drop it meanwhile, after a failed capture)
+        if graphs is not None:
+            graphs.stop()  # no replay after the one under way
             try:
-                if not self.graphs.replay_ended(REPLAY_END_S):
-                    log.warning("a CUDA graph replay still runs %.0f s after a rank died (a kernel waits on the "
-                                "dead rank); destroying the graphs anyway", REPLAY_END_S)
+                if not graphs.replay_ended(REPLAY_END_S):
+                    log.warning("a CUDA graph replay still runs %.0f s after a rank died (a kernel waits on "
+                                "the dead rank); destroying the graphs anyway", REPLAY_END_S)
             finally:  # (a CUDA error in the wait must not keep the graphs, which the abort waits for)
-                self.graphs.abandon()
+                graphs.abandon()
+        # Not after a failed abandon: a graph left may still read the aborted exchanges' buffers.
         copy_exchange.forget_aborted()
 
     def use_expert(self, index: int) -> None:

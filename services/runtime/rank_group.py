@@ -200,6 +200,9 @@ class _DeathWatch:
                 return
 
 
+_RECOVERY_THREADS = ("nccl-abort", "release-graphs")  # _DeathWatch's threads' names (and nccl-abort-<i>)
+
+
 def _logged(fn: Callable[[], None], name: str) -> Callable[[], None]:
     """fn, its failure logged: a thread's exception would otherwise reach only stderr, and a
     recovery step that failed leaves the other waiting until RECOVERY_S with nothing said."""
@@ -212,14 +215,17 @@ def _logged(fn: Callable[[], None], name: str) -> Callable[[], None]:
 
 
 def _finish(steps: list[threading.Thread], dead: list[int]) -> bool:
-    """Wait up to RECOVERY_S for the recovery's threads, naming every PROGRESS_S those still
-    running (a recovery that hangs says where); whether they all ended."""
-    deadline = time.monotonic() + RECOVERY_S
-    while (alive := [s for s in steps if s.is_alive()]) and (left := deadline - time.monotonic()) > 0:
-        alive[0].join(min(PROGRESS_S, left))
-        if any(s.is_alive() for s in steps):
-            log.warning("rank(s) %s died %.0f s ago; still running: %s", dead,
-                        RECOVERY_S - (deadline - time.monotonic()), ", ".join(s.name for s in steps if s.is_alive()))
+    """Wait up to RECOVERY_S for the recovery's threads, naming every PROGRESS_S the recovery
+    threads still running (each group's abort has its own: a recovery that hangs says where);
+    whether they all ended."""
+    start = time.monotonic()
+    deadline, said = start + RECOVERY_S, start
+    while (alive := [s for s in steps if s.is_alive()]) and (now := time.monotonic()) < deadline:
+        alive[0].join(min(said + PROGRESS_S, deadline) - now)
+        if time.monotonic() >= said + PROGRESS_S and any(s.is_alive() for s in steps):
+            said = time.monotonic()
+            running = [t.name for t in threading.enumerate() if t.name.startswith(_RECOVERY_THREADS)]
+            log.warning("rank(s) %s died %.0f s ago; still running: %s", dead, said - start, ", ".join(running))
     return not alive
 
 

@@ -244,6 +244,8 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
             # and these pixels would then compare plain with plain (the NCCL Ulysses path did).
             stage = getattr(router.denoiser.stage, "stage", router.denoiser.stage)  # rank 0's of a group
             assert (stage.runner.graphs is not None and stage.runner.graphs.captures > 0) == graphs
+            if graphs and "ulysses_exchange" in parallel:
+                assert _posts_by_copy(router.denoiser.stage)  # not NCCL after a failed set-up
         finally:
             if hasattr(router.denoiser.stage, "close"):  # a multi-rank group's processes
                 router.denoiser.stage.close()
@@ -278,6 +280,8 @@ def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_
         expected = asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels
         graphs = group.stage.runner.graphs  # rank 0's: graphed for real, where asked (not a fallback)
         assert (graphs is not None and graphs.captures > 0) == options["cuda_graphs"]
+        copy_engine = options.get("ulysses_exchange") == "copy-engine"
+        assert _posts_by_copy(group) == copy_engine
 
         # Kill rank 1 from rank 0's step callback, at step 5 of 1000: a sleep-timed kill missed
         # the request on H200, where 1000 graph-replayed steps of this tiny model took under 1 s.
@@ -307,8 +311,17 @@ def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_
         with pytest.raises(StageUnavailableError, match="restarted"):
             asyncio.run(router.generate(GenerateRequest(**small)))
         assert np.array_equal(asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels, expected)
+        # a replica rebuilt in this process exchanges through NCCL (the copy engine's set-up hung there)
+        assert group.config.ulysses_exchange == "nccl" and not _posts_by_copy(group)
     finally:
         group.close()
+
+
+def _posts_by_copy(group) -> bool:
+    """Whether a multi-rank replica's rank 0 runs its Ulysses exchanges by copy engine."""
+    from services.denoiser.parallel import copy_exchange
+
+    return copy_exchange.posts_by_copy(group.stage.runner.mesh.group("ulysses").group_name)
 
 
 def test_an_idle_nccl_replica_outlives_its_collective_timeout():

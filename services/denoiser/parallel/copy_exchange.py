@@ -40,7 +40,7 @@ _enabled = False  # DenoiserOptions.ulysses_exchange == "copy-engine" (use_copy_
 _exchanges: dict[str, CopyExchange | None] = {}  # by group name; None: symmetric memory failed there
 _retired: list[CopyExchange] = []  # aborted, kept: a graph still replaying may read their memory
 _side_streams: dict[int, torch.cuda.Stream] = {}
-_aborted_here = False  # abort_all has released exchanges in this process (aborted_here)
+_set_up_here = False  # a copy-engine exchange has been set up in this process (set_up_here)
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -67,6 +67,8 @@ def exchange_for(group_name: str, device: torch.device) -> CopyExchange | None:
             if not HAVE_TRITON:
                 raise RuntimeError("Triton is not installed")
             _exchanges[group_name] = CopyExchange(group_name, device)
+            global _set_up_here
+            _set_up_here = True
         except Exception as exc:  # e.g. GPUs without peer access
             log.warning("Ulysses exchanges of group %s go through NCCL: no copy-engine exchange (%s: %s)",
                         group_name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -90,22 +92,24 @@ def begin_forward(group_name: str) -> None:
 
 def abort_all() -> None:
     """Release every barrier waiting on a peer, now and from now on (a rank died). Called from the
-    death watch's thread while rank 0 may be inside a graph replay."""
-    global _aborted_here
-    exchanges = [e for e in _exchanges.values() if e is not None]
-    _aborted_here = _aborted_here or bool(exchanges)
+    death watch's thread while rank 0 may be inside a graph replay. Later exchanges (an unreplayed
+    forward still running: a warm-up, a capture) go to NCCL, whose aborted communicator fails
+    them at once, rather than setting up a copy-engine exchange with the dead peer."""
+    global _enabled, _exchanges
+    _enabled = False
+    aborted, _exchanges = _exchanges, {}  # one swap: nothing added meanwhile escapes the abort
+    exchanges = [e for e in aborted.values() if e is not None]
     _retired.extend(exchanges)
-    _exchanges.clear()
     for exchange in exchanges:
         exchange.abort()
 
 
-def aborted_here() -> bool:
-    """Whether a rank's death has aborted copy-engine exchanges in this process. A replica rebuilt
-    in it then uses NCCL (DenoiserGroup._start): the rebuilt replica's first symmetric-memory
-    rendezvous hung (2x H200, tests/gpu's dead-rank test, after the old replica's abort had
-    finished; cause not found)."""
-    return _aborted_here
+def set_up_here() -> bool:
+    """Whether a copy-engine exchange has been set up in this process before. A replica rebuilt
+    after a rank died then uses NCCL (DenoiserGroup._start): the rebuilt replica's first
+    symmetric-memory rendezvous hung (2x H200, tests/gpu's dead-rank test, after the old replica's
+    abort had finished; cause not found)."""
+    return _set_up_here
 
 
 def forget_aborted() -> None:
