@@ -102,7 +102,7 @@ def _add_denoiser_flags(p) -> None:
                    help="replay each DiT forward as a CUDA graph (default: on for a compiled multi-GPU or fp8 replica)")
     g.add_argument("--ulysses-exchange", choices=["nccl", "copy-engine"],
                    help="how graphed Ulysses forwards move q/k/v (default nccl; copy-engine hides it under a GEMM; "
-                        "a replica rebuilt after a rank died goes back to nccl)")
+                        "a replica built again in the same process, as after a rank died, uses nccl)")
     g.add_argument("--dit-layerwise-offload", dest="layerwise_offload", action="store_true", default=None,
                    help="DiT weights in pinned host memory, each block copied in while the previous one runs")
     g.add_argument("--offload-prefetch", type=int, help="blocks copied ahead (default 1)")

@@ -53,13 +53,12 @@ class DenoiserGroup(RankGroup):
         from services.denoiser.parallel import copy_exchange
         from services.denoiser.stage import warm_up
 
-        rebuilt = hasattr(self, "stage")  # RankGroup.call's rebuild after a rank died (the old stage is kept)
-        if rebuilt and self.config.ulysses_exchange == "copy-engine" and copy_exchange.set_up_here():
-            # Decided here, where every rank's config comes from: a fresh follower would set up
-            # the copy engine while rank 0 did not, and wait for it for good.
-            log.warning("this denoiser replica is rebuilt after a rank died: its Ulysses exchanges go through NCCL "
-                        "from now on, not by copy engine (whose set-up hung in a replica rebuilt in the same "
-                        "process); restart the worker to get it back")
+        if self.config.ulysses_exchange == "copy-engine" and copy_exchange.set_up_here():
+            # Decided here, where every rank's config comes from, so that all ranks agree.
+            log.warning("this process has set up copy-engine exchanges before (a replica built again, e.g. after a "
+                        "rank died): this replica's Ulysses exchanges go through NCCL, as fresh followers could not "
+                        "set up symmetric memory with it (copy_exchange.set_up_here); restart the worker to get "
+                        "the copy engine back")
             self.config = self.config.model_copy(update={"ulysses_exchange": "nccl"})
             self.spec = replace(self.spec, config=self.config)
         super()._start()

@@ -167,9 +167,10 @@ class DenoiserOptions(BaseModel):
     # memory (torch symmetric memory) beside the single blocks' MLP GEMM, where NCCL's kernel
     # waits for the GEMM's SMs (services/denoiser/parallel/copy_exchange.py): Flux 1024x1024
     # Ulysses-2, 2x H200, 72.0 -> 69.3 ms a step (same run). Not the default yet: a rank's death
-    # now fails the request and the replica is rebuilt (2x H200), but the rebuilt replica's
-    # symmetric-memory set-up hung, so it runs with NCCL exchanges (group.py); not yet measured
-    # for Qwen-Image / Z-Image.
+    # fails the request and the replica is rebuilt (2x H200), but a replica built again in the
+    # same process runs with NCCL exchanges, as torch's symmetric memory cannot be set up again
+    # there with fresh followers (copy_exchange.set_up_here); not yet measured for Qwen-Image /
+    # Z-Image.
     ulysses_exchange: Literal["nccl", "copy-engine"] = "nccl"
     # Weights in pinned host memory, each block copied in ahead of use (services/denoiser/offload.py).
     layerwise_offload: bool = False

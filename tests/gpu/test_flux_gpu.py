@@ -233,8 +233,11 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
     if torch.cuda.device_count() < parallel.get("ulysses_degree", 1):
         pytest.skip("needs 2 GPUs")
     kwargs = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, guidance_scale=3.5, seed=5)
+    from services.denoiser.parallel import copy_exchange
+
     pixels = []
     for graphs in (False, True):
+        fresh = not copy_exchange.set_up_here()  # else the replica uses NCCL (an earlier test set one up)
         router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cuda", dtype="bfloat16"),
                                          denoiser_options={**parallel, "cuda_graphs": graphs})
         try:
@@ -245,7 +248,7 @@ def test_requests_with_cuda_graphs_give_the_same_pixels(flux_dev_dir, parallel):
             stage = getattr(router.denoiser.stage, "stage", router.denoiser.stage)  # rank 0's of a group
             assert (stage.runner.graphs is not None and stage.runner.graphs.captures > 0) == graphs
             if graphs and "ulysses_exchange" in parallel:
-                assert _posts_by_copy(router.denoiser.stage)  # not NCCL after a failed set-up
+                assert _posts_by_copy(router.denoiser.stage) == fresh  # not NCCL after a failed set-up
         finally:
             if hasattr(router.denoiser.stage, "close"):  # a multi-rank group's processes
                 router.denoiser.stage.close()
@@ -272,7 +275,10 @@ def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
+    from services.denoiser.parallel import copy_exchange
+
     small = dict(prompt="a red circle", height=64, width=96, num_inference_steps=3, seed=5)
+    fresh = not copy_exchange.set_up_here()  # else a copy-engine replica uses NCCL (an earlier test set one up)
     router = build_in_process_router(StageConfig(model_path=flux_dev_dir, device="cuda", dtype="bfloat16"),
                                      denoiser_options={"ulysses_degree": 2, **options})
     group = router.denoiser.stage
@@ -280,8 +286,7 @@ def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_
         expected = asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels
         graphs = group.stage.runner.graphs  # rank 0's: graphed for real, where asked (not a fallback)
         assert (graphs is not None and graphs.captures > 0) == options["cuda_graphs"]
-        copy_engine = options.get("ulysses_exchange") == "copy-engine"
-        assert _posts_by_copy(group) == copy_engine
+        assert _posts_by_copy(group) == (options.get("ulysses_exchange") == "copy-engine" and fresh)
 
         # Kill rank 1 from rank 0's step callback, at step 5 of 1000: a sleep-timed kill missed
         # the request on H200, where 1000 graph-replayed steps of this tiny model took under 1 s.
@@ -311,7 +316,7 @@ def test_dead_rank_under_nccl_fails_the_request_and_the_replica_is_rebuilt(flux_
         with pytest.raises(StageUnavailableError, match="restarted"):
             asyncio.run(router.generate(GenerateRequest(**small)))
         assert np.array_equal(asyncio.run(router.generate(GenerateRequest(**small))).images[0].pixels, expected)
-        # a replica rebuilt in this process exchanges through NCCL (the copy engine's set-up hung there)
+        # a replica rebuilt in this process exchanges through NCCL (copy_exchange.set_up_here)
         assert group.config.ulysses_exchange == "nccl" and not _posts_by_copy(group)
     finally:
         group.close()

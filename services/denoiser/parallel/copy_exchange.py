@@ -105,10 +105,13 @@ def abort_all() -> None:
 
 
 def set_up_here() -> bool:
-    """Whether a copy-engine exchange has been set up in this process before. A replica rebuilt
-    after a rank died then uses NCCL (DenoiserGroup._start): the rebuilt replica's first
-    symmetric-memory rendezvous hung (2x H200, tests/gpu's dead-rank test, after the old replica's
-    abort had finished; cause not found)."""
+    """Whether a copy-engine exchange has been set up in this process before. A replica built
+    again in it (after a rank died: rank 0 stays, the followers are new processes) then uses
+    NCCL (DenoiserGroup._start). Its set-up would hang: torch's symmetric memory names the store
+    keys of its rendezvous exchanges by one sequence counter per process (StoreExchange's
+    seq_id_), which rank 0 carries on while fresh followers start again at 0, so their keys never
+    meet (pytorch/pytorch#196082, a reading of the source; on 2x H200 the rebuilt replica's first
+    rendezvous hung on rank 0, and no API resets the counter)."""
     return _set_up_here
 
 
