@@ -60,6 +60,7 @@ def use_copy_engine(enabled: bool) -> None:
 def exchange_for(group_name: str, device: torch.device) -> CopyExchange | None:
     """The group's copy-engine exchange, or None where it is off or cannot run (no Triton, no
     symmetric memory between these GPUs): then the caller uses NCCL (told once in the latter case)."""
+    global _set_up_here
     if not _enabled:
         return None
     if group_name not in _exchanges:
@@ -67,7 +68,6 @@ def exchange_for(group_name: str, device: torch.device) -> CopyExchange | None:
             if not HAVE_TRITON:
                 raise RuntimeError("Triton is not installed")
             _exchanges[group_name] = CopyExchange(group_name, device)
-            global _set_up_here
             _set_up_here = True
         except Exception as exc:  # e.g. GPUs without peer access
             log.warning("Ulysses exchanges of group %s go through NCCL: no copy-engine exchange (%s: %s)",
