@@ -121,8 +121,7 @@ def forget_aborted() -> None:
 
 
 def release_all() -> None:
-    """Forget every group's buffers once no graph holds them (the runner closed its graphs): a
-    replica built again later may reuse a group name."""
+    """Forget every group's buffers once no graph holds them (the runner closed its graphs)."""
     _exchanges.clear()
 
 
@@ -207,10 +206,11 @@ class CopyExchange:
 
 def _symmetric_group(group, rank: int) -> str:
     """The group registered again under a name of its own, for symmetric memory, which keeps
-    per group name what it first resolved the name to (rank, size, store) for the life of the
-    process. A replica built again in the same process (after a rank died; in tests) gets the same
-    group names from torch.distributed with a new store; under the old name rank 0 met its
-    peer at the old store and hung. The name comes through the group's own store: no collective."""
+    per group name what it first resolved the name to. Written for a replica built again in the
+    same process (same group names, new store), whose set-up hung; the hang went on under fresh
+    names, and its cause is symmetric memory's per-process counter (set_up_here), so such a
+    replica no longer sets up exchanges at all. Kept because it is what ran on the GPUs; a name
+    of the group's own should do. The name comes through the group's own store: no collective."""
     from torch._C._distributed_c10d import _register_process_group
     from torch.distributed.distributed_c10d import _get_process_group_store
 
